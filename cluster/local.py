@@ -1,0 +1,256 @@
+"""Local Ray: an embedded in-process cluster, or a persistent head under the state dir.
+
+``start_head`` runs ``ray start --head`` on a free port with its own temp dir and
+records it in ``<state>/ray/head.json``; ``stop_head`` stops exactly those processes
+(never every Ray on the machine, as ``ray stop`` would). ``init_embedded`` starts
+an in-process cluster for library code, demos and tests.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from visionfleet.settings import Settings
+
+__all__ = [
+    "HeadInfo",
+    "free_port",
+    "start_head",
+    "stop_head",
+    "read_head",
+    "head_alive",
+    "connect",
+    "init_embedded",
+    "runtime_env",
+    "RAY_NAMESPACE",
+]
+
+RAY_NAMESPACE = "visionfleet"
+_HEAD_FILE = "head.json"
+# AF_UNIX socket paths are limited to 107 bytes; Ray puts sockets ~60 bytes deep
+# under its temp dir, so a long state dir gets a short temp dir in /tmp instead.
+_MAX_TEMP_DIR = 40
+
+
+@dataclass
+class HeadInfo:
+    address: str  # GCS address host:port
+    temp_dir: str
+    num_cpus: int
+    started_at: str
+    pid: int | None = None  # pid of the GCS server, for liveness checks
+    http_host: str | None = None
+    http_port: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def runtime_env(settings: Settings) -> dict:
+    """The runtime_env every job, actor, replica and Train worker gets."""
+    env = settings.runtime_env_vars()
+    env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+        env["WANDB_MODE"] = "offline"  # upload later with `wandb sync`
+    env.setdefault("WANDB_DIR", str(settings.home / "wandb"))
+    env.setdefault("WANDB_SILENT", "true")
+    return {"env_vars": env}
+
+
+def _temp_dir(settings: Settings) -> Path:
+    preferred = settings.ray_dir / "head"
+    if len(str(preferred)) <= _MAX_TEMP_DIR:
+        return preferred
+    digest = hashlib.sha256(str(settings.home).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"vf-ray-{digest}"
+
+
+def _head_path(settings: Settings) -> Path:
+    return settings.ray_dir / _HEAD_FILE
+
+
+def read_head(settings: Settings) -> HeadInfo | None:
+    p = _head_path(settings)
+    if not p.is_file():
+        return None
+    return HeadInfo(**json.loads(p.read_text()))
+
+
+def _cluster_processes(temp_dir: str):
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info.get("cmdline") or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if temp_dir in cmd and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def head_alive(info: HeadInfo) -> bool:
+    host, port = info.address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def start_head(settings: Settings, *, num_cpus: int | None = None, port: int | None = None) -> HeadInfo:
+    """Start (or join) the persistent local head for this state dir."""
+    settings.ensure()
+    settings.ray_dir.mkdir(parents=True, exist_ok=True)
+    existing = read_head(settings)
+    if existing and head_alive(existing):
+        return existing
+    port = port or free_port()
+    temp_dir = _temp_dir(settings)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    ncpu = num_cpus or os.cpu_count() or 2
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [
+        str(ray_bin) if ray_bin.exists() else "ray",
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={ncpu}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    env = {**os.environ, **settings.runtime_env_vars(), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    info = HeadInfo(
+        address=f"127.0.0.1:{port}",
+        temp_dir=str(temp_dir),
+        num_cpus=ncpu,
+        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+    )
+    gcs = [p for p in _cluster_processes(str(temp_dir)) if "gcs_server" in " ".join(p.cmdline())]
+    info.pid = gcs[0].pid if gcs else None
+    _write_head(settings, info)
+    return info
+
+
+def _write_head(settings: Settings, info: HeadInfo) -> None:
+    p = _head_path(settings)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(info.to_json())
+    tmp.replace(p)
+
+
+def update_head(settings: Settings, **fields) -> HeadInfo:
+    info = read_head(settings)
+    if info is None:
+        raise RuntimeError("no local head is recorded; run `visionfleet serve up` first")
+    for k, v in fields.items():
+        setattr(info, k, v)
+    _write_head(settings, info)
+    return info
+
+
+def stop_head(settings: Settings, *, timeout: float = 20.0) -> bool:
+    """Stop the processes of the head recorded for this state dir; True when one was found."""
+    import psutil
+
+    info = read_head(settings)
+    if info is None:
+        return False
+    roots = _cluster_processes(info.temp_dir)
+    procs = list(roots)
+    for p in roots:
+        try:
+            procs.extend(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _head_path(settings).unlink(missing_ok=True)
+    return bool(roots)
+
+
+def connect(settings: Settings, *, log_to_driver: bool = False):
+    """``ray.init`` against the recorded head (raises when none is running)."""
+    import ray
+
+    info = read_head(settings)
+    if info is None or not head_alive(info):
+        raise RuntimeError("no local head is running; start one with `visionfleet serve up`")
+    if ray.is_initialized():
+        return info
+    ray.init(
+        address=info.address,
+        namespace=RAY_NAMESPACE,
+        runtime_env=runtime_env(settings),
+        log_to_driver=log_to_driver,
+        logging_level="WARNING",
+    )
+    return info
+
+
+def init_embedded(settings: Settings, *, num_cpus: int | None = None, log_to_driver: bool = False) -> None:
+    """Start an in-process local Ray (or reuse the one already started)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in runtime_env(settings)["env_vars"].items():
+        os.environ.setdefault(k, v)  # the driver itself reads the same settings
+    ray.init(
+        num_cpus=num_cpus,
+        namespace=RAY_NAMESPACE,
+        runtime_env=runtime_env(settings),
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+        logging_level="WARNING",
+    )
+
+
+def wait_http(url: str, timeout: float = 120.0, interval: float = 0.5) -> bool:
+    """Poll ``url`` until it answers 200; False on timeout."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(interval)
+    return False

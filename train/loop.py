@@ -1,0 +1,438 @@
+"""Ray Train training: data-parallel fit of a built-in architecture on a Parquet dataset.
+
+Read it top to bottom: :func:`train_loop_per_worker` is the whole loop (setup, step,
+evaluate, report); :func:`fit` wires it into a ``TorchTrainer`` and shows progress.
+Each worker decodes its shard of the Parquet dataset with ``visionfleet.imaging``, the
+same code the server uses, so training and serving see identical pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["TrainConfig", "TrainResult", "fit", "train_loop_per_worker", "evaluate_arrays", "load_checkpoint"]
+
+CHECKPOINT_FILE = "model.pt"
+_PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; built at the edge (CLI, controller) and passed down."""
+
+    dataset: str  # absolute path of a dataset folder
+    arch: dict = field(default_factory=lambda: {"arch": "resnet", "width": 16, "stem_stride": 2})
+    input_size: int = 64
+    resize: str = "stretch"
+    epochs: int = 12
+    batch_size: int = 128  # global batch, split across workers
+    lr: float = 0.2
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.05
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int = 1
+    seed: int = 0
+    augment: bool = True
+    init_checkpoint: str | None = None  # a model.pt to fine-tune from
+    extra_datasets: tuple[str, ...] = ()  # more datasets whose train split joins the base
+    limit_train: int | None = None
+    wandb: bool = True
+    wandb_project: str = "visionfleet"
+    wandb_group: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"Got {self.epochs} for epochs; expected >= 1")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"Got batch_size {self.batch_size} < num_workers {self.num_workers}")
+        if self.num_workers < 1:
+            raise ValueError(f"Got {self.num_workers} for num_workers; expected >= 1")
+        if not 16 <= self.input_size <= 1024:
+            raise ValueError(f"Got {self.input_size} for input_size; expected 16..1024")
+        if self.lr <= 0:
+            raise ValueError(f"Got {self.lr} for lr; expected > 0")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_dir: Path
+    checkpoint: Path  # the model.pt file
+    metrics: dict[str, Any]
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def evaluate_arrays(probs: np.ndarray, labels: np.ndarray, num_classes: int, bins: int = 15) -> dict[str, Any]:
+    """Top-1, per-class accuracy and expected calibration error from probabilities."""
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    correct = pred == labels
+    per_class = {}
+    for c in range(num_classes):
+        m = labels == c
+        per_class[c] = float(correct[m].mean()) if m.any() else float("nan")
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(float(correct[m].mean()) - float(conf[m].mean()))
+    return {
+        "top1": float(correct.mean()),
+        "per_class": per_class,
+        "ece": float(ece),
+        "mean_confidence": float(conf.mean()),
+        "n": int(len(labels)),
+    }
+
+
+def _stats_vector(probs, labels, num_classes: int, bins: int = 15):
+    """Sufficient statistics that sum across shards: per-class correct/count, ECE bins."""
+    import torch
+
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    v_correct = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
+    v_count = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, torch.ones_like(correct))
+    b = torch.clamp((conf * bins).ceil().long() - 1, 0, bins - 1)
+    v_bconf = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, conf.double())
+    v_bacc = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, correct)
+    v_bn = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(correct))
+    return torch.cat([v_correct, v_count, v_bconf, v_bacc, v_bn])
+
+
+def _metrics_from_stats(v, num_classes: int, labels: list[str], bins: int = 15) -> dict[str, Any]:
+    v = v.tolist()
+    k = num_classes
+    correct, count = v[:k], v[k : 2 * k]
+    bconf, bacc, bn = v[2 * k : 2 * k + bins], v[2 * k + bins : 2 * k + 2 * bins], v[2 * k + 2 * bins :]
+    n = sum(count)
+    ece = sum(abs(bacc[i] - bconf[i]) for i in range(bins) if bn[i]) / max(n, 1)
+    return {
+        "top1": sum(correct) / max(n, 1),
+        "per_class": {labels[c]: (correct[c] / count[c] if count[c] else None) for c in range(k)},
+        "ece": ece,
+        "mean_confidence": sum(bconf) / max(n, 1),
+        "n": int(n),
+    }
+
+
+def load_checkpoint(path: str | os.PathLike[str]):
+    """Rebuild ``(model, meta)`` from a ``model.pt`` written by the training loop."""
+    import torch
+
+    from train.models import ArchSpec, build_model
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    spec = ArchSpec.from_dict(blob["arch"])
+    model = build_model(spec)
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta
+
+
+def _augment(xb, pad: int):
+    """Flips, 90-degree turns and a random translation (reflect padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = xb.shape[0]
+    flip = torch.rand(n) < 0.5
+    xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+    flip = torch.rand(n) < 0.5
+    xb = torch.where(flip[:, None, None, None], xb.flip(2), xb)
+    if xb.shape[2] == xb.shape[3] and torch.rand(()) < 0.5:
+        xb = xb.transpose(2, 3)  # with the flips above, any of the 8 dihedral turns
+    if pad:
+        h, w = xb.shape[2:]
+        padded = F.pad(xb, (pad, pad, pad, pad), mode="reflect")
+        dx, dy = np.random.randint(0, 2 * pad + 1, 2)
+        xb = padded[:, :, dy : dy + h, dx : dx + w]
+    return xb
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import ray.train
+    import ray.train.torch
+
+    from train.models import ArchSpec, build_model
+    from visionfleet.datasets.store import load_arrays, read_info
+
+    cfg = TrainConfig(**{**config["train"], "extra_datasets": tuple(config["train"]["extra_datasets"])})
+    torch.set_num_threads(cfg.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed + rank)
+
+    # --- data: each worker decodes its own shard
+    size = (cfg.input_size, cfg.input_size)
+    info = read_info(Path(cfg.dataset))
+    labels = info.labels
+    xs, ys = [], []
+    for ds in (cfg.dataset, *cfg.extra_datasets):
+        ds_info = read_info(Path(ds))
+        if ds_info.labels != labels:
+            raise ValueError(f"dataset {ds} has labels {ds_info.labels}; expected {labels}")
+        x, y = load_arrays(Path(ds), "train", size, cfg.resize, shard=(rank, world), limit=cfg.limit_train)
+        xs.append(x)
+        ys.append(y)
+    x_train = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+    y_train = torch.from_numpy(np.concatenate(ys))
+    x_hold, y_hold = load_arrays(Path(cfg.dataset), "holdout", size, cfg.resize, shard=(rank, world))
+    x_hold = torch.from_numpy(x_hold).permute(0, 3, 1, 2).contiguous()
+    y_hold = torch.from_numpy(y_hold)
+
+    # --- model
+    init_meta: dict = {}
+    if cfg.init_checkpoint:
+        blob = torch.load(cfg.init_checkpoint, map_location="cpu", weights_only=True)
+        spec = ArchSpec.from_dict(blob["arch"])
+        init_meta = blob
+        if list(blob["labels"]) != labels:
+            raise ValueError("the checkpoint's labels differ from the dataset's")
+    else:
+        spec = ArchSpec.from_dict({**cfg.arch, "num_classes": len(labels)})
+    model = build_model(spec)
+    if cfg.init_checkpoint:
+        model.load_state_dict(init_meta["state_dict"])
+        mean = torch.tensor(init_meta["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(init_meta["std"]).view(1, 3, 1, 1)
+    else:
+        # per-channel statistics of the training pixels, averaged over workers
+        stats = torch.stack([x_train.float().mean((0, 2, 3)), x_train.float().pow(2).mean((0, 2, 3))])
+        if world > 1:
+            dist.all_reduce(stats)
+            stats /= world
+        mean = stats[0].view(1, 3, 1, 1)
+        std = (stats[1].view(1, 3, 1, 1) - mean**2).clamp_min(1.0).sqrt()
+    model = ray.train.torch.prepare_model(model)
+
+    local_batch = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, len(x_train) // local_batch)
+    if world > 1:  # every rank must run the same number of steps (DDP all-reduce)
+        t = torch.tensor([steps_per_epoch])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        steps_per_epoch = int(t.item())
+    total = cfg.epochs * steps_per_epoch
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+
+    wandb_run = None
+    if cfg.wandb and rank == 0:
+        from ray.air.integrations.wandb import setup_wandb
+
+        wandb_run = setup_wandb(
+            config={k: v for k, v in asdict(cfg).items() if k != "extra_datasets"},
+            project=cfg.wandb_project,
+            group=cfg.wandb_group or "train",
+            name=config["run_id"],
+            trial_id=config["run_id"],
+            trial_name=config["run_id"],
+            dir=config["wandb_dir"],
+            rank_zero_only=False,
+        )
+
+    def normalize(xb):
+        return (xb.float() - mean) / std
+
+    def evaluate() -> dict:
+        model.eval()
+        chunks = []
+        with torch.no_grad():
+            for i in range(0, len(x_hold), 256):
+                chunks.append(F.softmax(model(normalize(x_hold[i : i + 256])), 1))
+        probs = torch.cat(chunks) if chunks else torch.zeros(0, len(labels))
+        v = _stats_vector(probs, y_hold, len(labels))
+        if world > 1:
+            dist.all_reduce(v)
+        return _metrics_from_stats(v, len(labels), labels)
+
+    progress_path = Path(config["progress_path"])
+    pad = max(1, cfg.input_size // 16) if cfg.augment else 0
+    step = 0
+    t0 = time.time()
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(x_train))
+        loss_sum = torch.zeros(())
+        for i in range(steps_per_epoch):
+            idx = perm[i * local_batch : (i + 1) * local_batch]
+            xb = normalize(x_train[idx])
+            if cfg.augment:
+                xb = _augment(xb, pad)
+            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            step += 1
+            if rank == 0 and (step % 10 == 0 or step == total):
+                _write_progress(progress_path, {"step": step, "total": total, "epoch": epoch + 1, "loss": float(loss)})
+        metrics = evaluate()
+        metrics.update(
+            epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch, seconds=time.time() - t0, step=step
+        )
+        if wandb_run is not None:
+            wandb_run.log(
+                {
+                    "epoch": epoch + 1,
+                    "train/loss": metrics["train_loss"],
+                    "eval/top1": metrics["top1"],
+                    "eval/ece": metrics["ece"],
+                    "eval/mean_confidence": metrics["mean_confidence"],
+                }
+            )
+        if rank == 0:
+            _write_progress(progress_path, {"step": step, "total": total, "epoch": epoch + 1, "metrics": metrics})
+        checkpoint = None
+        if rank == 0 and epoch == cfg.epochs - 1:
+            tmp = tempfile.mkdtemp(prefix="vf-ckpt-")
+            raw = model.module if hasattr(model, "module") else model
+            torch.save(
+                {
+                    "state_dict": raw.state_dict(),
+                    "arch": spec.to_dict(),
+                    "labels": labels,
+                    "input_size": [cfg.input_size, cfg.input_size],
+                    "resize": cfg.resize,
+                    "mean": mean.flatten().tolist(),
+                    "std": std.flatten().tolist(),
+                    "metrics": json.dumps(metrics),
+                    "dataset": cfg.dataset,
+                },
+                os.path.join(tmp, CHECKPOINT_FILE),
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({k: v for k, v in metrics.items() if k != "per_class"} | {
+            "per_class": json.dumps(metrics["per_class"])
+        }, checkpoint=checkpoint)
+    if wandb_run is not None:
+        wandb_run.summary.update({"eval/top1": metrics["top1"], "eval/ece": metrics["ece"]})
+        wandb_run.finish()
+
+
+def _write_progress(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def fit(
+    cfg: TrainConfig,
+    *,
+    runs_dir: Path,
+    wandb_dir: Path,
+    on_progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Run :func:`train_loop_per_worker` on a ``TorchTrainer``; Ray must be initialized.
+
+    ``on_progress`` is called from this thread with the latest progress document
+    (step, total, epoch, metrics) while training runs.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from visionfleet.datasets.store import read_info
+
+    read_info(Path(cfg.dataset))  # fail fast, before any worker starts
+    for ds in cfg.extra_datasets:
+        read_info(Path(ds))
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint at {cfg.init_checkpoint}")
+    run_id = cfg.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    runs_dir = Path(runs_dir)
+    run_dir = runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+    progress_path = run_dir / _PROGRESS_FILE
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": {**asdict(cfg), "extra_datasets": list(cfg.extra_datasets)},
+            "run_id": run_id,
+            "progress_path": str(progress_path),
+            "wandb_dir": str(wandb_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_id,
+            storage_path=str(runs_dir / "_ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    box: dict[str, Any] = {}
+
+    def _run() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    t0 = time.time()
+    thread = threading.Thread(target=_run, name="vf-train-fit", daemon=True)
+    thread.start()
+    last = None
+    while thread.is_alive():
+        thread.join(0.5)
+        if on_progress and progress_path.exists():
+            try:
+                doc = json.loads(progress_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if doc != last:
+                on_progress(doc)
+                last = doc
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_id} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        dest = run_dir / CHECKPOINT_FILE
+        dest.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
+    metrics = dict(result.metrics)
+    metrics["per_class"] = json.loads(metrics["per_class"])
+    if on_progress and progress_path.exists():
+        on_progress(json.loads(progress_path.read_text()))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=time.time() - t0)
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,197 @@
+"""Model architectures: a ResNet-style network and a MobileNetV3-style network.
+
+Both take float NCHW input of any size (global pooling at the end) and return logits.
+Width and stem stride are configurable, so the same code gives the tiny models of the
+test suite, the demo model and a heavy ResNet-18-style model for benchmarks.
+Normalization and softmax are added at export time (see ``edge_export.onnx_export``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = ["ArchSpec", "ResNet", "MobileNetV3", "build_model", "ARCHS", "count_params"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to rebuild a model from a checkpoint."""
+
+    arch: str = "resnet"
+    num_classes: int = 10
+    width: int = 16  # channels of the first stage; later stages double it
+    depths: tuple[int, ...] = (1, 1, 1, 1)
+    stem_stride: int = 2  # 1 gives a CIFAR-style stem (no downsampling at the start)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"Got {self.arch!r} for arch; expected one of {sorted(ARCHS)}")
+        if self.num_classes < 2:
+            raise ValueError(f"Got {self.num_classes} for num_classes; expected >= 2")
+        if self.width < 4:
+            raise ValueError(f"Got {self.width} for width; expected >= 4")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"Got {self.stem_stride} for stem_stride; expected 1 or 2")
+        if not self.depths or any(d < 1 for d in self.depths):
+            raise ValueError(f"Got {self.depths} for depths; expected positive stage depths")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["depths"] = list(self.depths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArchSpec":
+        d = dict(d)
+        d["depths"] = tuple(d.get("depths", (1, 1, 1, 1)))
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet with basic blocks; ``depths=(2, 2, 2, 2), width=64`` is ResNet-18."""
+
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        w = spec.width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w, 3, spec.stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        cin = w
+        for i, depth in enumerate(spec.depths):
+            cout = w * 2**i
+            for j in range(depth):
+                stages.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.fc = nn.Linear(cin, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(self.dropout(x))
+
+
+# ------------------------------------------------------------------------ MobileNetV3
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = _make_divisible(channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * s
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, expand: int, cout: int, kernel: int, stride: int, se: bool, hswish: bool) -> None:
+        super().__init__()
+        act = nn.Hardswish if hswish else nn.ReLU
+        layers: list[nn.Module] = []
+        if expand != cin:
+            layers += [nn.Conv2d(cin, expand, 1, bias=False), nn.BatchNorm2d(expand), act()]
+        layers += [
+            nn.Conv2d(expand, expand, kernel, stride, kernel // 2, groups=expand, bias=False),
+            nn.BatchNorm2d(expand),
+            act(),
+        ]
+        if se:
+            layers.append(SqueezeExcite(expand))
+        layers += [nn.Conv2d(expand, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.block = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_res else out
+
+
+class MobileNetV3(nn.Module):
+    """MobileNetV3-Small-style network: inverted residuals, squeeze-excite, hard-swish.
+
+    ``width`` scales every layer (16 gives the published Small widths); ``depths``
+    repeats the blocks of each of the four stages.
+    """
+
+    # (kernel, expansion ratio, output multiple of width, SE, hard-swish, stride)
+    _STAGES = (
+        (3, 4.0, 1.5, False, False, 2),
+        (5, 4.0, 2.5, True, True, 2),
+        (5, 6.0, 3.0, True, True, 1),
+        (5, 6.0, 6.0, True, True, 2),
+    )
+
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        w = spec.width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w, 3, spec.stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.Hardswish()
+        )
+        blocks: list[nn.Module] = [InvertedResidual(w, w, w, 3, 1, True, False)]
+        cin = w
+        depths = list(spec.depths) + [1] * (len(self._STAGES) - len(spec.depths))
+        for (k, exp, mult, se, hs, stride), depth in zip(self._STAGES, depths):
+            cout = _make_divisible(w * mult)
+            for j in range(depth):
+                blocks.append(
+                    InvertedResidual(cin, _make_divisible(cin * exp), cout, k, stride if j == 0 else 1, se, hs)
+                )
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        last = _make_divisible(cin * 6)
+        self.head = nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.Hardswish())
+        self.dropout = nn.Dropout(spec.dropout)
+        self.fc = nn.Linear(last, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(self.dropout(x))
+
+
+ARCHS: dict[str, type[nn.Module]] = {"resnet": ResNet, "mobilenetv3": MobileNetV3}
+
+
+def build_model(spec: ArchSpec) -> nn.Module:
+    """Instantiate the architecture a spec names."""
+    return ARCHS[spec.arch](spec)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,48 @@
+"""The `visionfleet` command: the root app only adds the area sub-apps (STYLE 10).
+
+Area modules keep heavy imports (torch, ray) inside their commands, so `--help` and
+every light command start fast and the import rule holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from visionfleet.cli import data, demo, models, predict, serve, train
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="visionfleet",
+    help="Take vision models to production and to the edge: train, optimize, serve, A/B test, ship.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    home: Annotated[
+        Optional[Path],
+        typer.Option("--home", envvar="VISIONFLEET_HOME", help="state dir (default ./.visionfleet)"),
+    ] = None,
+) -> None:
+    import os
+
+    if home is not None:
+        os.environ["VISIONFLEET_HOME"] = str(home.expanduser().resolve())
+
+
+app.add_typer(data.app, name="data")
+app.add_typer(models.app, name="models")
+app.add_typer(serve.app, name="serve")
+app.add_typer(train.app)
+app.add_typer(predict.app)
+app.add_typer(demo.app)
+
+
+def main() -> None:
+    app()

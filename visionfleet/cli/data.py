@@ -1,0 +1,127 @@
+"""`visionfleet data`: generate, import and list datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from visionfleet.cli._common import cli_errors, err, out, parse_float_list, print_json, progress, settings
+
+app = typer.Typer(help="Datasets: generate synthetic data, import image folders, list.", no_args_is_help=True)
+
+
+def _dest(out_path: Optional[Path], name: str) -> Path:
+    return out_path.resolve() if out_path else settings().ensure().datasets_dir / name
+
+
+@app.command()
+@cli_errors
+def synth(
+    name: Annotated[str, typer.Option(help="dataset name under the state dir (ignored with --out)")] = "synth",
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="dataset folder to create")] = None,
+    n_train: Annotated[int, typer.Option(help="training images")] = 12000,
+    n_holdout: Annotated[int, typer.Option(help="held-out images")] = 2500,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same images)")] = 0,
+    index_offset: Annotated[int, typer.Option(help="first sample index (fresh samples from the same seed)")] = 0,
+    image_format: Annotated[str, typer.Option("--format", help="png|jpeg|webp|bmp|tiff")] = "png",
+    brightness: Annotated[float, typer.Option(help="drift: added brightness (0..255 units)")] = 0.0,
+    contrast: Annotated[float, typer.Option(help="drift: contrast factor")] = 1.0,
+    blur: Annotated[float, typer.Option(help="drift: Gaussian blur sigma (px at 64 px)")] = 0.0,
+    noise: Annotated[float, typer.Option(help="drift: Gaussian noise std")] = 0.0,
+    color_cast: Annotated[str, typer.Option(help="drift: R,G,B offsets")] = "0,0,0",
+    jpeg_quality: Annotated[Optional[int], typer.Option(help="drift: re-encode as JPEG at this quality")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the dataset manifest as JSON")] = False,
+) -> None:
+    """Generate the procedural shapes dataset (train and holdout splits) as Parquet."""
+    from visionfleet.datasets.store import synthesize
+    from visionfleet.datasets.synth import Drift
+
+    drift = Drift(
+        brightness=brightness,
+        contrast=contrast,
+        blur=blur,
+        noise=noise,
+        color_cast=parse_float_list(color_cast, 3, "--color-cast"),  # type: ignore[arg-type]
+        jpeg_quality=jpeg_quality,
+    )
+    dest = _dest(out_path, name)
+    with progress() as p:
+        task = p.add_task("generating", total=n_train + n_holdout, info=str(dest))
+        info = synthesize(
+            dest,
+            n_train=n_train,
+            n_holdout=n_holdout,
+            size=size,
+            seed=seed,
+            drift=drift,
+            image_format=image_format,
+            name=dest.name,
+            progress=lambda k: p.advance(task, k),
+            index_offset=index_offset,
+        )
+    if as_json:
+        print_json({"path": str(dest), **info.__dict__})
+    else:
+        out.print(f"dataset {info.name}: {info.splits} at {dest}")
+
+
+@app.command("import-folder")
+@cli_errors
+def import_folder(
+    root: Annotated[Path, typer.Argument(help="folder laid out as ROOT/<class>/<image>")],
+    name: Annotated[Optional[str], typer.Option(help="dataset name (default: the folder's name)")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="dataset folder to create")] = None,
+    holdout_fraction: Annotated[float, typer.Option(help="share of images held out")] = 0.2,
+    seed: Annotated[int, typer.Option(help="salt of the stable split hash")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Import an ImageFolder tree (one sub-folder per class) into the Parquet schema."""
+    from visionfleet.datasets.store import IMAGE_SUFFIXES, import_image_folder
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    dest = _dest(out_path, name or root.resolve().name)
+    total = sum(1 for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    with progress() as p:
+        task = p.add_task("importing", total=total, info=str(root))
+        info, skipped = import_image_folder(
+            root,
+            dest,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            name=dest.name,
+            progress=lambda k: p.advance(task, k),
+        )
+    if as_json:
+        print_json({"path": str(dest), **info.__dict__, "skipped_files": skipped})
+        return
+    out.print(f"dataset {info.name}: {len(info.labels)} classes, {info.splits} at {dest}")
+    for rel, why in skipped[:20]:
+        err.print(f"[yellow]skipped[/] {rel}: {why}")
+    if len(skipped) > 20:
+        err.print(f"[yellow]… and {len(skipped) - 20} more skipped[/]")
+
+
+@app.command("list")
+@cli_errors
+def list_(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
+    """List the datasets in the state dir."""
+    from rich.table import Table
+
+    from visionfleet.datasets.store import read_info
+
+    root = settings().datasets_dir
+    rows = []
+    for d in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
+        info = read_info(d.parent)
+        rows.append({"name": info.name, "path": str(d.parent), "labels": len(info.labels), "splits": info.splits, "source": info.source})
+    if as_json:
+        print_json({"datasets": rows})
+        return
+    table = Table("name", "classes", "splits", "source")
+    for r in rows:
+        table.add_row(r["name"], str(r["labels"]), str(r["splits"]), r["source"])
+    out.print(table)

@@ -1,0 +1,91 @@
+"""`visionfleet predict`: classify an image through the server, or locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from visionfleet.cli._common import cli_errors, out, print_json, settings
+
+app = typer.Typer()
+
+_MEDIA = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "bmp": "image/bmp", "tiff": "image/tiff"}
+
+
+def _post(url: str, data: bytes, content_type: str, timeout: float) -> dict:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read()).get("error", exc.reason)
+        except Exception:  # noqa: BLE001
+            msg = exc.reason
+        raise RuntimeError(f"server answered {exc.code}: {msg}") from None
+    except urllib.error.URLError as exc:
+        raise ConnectionError(f"cannot reach {url}: {exc.reason} (is `visionfleet serve up` running?)") from None
+
+
+@app.command()
+@cli_errors
+def predict(
+    image: Annotated[Path, typer.Argument(help="image file (JPEG, PNG, WebP, BMP, TIFF)")],
+    url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8000",
+    model: Annotated[Optional[str], typer.Option(help="NAME[:VERSION|@ALIAS] (default: the server's)")] = None,
+    top_k: Annotated[int, typer.Option(help="classes to show")] = 5,
+    local: Annotated[bool, typer.Option(help="run the registered model in-process instead of over HTTP")] = False,
+    timeout: Annotated[float, typer.Option(help="HTTP timeout in seconds")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the response as JSON")] = False,
+) -> None:
+    """Classify one image: POST it to /v1/predict (or run it locally with --local)."""
+    import urllib.parse
+
+    from visionfleet.imaging import sniff_format
+
+    if not image.is_file():
+        raise FileNotFoundError(f"no such file: {image}")
+    data = image.read_bytes()
+    if local:
+        doc = _local(data, model, top_k)
+    else:
+        fmt = sniff_format(data)
+        ctype = _MEDIA[fmt.value] if fmt else "application/octet-stream"
+        query = {"top_k": str(top_k)}
+        if model:
+            query["model"] = model
+        doc = _post(f"{url.rstrip('/')}/v1/predict?{urllib.parse.urlencode(query)}", data, ctype, timeout)
+    if as_json:
+        print_json(doc)
+        return
+    out.print(f"[bold]{doc['label']}[/] {doc['score']:.3f}  ({doc['model']}:{doc['version']}, {doc.get('latency_ms', 0):.1f} ms)")
+    for label, p in doc.get("probs", {}).items():
+        out.print(f"  {label:<16} {p:.3f}")
+
+
+def _local(data: bytes, model: Optional[str], top_k: int) -> dict:
+    import time
+
+    from visionfleet.imaging import load_for_model
+    from visionfleet.inference import RuntimeOptions, classification_result, load_model_dir
+    from visionfleet.registry import Registry
+
+    s = settings()
+    reg = Registry(s.registry_dir)
+    resolved = reg.resolve(model or "demo")
+    loaded = load_model_dir(reg.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=2))
+    t0 = time.perf_counter()
+    img, _ = load_for_model(data, loaded.card.input_size, loaded.card.resize, max_pixels=s.max_pixels)
+    probs = loaded.run(img[None])[0][0]
+    return {
+        "model": resolved.name,
+        "version": resolved.version,
+        "latency_ms": (time.perf_counter() - t0) * 1000,
+        **classification_result(probs, loaded.card.labels, top_k),
+    }

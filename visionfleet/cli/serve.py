@@ -1,0 +1,136 @@
+"""`visionfleet serve`: run the Serve app on a persistent local Ray head."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from visionfleet.cli._common import cli_errors, err, out, print_json, settings
+
+app = typer.Typer(help="Serve models over HTTP on a local Ray head.", no_args_is_help=True)
+
+
+@app.command()
+@cli_errors
+def up(
+    host: Annotated[str, typer.Option(help="HTTP host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    model: Annotated[str, typer.Option(help="default model name for requests that name none")] = "demo",
+    replicas: Annotated[int, typer.Option(help="ModelReplica replicas")] = 1,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 0.5,
+    ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a batch to fill")] = 4.0,
+    num_cpus: Annotated[int, typer.Option(help="CPUs the head offers (0: all)")] = 0,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for /healthz")] = 180.0,
+) -> None:
+    """Start (or join) the local head, deploy the app and wait until /healthz answers 200."""
+    from ray import serve
+
+    from cluster.local import connect, start_head, update_head, wait_http
+    from serve_apps.app import APP_NAME, build_app
+    from serve_apps.config import AppConfig, ReplicaConfig
+
+    s = settings().ensure()
+    cfg = AppConfig(
+        home=str(s.home),
+        default_model=model,
+        max_body_bytes=s.max_body_bytes,
+        max_pixels=s.max_pixels,
+        replica=ReplicaConfig(
+            num_replicas=replicas,
+            num_cpus=replica_cpus,
+            ort_threads=ort_threads,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_ms / 1000,
+        ),
+    )
+    with err.status("starting the local Ray head"):
+        info = start_head(s, num_cpus=num_cpus or None)
+        connect(s)
+    with err.status(f"deploying on http://{host}:{port}"):
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        update_head(s, http_host=host, http_port=port)
+        url = f"http://{host}:{port}/healthz"
+        if not wait_http(url, timeout=timeout):
+            raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s; see `visionfleet serve status`")
+    out.print(f"serving on http://{host}:{port} (Ray head {info.address}); stop with `visionfleet serve down`")
+
+
+@app.command()
+@cli_errors
+def down() -> None:
+    """Shut down the app and stop the local head that `serve up` started."""
+    from cluster.local import connect, read_head, stop_head
+
+    s = settings()
+    info = read_head(s)
+    if info is None:
+        out.print("nothing to stop: no local head is recorded")
+        return
+    try:
+        from ray import serve
+
+        connect(s)
+        serve.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the head may already be gone; stop it anyway
+        err.print(f"[yellow]serve shutdown skipped:[/] {exc}")
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    stopped = stop_head(s)
+    out.print("stopped the local head" if stopped else "the local head was not running; cleaned up its record")
+
+
+@app.command()
+@cli_errors
+def status(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
+    """Show the local head, the app's deployments and whether /healthz answers."""
+    import urllib.request
+
+    from cluster.local import head_alive, read_head
+
+    s = settings()
+    info = read_head(s)
+    doc: dict = {"head": None, "healthz": None, "app": None}
+    if info is not None:
+        doc["head"] = {**info.__dict__, "alive": head_alive(info)}
+        if info.http_port:
+            url = f"http://{info.http_host}:{info.http_port}/healthz"
+            try:
+                with urllib.request.urlopen(url, timeout=3) as r:
+                    doc["healthz"] = {"url": url, "status": r.status}
+            except Exception as exc:  # noqa: BLE001
+                doc["healthz"] = {"url": url, "error": str(exc)}
+        if doc["head"]["alive"]:
+            from ray import serve
+
+            from cluster.local import connect
+
+            connect(s)
+            st = serve.status()
+            doc["app"] = {
+                name: {
+                    "status": str(a.status.value if hasattr(a.status, "value") else a.status),
+                    "deployments": {
+                        d: str(ds.status.value if hasattr(ds.status, "value") else ds.status)
+                        for d, ds in a.deployments.items()
+                    },
+                }
+                for name, a in st.applications.items()
+            }
+    if as_json:
+        print_json(doc)
+        return
+    if info is None:
+        out.print("no local head (start one with `visionfleet serve up`)")
+        raise typer.Exit(1)
+    out.print(f"head {info.address} alive={doc['head']['alive']} cpus={info.num_cpus} since {info.started_at[:19]}")
+    if doc["healthz"]:
+        out.print(f"healthz: {doc['healthz']}")
+    for name, a in (doc["app"] or {}).items():
+        out.print(f"app {name}: {a['status']}  " + ", ".join(f"{d}={st}" for d, st in a["deployments"].items()))
