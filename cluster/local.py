@@ -201,6 +201,14 @@ def stop_head(settings: Settings, *, timeout: float = 20.0) -> bool:
     return bool(roots)
 
 
+def _quiet_driver_logs() -> None:
+    """Serve's driver-side INFO lines would interleave with our progress output."""
+    import logging
+
+    for name in ("ray.serve", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def connect(settings: Settings, *, log_to_driver: bool = False):
     """``ray.init`` against the recorded head (raises when none is running)."""
     import ray
@@ -208,6 +216,7 @@ def connect(settings: Settings, *, log_to_driver: bool = False):
     info = read_head(settings)
     if info is None or not head_alive(info):
         raise RuntimeError("no local head is running; start one with `visionfleet serve up`")
+    _quiet_driver_logs()
     if ray.is_initialized():
         return info
     ray.init(
@@ -224,6 +233,7 @@ def init_embedded(settings: Settings, *, num_cpus: int | None = None, log_to_dri
     """Start an in-process local Ray (or reuse the one already started)."""
     import ray
 
+    _quiet_driver_logs()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -154,17 +155,19 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The dynamo exporter is chatty on stdout/loggers; keep our progress output clean.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    program = torch.onnx.export(
-        deployable,
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes={"images": {0: batch}},
-        opset_version=opset,
-        dynamo=True,
-        verbose=False,
-        optimize=True,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export internals, not ours
+        program = torch.onnx.export(
+            deployable,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+            optimize=True,
+        )
     proto = program.model_proto
     meta = {
         "input_name": INPUT_NAME,

@@ -168,6 +168,23 @@ def _augment(xb, pad: int):
     return xb
 
 
+def warmup_cosine(total: int, warmup_frac: float = 0.2, start: float = 0.04):
+    """LR factor per step: linear warm-up from ``start`` to 1, then cosine to 0.
+
+    Unlike OneCycleLR it is defined for any number of steps, even 1.
+    """
+
+    warmup = max(1, int(total * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
 # ------------------------------------------------------------------------ the loop
 
 
@@ -240,7 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
         steps_per_epoch = int(t.item())
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total))
 
     wandb_run = None
     if cfg.wandb and rank == 0:
@@ -432,7 +449,3 @@ def fit(
         on_progress(json.loads(progress_path.read_text()))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=time.time() - t0)
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -52,7 +52,7 @@ def cli_errors(fn: F) -> F:
         except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImageError) as exc:
             fail(str(exc), 2)
         except LookupError as exc:  # registry NotFound
-            fail(str(exc).strip("'\""), 2)
+            fail(str(exc), 2)
         except (RuntimeError, ConnectionError, TimeoutError, OSError) as exc:
             fail(f"{exc}", 1)
 

@@ -96,9 +96,10 @@ def demo(
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
     s = settings().ensure()
-    n_train, n_hold, size, width = (3000, 500, 32, 8) if quick else (12000, 2500, 64, 16)
+    n_train, n_hold, size, width = (4000, 500, 48, 16) if quick else (12000, 2500, 64, 16)
+    batch_size = 64 if quick else 128
     if quick:
-        epochs = min(epochs, 5)
+        epochs = min(epochs, 10)
         requests = min(requests, 60)
     ds_name = f"demo-s{seed}-{n_train}-{n_hold}-{size}"
     ds = s.datasets_dir / ds_name
@@ -137,7 +138,7 @@ def demo(
         input_size=size,
         resize="stretch",
         epochs=epochs,
-        batch_size=128,
+        batch_size=batch_size,
         lr=0.2,
         workers=2,
         cpus_per_worker=0.5,
@@ -173,7 +174,7 @@ def demo(
     finally:
         with err.status("shutting down Serve and Ray"):
             try:
-                serve.shutdown()
+                serve.delete(APP_NAME)  # graceful: replicas finish, then stop
             finally:
                 ray.shutdown()
     total = time.perf_counter() - t_start

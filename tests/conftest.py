@@ -1,0 +1,33 @@
+"""Shared fixtures for every tier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Keep W&B and Ray quiet and offline in tests.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh state dir, exported as $VISIONFLEET_HOME."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("VISIONFLEET_HOME", str(h))
+    return h
+
+
+@pytest.fixture(scope="session")
+def sample_rgb() -> np.ndarray:
+    from visionfleet.datasets.synth import render_sample
+
+    img, _ = render_sample(7, 3, 96)
+    return img

@@ -1,0 +1,102 @@
+"""One shared local Ray per test run, a tiny trained model and the Serve app over HTTP."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Trained:
+    card: object
+    result: object
+    dataset: Path
+
+
+@pytest.fixture(scope="session")
+def vf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("vfhome")
+    os.environ["VISIONFLEET_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def settings(vf_home: Path):
+    from visionfleet.settings import Settings
+
+    return Settings.from_env(vf_home).ensure()
+
+
+@pytest.fixture(scope="session")
+def ray_session(settings):
+    import ray
+
+    from cluster.local import init_embedded
+
+    init_embedded(settings, num_cpus=2)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(settings) -> Path:
+    from visionfleet.datasets.store import synthesize
+
+    path = settings.datasets_dir / "tiny"
+    synthesize(path, n_train=600, n_holdout=160, size=32, seed=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, settings, tiny_dataset) -> Trained:
+    from train.loop import TrainConfig, fit
+    from train.pipeline import register_checkpoint
+    from visionfleet.datasets.store import load_arrays
+    from visionfleet.registry import Registry
+
+    cfg = TrainConfig(
+        dataset=str(tiny_dataset),
+        arch={"arch": "resnet", "width": 8, "stem_stride": 2},
+        input_size=32,
+        epochs=2,
+        batch_size=64,
+        wandb=True,
+        run_name="it-train",
+    )
+    result = fit(cfg, runs_dir=settings.runs_dir, wandb_dir=settings.home / "wandb")
+    parity, _ = load_arrays(tiny_dataset, "holdout", (32, 32), limit=32)
+    card = register_checkpoint(result.checkpoint, Registry(settings.registry_dir), "tiny", parity_images=parity, run_id=result.run_id)
+    return Trained(card=card, result=result, dataset=tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session, settings, trained) -> str:
+    from ray import serve
+
+    from cluster.local import free_port, wait_http
+    from serve_apps.app import APP_NAME, build_app
+    from serve_apps.config import AppConfig, ReplicaConfig
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = AppConfig(
+        home=str(settings.home),
+        default_model="tiny",
+        max_body_bytes=2 * 1024 * 1024,
+        max_pixels=4_000_000,
+        replica=ReplicaConfig(ort_threads=1, num_cpus=0.25),
+    )
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    assert wait_http(f"{url}/healthz", timeout=120)
+    return url
