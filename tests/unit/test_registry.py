@@ -181,3 +181,17 @@ def test_card_validation() -> None:
         ModelCard(name="m", labels=["a"], input_size=(2, 32))
     with pytest.raises(ValueError):
         ModelCard.model_validate({"name": "m", "labels": ["a"], "input_size": [32, 32], "surprise": 1})
+
+
+def test_remote_filesystem_through_pyarrow_fs(tmp_path: Path, model_file: Path) -> None:
+    """A non-local URI goes through pyarrow.fs (mock:// here, s3:// in production)."""
+    reg = Registry("mock:///bucket/models", cache_dir=tmp_path / "cache")
+    c1 = reg.register(_card(), {"onnx": model_file})
+    reg.register(_card(), {"onnx": model_file})
+    assert reg.versions("m") == [1, 2] and reg.resolve("m").version == c1.version == 1
+    reg.set_alias("m", "production", 2)
+    assert reg.resolve("m").version == 2
+    local = reg.local_dir("m", 2)  # downloaded once into the cache
+    assert local.is_relative_to(tmp_path / "cache") and (local / "card.json").is_file()
+    props = {p.key: p.value for p in onnx.load(str(local / "model.onnx")).metadata_props}
+    assert props["version"] == "2"
