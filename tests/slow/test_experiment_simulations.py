@@ -17,6 +17,7 @@ import pytest
 from scipy import stats as sps
 
 from visionfleet.experiments import (
+    DEFAULT_MIXTURE_SD,
     MeanStats,
     Metric,
     accuracy_test,
@@ -111,10 +112,29 @@ def test_confidence_aa_false_positive_rate_full() -> None:
             is_t = rng.random(requests) < 0.5
             for i, (mask, v) in enumerate(((~is_t, 1.0), (~is_t, conf), (~is_t, conf**2), (is_t, 1.0), (is_t, conf), (is_t, conf**2))):
                 cols[i][r] = (mask * v).reshape(looks, STEP).sum(1).cumsum()
-        rate = (sequential_path(*cols, alpha=ALPHA).p_value[:, -1] <= ALPHA).mean()
+        tau = DEFAULT_MIXTURE_SD[Metric.CONFIDENCE]
+        rate = (sequential_path(*cols, alpha=ALPHA, mixture_sd=tau).p_value[:, -1] <= ALPHA).mean()
         fpr.append(rate)
         print(f"\nconfidence A/A on Beta({a:g}, {b:g}), {RUNS} runs x 10,000 requests, a look every {STEP}: FPR {rate:.4f}")
     assert max(fpr) <= 0.064
+
+
+def test_confidence_power_full() -> None:
+    """Mean confidence 0.80 vs 0.78 (Beta(8, 2) vs Beta(7.09, 2)), unlabeled, default mixture sd."""
+    rng = np.random.default_rng(9)
+    c_dist, t_dist = sps.beta(8, 2), sps.beta(2 * 0.78 / 0.22, 2)
+    diff = t_dist.mean() - c_dist.mean()
+    z = sps.norm.ppf(1 - ALPHA / 2) + sps.norm.ppf(0.80)
+    fixed = 2 * math.ceil(z**2 * (c_dist.var() + t_dist.var()) / diff**2)
+    looks = 3 * fixed // STEP
+    is_t = rng.random((RUNS, looks * STEP)) < 0.5
+    conf = np.where(is_t, t_dist.rvs((RUNS, looks * STEP), random_state=rng), c_dist.rvs((RUNS, looks * STEP), random_state=rng))
+    cols = [(m * v).reshape(RUNS, looks, STEP).sum(-1).cumsum(1) for m in (~is_t, is_t) for v in (1.0, conf, conf**2)]
+    path = sequential_path(*cols, alpha=ALPHA, mixture_sd=DEFAULT_MIXTURE_SD[Metric.CONFIDENCE])
+    power = (path.ci_high[:, -1] < 0).mean()
+    print(f"\nconfidence power, mean {c_dist.mean():.2f} vs {t_dist.mean():.2f}: fixed-horizon n = {fixed} total, "
+          f"detected within {looks * STEP} requests in {power:.4f} of {RUNS} runs")
+    assert abs(diff + 0.02) < 1e-6 and power >= 0.80
 
 
 def test_unbalanced_split_and_mixture_sd_sweep() -> None:
@@ -138,6 +158,23 @@ def test_unbalanced_split_and_mixture_sd_sweep() -> None:
         power = (sequential_path(alt[0], alt[1], alt[1], alt[2], alt[3], alt[3], mixture_sd=tau).ci_high[:, -1] < 0).mean()
         print(f"mixture sd {tau:<5}: A/A FPR {fpr:.4f}, power within 3x fixed horizon {power:.4f}")
         assert fpr <= 0.064 and power >= 0.80
+
+
+def test_naive_peeking_would_inflate_false_positives() -> None:
+    """Why the sequential test exists: a fixed-sample z-test read at every look lies."""
+    rng = np.random.default_rng(8)
+    nt = rng.binomial(STEP, 0.5, size=(RUNS, 200))
+    nc = STEP - nt
+    sc, st = rng.binomial(nc, 0.9).cumsum(1), rng.binomial(nt, 0.9).cumsum(1)
+    nc, nt = nc.cumsum(1), nt.cumsum(1)
+    pc, pt = sc / nc, st / nt
+    se = np.sqrt(np.maximum(pc * (1 - pc) / nc + pt * (1 - pt) / nt, 1e-12))
+    naive = (np.abs(pt - pc) / se > sps.norm.ppf(1 - ALPHA / 2)).any(axis=1).mean()
+    once = (np.abs(pt - pc) / se > sps.norm.ppf(1 - ALPHA / 2))[:, -1].mean()
+    valid = (sequential_path(nc, sc, sc, nt, st, st).p_value[:, -1] <= ALPHA).mean()
+    print(f"\nA/A, a look every {STEP} up to 10,000: z-test read once at the end {once:.4f}, "
+          f"z-test read at every look {naive:.4f}, always-valid test {valid:.4f}")
+    assert naive > 3 * ALPHA and valid <= 0.064
 
 
 def test_interval_covers_the_true_difference_at_every_look() -> None:

@@ -11,6 +11,7 @@ from scipy import integrate
 from scipy import stats as sps
 
 from visionfleet.experiments import (
+    DEFAULT_MIXTURE_SD,
     GuardrailStatus,
     MeanStats,
     Metric,
@@ -182,10 +183,14 @@ def test_confidence_aa_false_positive_rate_small() -> None:
     runs, looks, step = 200, 200, 50
     conf = rng.beta(8, 2, size=(runs, looks * step))
     arm = rng.random((runs, looks * step)) < 0.5
+
     def cum(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
         return (values * mask).reshape(runs, looks, step).sum(-1).cumsum(1)
     one = np.ones_like(conf)
-    path = sequential_path(cum(~arm, one), cum(~arm, conf), cum(~arm, conf**2), cum(arm, one), cum(arm, conf), cum(arm, conf**2))
+    path = sequential_path(
+        cum(~arm, one), cum(~arm, conf), cum(~arm, conf**2), cum(arm, one), cum(arm, conf), cum(arm, conf**2),
+        mixture_sd=DEFAULT_MIXTURE_SD[Metric.CONFIDENCE],
+    )
     fp = (path.p_value[:, -1] <= ALPHA).mean()
     print(f"confidence A/A FPR over {runs} runs: {fp:.4f} (bound {fpr_bound(runs):.4f})")
     assert fp <= fpr_bound(runs)

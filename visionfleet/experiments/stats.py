@@ -70,11 +70,13 @@ class Metric(str, Enum):
 # Standard deviation of the normal mixture over the true difference, in metric units.
 # It sets where the test is most sensitive: the interval is narrowest after about
 # 8 (s_c^2 + s_t^2) / tau^2 observations per arm (s^2 the per-observation variances;
-# Waudby-Smith et al. 2024, section on choosing rho), i.e. ~700 labeled requests per arm
-# for accuracies near 0.9 — the fixed-horizon size for a 5-point difference. Power is
-# not sensitive to it: simulated power for 0.90 vs 0.85 within 3x that size stayed in
-# 0.96-0.98 for tau from 0.02 to 0.12 (docs/ab-testing.md).
-DEFAULT_MIXTURE_SD: Mapping[Metric, float] = {Metric.ACCURACY: 0.05, Metric.CONFIDENCE: 0.05}
+# Waudby-Smith et al. 2024, section on choosing rho). For accuracy near 0.9 (s^2 ~ 0.1)
+# tau = 0.05 puts that at ~700 labeled requests per arm, the fixed-horizon size for a
+# 5-point difference; confidences vary less (s^2 ~ 0.015 for Beta(8, 2)), and tau = 0.02
+# puts it at the fixed-horizon size for a 2-point difference in mean confidence. Power
+# is not sensitive to it: simulated power for 0.90 vs 0.85 within 3x the fixed-horizon
+# size stayed between 0.96 and 0.99 for tau from 0.02 to 0.12 (docs/ab-testing.md).
+DEFAULT_MIXTURE_SD: Mapping[Metric, float] = {Metric.ACCURACY: 0.05, Metric.CONFIDENCE: 0.02}
 
 
 @dataclass(frozen=True)
