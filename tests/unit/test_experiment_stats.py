@@ -126,6 +126,9 @@ def test_result_fields_and_edge_cases() -> None:
     # All successes on both arms: the shrunk variance keeps the test finite and quiet.
     perfect = accuracy_test(30, 30, 30, 30)
     assert perfect.p_value == 1.0 and perfect.ci_low < 0 < perfect.ci_high
+    # Unbounded outcomes (counts): no clipping to [-1, 1] when bounds=None.
+    counts = sequential_test(MeanStats.from_values([0.0] * 300), MeanStats.from_values([5.0] * 300), bounds=None, prior_var=1.0)
+    assert counts.estimate == 5.0 and counts.ci_high > 5.0 and counts.direction == 1
     with pytest.raises(ValueError, match="alpha"):
         accuracy_test(1, 1, 1, 1, alpha=1.5)
     with pytest.raises(ValueError, match="successes"):

@@ -87,7 +87,8 @@ class ArmSummary:
                 raise ValueError(f"Got {v!r} for {self.name}.{f}; expected an integer >= 0")
         if self.labeled > self.n or self.correct > self.labeled:
             raise ValueError(f"Got labeled={self.labeled}, correct={self.correct}, n={self.n} for {self.name}; expected correct <= labeled <= n")
-        if not (0 <= self.conf_sum <= self.n + 1e-9 and 0 <= self.conf_sumsq <= self.conf_sum + 1e-9):
+        tol = 1e-9 * max(1, self.n)  # float sums over many requests round
+        if not (0 <= self.conf_sum <= self.n + tol and 0 <= self.conf_sumsq <= self.conf_sum + tol):
             raise ValueError(f"Got conf_sum={self.conf_sum}, conf_sumsq={self.conf_sumsq} for {self.name} (n={self.n}); expected confidences in [0, 1]")
         if (self.det_sum is None) != (self.det_sumsq is None):
             raise ValueError(f"Got det_sum={self.det_sum}, det_sumsq={self.det_sumsq} for {self.name}; expected both or neither")

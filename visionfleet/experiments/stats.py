@@ -331,7 +331,7 @@ def confidence_test(
 ) -> SequentialResult:
     """Always-valid test of the difference in mean confidence (values in [0, 1], unlabeled)."""
     for name, s in (("control", control), ("treatment", treatment)):
-        if s.n and not (0.0 <= s.total <= s.n and s.total_sq <= s.total + 1e-9 * s.n):
+        if s.n and not (0.0 <= s.total <= s.n * (1 + 1e-9) and s.total_sq <= s.total + 1e-9 * s.n):
             raise ValueError(f"Got {name} sums n={s.n}, total={s.total}, total_sq={s.total_sq}; expected confidences in [0, 1]")
     return sequential_test(control, treatment, alpha=alpha, mixture_sd=mixture_sd, previous=previous)
 
