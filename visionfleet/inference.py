@@ -109,6 +109,13 @@ def load_model_dir(path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeO
         raise FileNotFoundError(f"no card.json in {path}")
     card = ModelCard.model_validate_json(card_path.read_text())
     model_path = path / card.model_file
+    if card.format == "plan":
+        # ONNX Runtime cannot load a TensorRT engine; a plan version keeps the ONNX it was
+        # built from, which ORT runs (on its TensorRT EP where present, see best_providers).
+        source = card.file("onnx")
+        if source is None:
+            raise FileNotFoundError(f"{card.ref} is a TensorRT engine without its source ONNX; ONNX Runtime cannot load it")
+        model_path = path / source.name
     if not model_path.is_file():
         raise FileNotFoundError(f"card names {card.model_file} but {model_path} is missing")
     sess = create_session(model_path, opts)

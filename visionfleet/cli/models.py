@@ -1,8 +1,9 @@
-"""`visionfleet models`: list, show and promote registered versions."""
+"""`visionfleet models`: list, show, promote and import registered versions."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -98,3 +99,141 @@ def promote(
         raise ValueError(f"Got {ref!r}; expected NAME:VERSION")
     previous = _registry().set_alias(r.name, alias, r.version, reason="cli promote")
     out.print(f"{r.name}@{alias}: {previous} -> {r.version}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) <= 0:
+        raise ValueError(f"Got {text!r} for --input-size; expected HEIGHTxWIDTH such as 224x224 (or one number)")
+    return vals[0], vals[1]
+
+
+def _parse_depths(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise ValueError(f"Got {text!r} for --depths; expected positive integers such as 1,1,1,1")
+    return vals
+
+
+@app.command("import")
+@cli_errors
+def import_(
+    file: Annotated[Path, typer.Argument(help="model.onnx (any framework) or checkpoint.pt/.pth (built-in architecture)")],
+    name: Annotated[str, typer.Option("--name", help="model name to register a new version under")],
+    labels: Annotated[str, typer.Option("--labels", help="labels FILE (one per line) or a,b,c in output order")],
+    input_size: Annotated[str, typer.Option("--input-size", help="model input HEIGHTxWIDTH, e.g. 224x224")],
+    task: Annotated[str, typer.Option(help="classification | detection")] = "classification",
+    mean: Annotated[Optional[str], typer.Option(help="per-channel mean, model channel order (default 0,0,0)")] = None,
+    std: Annotated[Optional[str], typer.Option(help="per-channel std, model channel order (default 1,1,1)")] = None,
+    scale: Annotated[str, typer.Option(help="scale of --mean/--std: 0-1 (pixels/255 first) | 0-255")] = "0-1",
+    layout: Annotated[str, typer.Option(help="the model's input layout: NCHW | NHWC")] = "NCHW",
+    channel_order: Annotated[str, typer.Option("--channel-order", help="RGB | BGR")] = "RGB",
+    input_dtype: Annotated[str, typer.Option("--input-dtype", help="float32 | float16 | uint8")] = "float32",
+    input_name: Annotated[Optional[str], typer.Option("--input-name", help="graph input (default: the only one)")] = None,
+    output_name: Annotated[Optional[str], typer.Option("--output-name", help="graph output (default: the only one)")] = None,
+    output: Annotated[
+        Optional[str], typer.Option(help="classification output: probs | logits (adds Softmax); default probs")
+    ] = None,
+    resize: Annotated[str, typer.Option(help="stretch | letterbox | center-crop")] = "stretch",
+    framework: Annotated[
+        Optional[str], typer.Option(help="where the model came from: pytorch, tensorflow, paddle… (recorded)")
+    ] = None,
+    score_threshold: Annotated[
+        Optional[float], typer.Option("--score-threshold", help="detection: min box score (default 0.25)")
+    ] = None,
+    iou_threshold: Annotated[
+        Optional[float], typer.Option("--iou-threshold", help="detection: NMS IoU threshold (default 0.45)")
+    ] = None,
+    max_detections: Annotated[
+        Optional[int], typer.Option("--max-detections", help="detection: K boxes per image (default 100)")
+    ] = None,
+    head_layout: Annotated[
+        Optional[str],
+        typer.Option("--head-layout", help="detection: auto | channels-first [N,4+C,A] | anchors-first [N,A,4+C]"),
+    ] = None,
+    objectness: Annotated[
+        Optional[bool], typer.Option("--objectness/--no-objectness", help="detection: YOLOv5-style objectness column")
+    ] = None,
+    class_agnostic: Annotated[bool, typer.Option("--class-agnostic", help="detection: one NMS across classes")] = False,
+    arch: Annotated[Optional[str], typer.Option(help=".pt: built-in architecture (resnet | mobilenetv3)")] = None,
+    width: Annotated[Optional[int], typer.Option(help=".pt: channels of the first stage")] = None,
+    depths: Annotated[Optional[str], typer.Option(help=".pt: stage depths, e.g. 1,1,1,1")] = None,
+    stem_stride: Annotated[Optional[int], typer.Option("--stem-stride", help=".pt: 1 or 2")] = None,
+    sample_images: Annotated[
+        Optional[Path], typer.Option("--sample-images", help="folder of images for the parity check (default: synthetic)")
+    ] = None,
+    description: Annotated[str, typer.Option(help="free text for the card")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print the stored card as JSON")] = False,
+) -> None:
+    """Import a model from any framework: declare its preprocessing, get a contract-obeying version.
+
+    The ONNX graph is wrapped (uint8 NHWC images in; probabilities, or boxes + scores +
+    classes for YOLO-style detection heads, out), checked against running the original by
+    hand on real images, and registered with a card. A .pt/.pth state dict of a built-in
+    architecture is loaded with torch.load(weights_only=True) and exported. TensorRT
+    engines and pickles are refused.
+    """
+    from edge_export.importer import ImportRequest, check_source_file, import_model, load_sample_images, parse_labels
+    from visionfleet.cli._common import parse_float_list
+    from visionfleet.spec import validate_name
+
+    src = check_source_file(file)
+    validate_name(name)
+    is_checkpoint = src.suffix.lower() in (".pt", ".pth")
+    detection = {
+        "score_threshold": score_threshold,
+        "iou_threshold": iou_threshold,
+        "max_detections": max_detections,
+        "head_layout": head_layout,
+        "objectness": objectness,
+        "class_agnostic": class_agnostic or None,
+    }
+    given = {k: v for k, v in detection.items() if v is not None}
+    if task != "detection" and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"Got {flags} for task {task!r}; expected them only with --task detection")
+    request = ImportRequest.parse(
+        task=task,
+        labels=parse_labels(labels),
+        input_size=_parse_size(input_size),
+        layout=layout,
+        input_dtype=input_dtype,
+        channel_order=channel_order,
+        mean=parse_float_list(mean, 3, "--mean") if mean is not None else (0.0, 0.0, 0.0),
+        std=parse_float_list(std, 3, "--std") if std is not None else (1.0, 1.0, 1.0),
+        scale=scale,
+        resize=resize,
+        output=output,
+        input_name=input_name,
+        output_name=output_name,
+        framework=framework or ("pytorch" if is_checkpoint else "onnx"),
+        **given,
+    )
+    spec = request.to_spec()
+    arch_opts = {
+        "arch": arch,
+        "width": width,
+        "depths": _parse_depths(depths) if depths else None,
+        "stem_stride": stem_stride,
+    }
+    images = load_sample_images(sample_images, spec.input_size, spec.resize) if sample_images else None
+    card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description)
+    if as_json:
+        print_json(card.model_dump(mode="json"))
+        return
+    parity = card.metrics.get("import_parity") or card.metrics.get("export_parity") or {}
+    out.print(
+        f"registered [bold]{card.ref}[/]: {card.task.value}, {len(card.labels)} labels, input "
+        f"{card.input_size[0]}x{card.input_size[1]} ({card.resize.value}), {card.precision}, from {card.framework}"
+    )
+    agreement = parity.get("agreement", parity.get("top1_agreement"))
+    out.print(f"parity on {parity.get('n')} images: max |diff| {parity.get('max_abs_diff', 0):.2e}, agreement {agreement:.2%}")
