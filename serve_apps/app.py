@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from serve_apps.config import AppConfig
+from serve_apps.config import AppConfig, IngressUserConfig
 from serve_apps.ingress import Ingress
 from serve_apps.replica import ModelReplica
 
@@ -15,16 +18,54 @@ __all__ = ["build_app", "app_builder", "APP_NAME"]
 APP_NAME = "visionfleet"
 
 
-def build_app(config: AppConfig) -> Application:
-    """Bind the model replicas and pass their handle to the ingress."""
+@lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """A digest of the code the replicas run (serve_apps and the visionfleet core)."""
+    import visionfleet
+
+    h = hashlib.sha256()
+    for pkg in (Path(__file__).parent, Path(visionfleet.__file__).parent):
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def code_version(config: AppConfig) -> str:
+    """A stable deployment version: same code and same AppConfig, same version.
+
+    ``serve.run`` gives each deployment a random version unless one is set, and a new
+    version restarts every replica. With a stable version, a redeploy that changes only
+    ``user_config`` is a lightweight update: Serve calls ``reconfigure`` in place, which
+    is how experiments start and stop without a restart or a dropped request.
+    """
+    h = hashlib.sha256(_source_digest().encode())
+    h.update(config.model_dump_json().encode())
+    return h.hexdigest()[:20]
+
+
+def build_app(
+    config: AppConfig, user_config: IngressUserConfig | None = None, *, version: str | None = None
+) -> Application:
+    """Bind the model replicas and pass their handle to the ingress.
+
+    ``user_config`` is the ingress's runtime state (experiments, batch knobs); changing
+    only it on a redeploy reconfigures the running replicas in place. ``version``
+    pins the deployment version (to reconfigure what is deployed); by default it is
+    :func:`code_version`.
+    """
     cfg = config.model_dump()
     env = {"VISIONFLEET_HOME": config.home}
-    replica = ModelReplica.options(
+    version = version or code_version(config)
+    # `version` is an internal option of Deployment.options (the public `serve deploy`
+    # path derives it from the config file); see code_version() for why it matters.
+    replica = ModelReplica.options(version=version, _internal=True).options(
         num_replicas=config.replica.num_replicas,
         max_ongoing_requests=config.replica.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.replica.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(cfg)
-    return Ingress.options(
+    return Ingress.options(version=version, _internal=True).options(
+        user_config=(user_config or IngressUserConfig()).model_dump(mode="json"),
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": {"env_vars": env}},
@@ -33,4 +74,6 @@ def build_app(config: AppConfig) -> Application:
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for ``serve run serve_apps.app:app_builder home=...`` and Serve YAML configs."""
-    return build_app(AppConfig.model_validate(args))
+    args = dict(args)
+    user = IngressUserConfig.model_validate(args.pop("user_config", {}) or {})
+    return build_app(AppConfig.model_validate(args), user)

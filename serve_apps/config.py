@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig"]
+__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig"]
 
 
 class ReplicaConfig(BaseModel):
@@ -32,6 +34,8 @@ class IngressConfig(BaseModel):
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding images off the event loop")
     max_batch_items: int = Field(default=64, ge=1, le=4096, description="images per /v1/predict/batch request")
     alias_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="how long an alias lookup is cached")
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="requests the ingress groups into one replica call")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="wait for that group to fill")
 
 
 class AppConfig(BaseModel):
@@ -44,6 +48,9 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_pixels: int = Field(default=40_000_000, ge=64, description="largest decoded image (413 above)")
     top_k: int = Field(default=5, ge=1, le=1000, description="default number of classes in 'probs'")
+    admin_token: str | None = Field(default=None, description="bearer token of the admin routes (None: admin routes refuse everything)")
+    telemetry: bool = Field(default=True, description="send prediction events to the TelemetrySink")
+    ray_namespace: str = Field(default="visionfleet", description="namespace of the detached helper actors")
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
@@ -53,3 +60,94 @@ class AppConfig(BaseModel):
         if not v.startswith("/") and "://" not in v:
             raise ValueError(f"Got {v!r} for home; expected an absolute path")
         return v
+
+
+class ArmConfig(BaseModel):
+    """One variant of an experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$", description="variant name, e.g. control or treatment")
+    model: str = Field(description="NAME:VERSION this variant serves")
+    weight: float = Field(ge=0, description="traffic weight (normalized over arms)")
+
+
+class ShadowConfig(BaseModel):
+    """Mirror a share of the experiment's traffic to a candidate; callers never see it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="NAME:VERSION that receives the mirrored requests")
+    share: float = Field(default=1.0, gt=0, le=1, description="fraction of requests mirrored")
+
+
+class GuardrailConfig(BaseModel):
+    """Guardrails: a breach rolls the treatment back whatever the metric says."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_max_increase: float = Field(default=0.20, ge=0, description="p95 latency may grow by this fraction")
+    latency_min_increase_ms: float = Field(default=2.0, ge=0, description="…and by at least this many ms before it counts")
+    latency_min_samples: int = Field(default=200, ge=1, description="requests per arm before the latency guardrail applies")
+    error_max_increase: float = Field(default=0.0, ge=0, le=1, description="tolerated error-rate increase (tested at alpha)")
+    error_min_samples: int = Field(default=100, ge=1, description="requests per arm before the error guardrail applies")
+
+
+class ExperimentConfig(BaseModel):
+    """An A/B experiment, as given to ``visionfleet ab start``, ``POST /v1/experiments``
+    or the ingress ``user_config`` of a Serve config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model: str = Field(description="model name whose un-versioned requests the experiment splits")
+    arms: list[ArmConfig] = Field(min_length=2, max_length=2, description="control first, then treatment")
+    sticky: bool = Field(default=True, description="same X-Client-Id, same variant")
+    salt: str | None = Field(default=None, description="hash salt of the sticky assignment (default: the name)")
+    shadow: ShadowConfig | None = None
+    metric: str = Field(default="accuracy", pattern=r"^(accuracy|confidence)$")
+    auto_decide: bool = Field(default=False, description="promote or roll back by itself when the statistics say so")
+    bandit: bool = Field(default=False, description="Thompson-sampling weights instead of a fixed split")
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    min_samples: int = Field(default=200, ge=1, description="labeled (accuracy) or total (confidence) samples per arm before deciding")
+    guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
+    allocation: Any = Field(default=None, description="the traffic allocation (managed by visionfleet; JSON)")
+    status: str = Field(default="running", pattern=r"^(running|stopped|promoted|rolled_back)$")
+    started_at: float | None = None
+    decision: dict | None = None
+
+    @field_validator("arms")
+    @classmethod
+    def _unique_arms(cls, v: list[ArmConfig]) -> list[ArmConfig]:
+        names = [a.name for a in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        if sum(a.weight for a in v) <= 0:
+            raise ValueError("arm weights must not all be 0")
+        return v
+
+    @property
+    def control(self) -> ArmConfig:
+        return self.arms[0]
+
+    @property
+    def treatment(self) -> ArmConfig:
+        return self.arms[1]
+
+    @property
+    def effective_salt(self) -> str:
+        return self.salt or self.name
+
+    def weights(self) -> dict[str, float]:
+        total = sum(a.weight for a in self.arms)
+        return {a.name: a.weight / total for a in self.arms}
+
+
+class IngressUserConfig(BaseModel):
+    """What ``reconfigure`` of the ingress receives: runtime state, no restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiments: list[ExperimentConfig] = Field(default_factory=list)
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=1)

@@ -1,76 +1,46 @@
-"""The HTTP ingress: parses requests, resolves model references, decodes and resizes
-images once (shared imaging code), calls the ModelReplica and shapes responses.
-
-Routes (this module): ``POST /v1/predict``, ``POST /v1/predict/batch``, ``GET /healthz``,
-``GET /v1/models``, ``GET /v1/models/{name}``. Every error is ``{"error": "..."}`` with
-the contract's status; nothing a client sends produces a 500.
-"""
-
 # No `from __future__ import annotations` here: FastAPI must see real annotation
 # objects on the route methods that @serve.ingress rewrites.
+"""The HTTP ingress deployment.
+
+Per request: parse the body (``serve_apps.inputs``), choose the route (``routing``:
+experiment arm, explicit version or ``@production``), decode and resize the image
+once (``visionfleet.imaging``), call the ModelReplica through an ingress-side batch
+(one replica call carries many requests), shape the response, and hand a telemetry
+event to the non-blocking client. Experiments and batch knobs arrive through
+``reconfigure(user_config)``: no restart, no dropped request.
+"""
+
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_apps.config import AppConfig
-from serve_apps.inputs import (
-    ApiError,
-    model_ref_from,
-    parse_batch,
-    parse_predict,
-    read_body,
-    request_id_from,
-    status_for_image_error,
-)
+from serve_apps.api import api
+from serve_apps.config import AppConfig, IngressUserConfig
+from serve_apps.inputs import ApiError, parse_batch, parse_predict, read_body, request_id_from, status_for_image_error
+from serve_apps.replica import ReplicaOutput
+from serve_apps.routing import CompiledExperiment, Route, choose_route, compile_experiment
 from visionfleet.imaging import ImageError, ResizeInfo, load_for_model
-from visionfleet.inference import classification_result
+from visionfleet.inference import classification_result, confidence_stats
 from visionfleet.registry import NotFound, Registry, ResolvedModel
 from visionfleet.spec import ModelCard, Task, parse_ref
+from visionfleet.telemetry import input_stats, make_event
 
-__all__ = ["Ingress", "api"]
+__all__ = ["Ingress"]
 
 logger = logging.getLogger("ray.serve")
 
-api = FastAPI(title="visionfleet", version="0.1.0", docs_url="/docs", redoc_url=None)
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.headers)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    return _error(400, f"invalid request: {where}: {first.get('msg', 'bad value')}")
-
-
-@api.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error in ingress")
-    return _error(500, f"internal error ({type(exc).__name__})")
+# Route modules register on `api` when imported.
+import serve_apps.routes_admin  # noqa: E402,F401
 
 
 class _CardCache:
@@ -80,7 +50,7 @@ class _CardCache:
         self._registry = registry
         self._ttl = ttl
         self._aliases: dict[tuple[str, str], tuple[int, float]] = {}
-        self._cards: OrderedDict[tuple[str, int], ModelCard] = OrderedDict()
+        self._cards: "OrderedDict[tuple[str, int], ModelCard]" = OrderedDict()
         self._size = size
 
     def resolve(self, ref: str) -> ResolvedModel:
@@ -118,120 +88,317 @@ class _CardCache:
             self._cards.move_to_end(key)
         return card
 
+    def forget_aliases(self) -> None:
+        self._aliases.clear()
+
+
+def _metrics():
+    from ray.serve import metrics
+
+    tags = ("model", "model_version", "variant")
+    return {
+        "requests": metrics.Counter("vf_requests", "Predictions served", tag_keys=tags + ("status",)),
+        "latency": metrics.Histogram(
+            "vf_latency_ms",
+            "End-to-end prediction latency in the ingress (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000],
+            tag_keys=tags,
+        ),
+        "confidence": metrics.Histogram(
+            "vf_confidence",
+            "Top-1 confidence (detection: highest box score)",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            tag_keys=tags,
+        ),
+        "batch": metrics.Histogram(
+            "vf_ingress_batch_size", "Requests per replica call", boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",)
+        ),
+        "telemetry_dropped": metrics.Gauge("vf_telemetry_dropped", "Events dropped because the sink was behind"),
+    }
+
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict[str, Any], replica: DeploymentHandle) -> None:
-        self._cfg = AppConfig.model_validate(config)
-        self._registry = Registry(f"{self._cfg.home}/registry", cache_dir=f"{self._cfg.home}/cache/registry")
-        self._cards = _CardCache(self._registry, self._cfg.ingress.alias_ttl_s)
-        self._replica = replica
-        self._decode_pool = ThreadPoolExecutor(self._cfg.ingress.decode_threads, thread_name_prefix="decode")
+    def __init__(self, config: dict, replica: DeploymentHandle) -> None:
+        self.cfg = AppConfig.model_validate(config)
+        self.registry = Registry(f"{self.cfg.home}/registry", cache_dir=f"{self.cfg.home}/cache/registry")
+        self.cards = _CardCache(self.registry, self.cfg.ingress.alias_ttl_s)
+        self.replica = replica
+        self._decode_pool = ThreadPoolExecutor(self.cfg.ingress.decode_threads, thread_name_prefix="decode")
+        self.experiments: dict[str, CompiledExperiment] = {}
+        self._rng = random.Random()
+        self.sink = None
+        self.telemetry = None
+        if self.cfg.telemetry:
+            from serve_apps.telemetry import TelemetryClient, get_or_create_sink
+
+            self.sink = get_or_create_sink(self.cfg.home, self.cfg.ray_namespace)
+            self.telemetry = TelemetryClient(self.sink)
+        self._m = _metrics()
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self._batched.set_max_batch_size(self.cfg.ingress.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.ingress.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Experiments and batch knobs, applied in place (Serve calls this, no restart)."""
+        uc = IngressUserConfig.model_validate(user_config or {})
+        compiled = {}
+        for exp in uc.experiments:
+            if exp.status != "running":
+                continue
+            if exp.model in compiled:
+                raise ValueError(f"two running experiments on model {exp.model!r}")
+            compiled[exp.model] = compile_experiment(exp)
+        self.experiments = compiled  # one atomic swap: a request sees the old or the new set
+        self.cards.forget_aliases()  # a stop may have moved @production
+        if uc.max_batch_size is not None:
+            self._batched.set_max_batch_size(uc.max_batch_size)
+        if uc.batch_wait_timeout_s is not None:
+            self._batched.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
 
     # ------------------------------------------------------------------ helpers
-    async def _body(self, request: Request) -> bytes:
-        return await read_body(request.stream(), request.headers.get("content-length"), self._cfg.max_body_bytes)
+    async def body(self, request: Request) -> bytes:
+        return await read_body(request.stream(), request.headers.get("content-length"), self.cfg.max_body_bytes)
 
-    def _target(self, model: "str | None", version: "str | None") -> "tuple[ResolvedModel, ModelCard]":
-        ref = model_ref_from(model, version, self._cfg.default_model)
-        resolved = self._cards.resolve(ref)
-        return resolved, self._cards.card(resolved.name, resolved.version)
+    def target(self, ref: str) -> "tuple[ResolvedModel, ModelCard]":
+        resolved = self.cards.resolve(ref)
+        return resolved, self.cards.card(resolved.name, resolved.version)
 
-    def _decode(self, data: bytes, card: ModelCard) -> tuple[np.ndarray, ResizeInfo]:
+    def route(self, request: Request, model: Optional[str], version: Optional[str]) -> Route:
         try:
-            return load_for_model(data, card.input_size, card.resize, max_pixels=self._cfg.max_pixels)
+            return choose_route(
+                model, version, self.cfg.default_model, self.experiments, request.headers.get("x-client-id"), self._rng
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def _decode(self, data: bytes, card: ModelCard) -> "tuple[np.ndarray, ResizeInfo]":
+        try:
+            return load_for_model(data, card.input_size, card.resize, max_pixels=self.cfg.max_pixels)
         except ImageError as exc:
             raise ApiError(status_for_image_error(exc), str(exc)) from None
 
-    async def _decode_many(self, images: list[bytes], card: ModelCard, per_item: bool) -> list[Any]:
+    async def decode_many(self, images: "list[bytes]", card: ModelCard, per_item: bool) -> list:
         loop = asyncio.get_running_loop()
         futures = [loop.run_in_executor(self._decode_pool, self._decode, b, card) for b in images]
         return list(await asyncio.gather(*futures, return_exceptions=per_item))
 
-    async def _infer(self, resolved: ResolvedModel, batch: np.ndarray):
-        handle = self._replica.options(multiplexed_model_id=f"{resolved.name}:{resolved.version}")
-        try:
-            out = await handle.predict.remote(batch)
-        except Exception as exc:  # noqa: BLE001 - replica died, overloaded, timed out
-            logger.warning("replica call failed: %r", exc)
-            raise ApiError(503, "model replica unavailable; retry later", {"Retry-After": "1"}) from None
-        if out.error is not None:
-            raise ApiError(out.status, out.error)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _batched(self, model_ids: "list[str]", arrays: "list[np.ndarray]") -> "list[Any]":
+        """Group concurrent requests by version: one replica call per version per batch."""
+        groups: dict[str, list[int]] = {}
+        for i, mid in enumerate(model_ids):
+            groups.setdefault(mid, []).append(i)
+        results: list[Any] = [None] * len(arrays)
+
+        async def run(mid: str, idx: "list[int]") -> None:
+            batch = np.concatenate([arrays[i] for i in idx]) if len(idx) > 1 else arrays[idx[0]]
+            self._m["batch"].observe(len(idx), tags={"model": mid})
+            try:
+                out: ReplicaOutput = await self.replica.options(multiplexed_model_id=mid).predict.remote(batch)
+            except Exception as exc:  # noqa: BLE001 - replica died or is overloaded
+                logger.warning("replica call failed: %r", exc)
+                for i in idx:
+                    results[i] = ApiError(503, "model replica unavailable; retry later", {"Retry-After": "1"})
+                return
+            if out.error is not None:
+                for i in idx:
+                    results[i] = ApiError(out.status, out.error)
+                return
+            start = 0
+            for i in idx:
+                k = len(arrays[i])
+                results[i] = [o[start : start + k] for o in out.outputs]
+                start += k
+
+        await asyncio.gather(*(run(mid, idx) for mid, idx in groups.items()))
+        return results
+
+    async def infer(self, resolved: ResolvedModel, batch: np.ndarray) -> "list[np.ndarray]":
+        out = await self._batched(f"{resolved.name}:{resolved.version}", batch)
+        if isinstance(out, ApiError):
+            raise out
         return out
 
-    def _result(self, card: ModelCard, outputs: list[np.ndarray], i: int, top_k: int) -> dict[str, Any]:
+    def result(self, card: ModelCard, outputs: "list[np.ndarray]", i: int, top_k: int, info: ResizeInfo) -> "dict[str, Any]":
         if card.task is Task.CLASSIFICATION:
             return classification_result(outputs[0][i], card.labels, top_k)
-        raise ApiError(501, f"task {card.task.value} is not served by this route yet")
+        from visionfleet.detection import detection_result
+
+        boxes, scores, classes = (o[i] for o in outputs[:3])
+        return detection_result(boxes, scores, classes, card.labels, info)
+
+    def record(self, *, request_id: str, role: str, route: Route, resolved: "ResolvedModel | None", card: "ModelCard | None",
+               status: int, latency_ms: float, result: "dict | None" = None, outputs_row: "np.ndarray | None" = None,
+               img: "np.ndarray | None" = None, info: "ResizeInfo | None" = None, client_key: "str | None" = None,
+               error: "str | None" = None) -> None:
+        """Metrics always; a telemetry event when the sink is on. Never raises."""
+        try:
+            model = resolved.name if resolved else parse_ref(route.ref).name
+            version = str(resolved.version) if resolved else ""
+            tags = {"model": model, "model_version": version, "variant": route.variant if role == "primary" else "shadow"}
+            if role == "primary":
+                self._m["requests"].inc(tags={**tags, "status": str(status)})
+                if status == 200:
+                    self._m["latency"].observe(latency_ms, tags=tags)
+            if result is not None and role == "primary":
+                self._m["confidence"].observe(float(result.get("score") or 0.0), tags=tags)
+            if self.telemetry is None:
+                return
+            ev: dict[str, Any] = {
+                "request_id": request_id,
+                "role": role,
+                "source": "server",
+                "model": model,
+                "version": resolved.version if resolved else None,
+                "variant": route.variant if role == "primary" else "shadow",
+                "experiment": route.experiment,
+                "client_key": client_key,
+                "status": status,
+                "error": error,
+                "latency_ms": latency_ms,
+                "task": card.task.value if card else None,
+            }
+            if result is not None:
+                ev["label"] = result.get("label")
+                ev["class_id"] = result.get("class_id")
+                ev["confidence"] = result.get("score")
+                if card is not None and card.task is Task.DETECTION:
+                    ev["detections"] = result.get("count")
+                elif outputs_row is not None:
+                    st = confidence_stats(outputs_row)
+                    ev["margin"], ev["entropy"] = st["margin"], st["entropy"]
+            if info is not None:
+                ev["width"], ev["height"] = info.original_width, info.original_height
+            if img is not None:
+                ev.update(input_stats(img))
+            self.telemetry.add(make_event(**ev))
+            self._m["telemetry_dropped"].set(self.telemetry.dropped)
+        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+            logger.exception("telemetry record failed")
+
+    def shadow(self, route: Route, request_id: str, data: bytes, primary: "tuple[ModelCard, np.ndarray, ResizeInfo]",
+               client_key: "str | None") -> None:
+        """Mirror to the shadow model in the background; the caller never waits for it."""
+        primary_card, primary_img, primary_info = primary
+
+        async def go() -> None:
+            t0 = time.perf_counter()
+            resolved = card = None
+            try:
+                resolved, card = self.target(route.shadow_ref)  # type: ignore[arg-type]
+                if tuple(card.input_size) == tuple(primary_card.input_size) and card.resize == primary_card.resize:
+                    img, info = primary_img, primary_info  # same preprocessing: reuse the decoded input
+                else:
+                    loop = asyncio.get_running_loop()
+                    img, info = await loop.run_in_executor(self._decode_pool, self._decode, data, card)
+                outputs = await self.infer(resolved, img[None])
+                res = self.result(card, outputs, 0, 1, info)
+                self.record(request_id=request_id, role="shadow", route=route, resolved=resolved, card=card, status=200,
+                            latency_ms=(time.perf_counter() - t0) * 1000, result=res,
+                            outputs_row=outputs[0][0] if card.task is Task.CLASSIFICATION else None, client_key=client_key)
+            except ApiError as exc:
+                self.record(request_id=request_id, role="shadow", route=route, resolved=resolved, card=card,
+                            status=exc.status, latency_ms=(time.perf_counter() - t0) * 1000, error=exc.message)
+            except Exception as exc:  # noqa: BLE001 - the shadow must never affect the caller
+                logger.warning("shadow request failed: %r", exc)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
 
     # ------------------------------------------------------------------ routes
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "default_model": self._cfg.default_model}
+    async def healthz(self) -> dict:
+        return {"status": "ok", "default_model": self.cfg.default_model, "experiments": sorted(self.experiments)}
 
     @api.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self) -> dict:
         out = []
-        for name in self._registry.list_models():
-            out.append({"name": name, "versions": self._registry.versions(name), "aliases": self._registry.aliases(name)})
+        for name in self.registry.list_models():
+            out.append({"name": name, "versions": self.registry.versions(name), "aliases": self.registry.aliases(name)})
         return {"models": out}
 
     @api.get("/v1/models/{name}")
-    async def get_model(self, name: str, version: str | None = None) -> dict[str, Any]:
-        resolved, card = self._target(name, version)
+    async def get_model(self, name: str, version: Optional[str] = None) -> dict:
+        from serve_apps.inputs import model_ref_from
+
+        resolved, card = self.target(model_ref_from(name, version, self.cfg.default_model))
         return {"model": resolved.name, "version": resolved.version, "card": card.model_dump(mode="json")}
 
     @api.post("/v1/predict")
-    async def predict(self, request: Request, model: str | None = None, version: str | None = None, top_k: int | None = None):
+    async def predict(self, request: Request, model: Optional[str] = None, version: Optional[str] = None,
+                      top_k: Optional[int] = None):
         t0 = time.perf_counter()
         request_id = request_id_from(request.headers.get("x-request-id"), uuid.uuid4().hex)
-        body = await self._body(request)
+        client_key = request.headers.get("x-client-id")
+        body = await self.body(request)
         inp = await parse_predict(request.headers.get("content-type"), body)
-        resolved, card = self._target(inp.model or model, inp.version or version)
-        (img, _info), = await self._decode_many(inp.images, card, per_item=False)
-        out = await self._infer(resolved, img[None])
-        k = inp.top_k or top_k or self._cfg.top_k
-        result = self._result(card, out.outputs, 0, k)
+        route = self.route(request, inp.model or model, inp.version or version)
+        resolved = card = None
+        try:
+            resolved, card = self.target(route.ref)
+            (img, info), = await self.decode_many(inp.images, card, per_item=False)
+            outputs = await self.infer(resolved, img[None])
+            res = self.result(card, outputs, 0, inp.top_k or top_k or self.cfg.top_k, info)
+        except ApiError as exc:
+            self.record(request_id=request_id, role="primary", route=route, resolved=resolved, card=card,
+                        status=exc.status, latency_ms=(time.perf_counter() - t0) * 1000, client_key=client_key,
+                        error=exc.message)
+            raise
+        latency_ms = (time.perf_counter() - t0) * 1000
+        if route.shadow_ref is not None:
+            self.shadow(route, request_id, inp.images[0], (card, img, info), client_key)
+        self.record(request_id=request_id, role="primary", route=route, resolved=resolved, card=card, status=200,
+                    latency_ms=latency_ms, result=res,
+                    outputs_row=outputs[0][0] if card.task is Task.CLASSIFICATION else None,
+                    img=img, info=info, client_key=client_key)
         return {
             "request_id": request_id,
             "model": resolved.name,
             "version": resolved.version,
-            "variant": "default",
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-            **result,
+            "variant": route.variant,
+            "latency_ms": round(latency_ms, 3),
+            **res,
         }
 
     @api.post("/v1/predict/batch")
-    async def predict_batch(
-        self, request: Request, model: str | None = None, version: str | None = None, top_k: int | None = None
-    ):
+    async def predict_batch(self, request: Request, model: Optional[str] = None, version: Optional[str] = None,
+                            top_k: Optional[int] = None):
         t0 = time.perf_counter()
         request_id = request_id_from(request.headers.get("x-request-id"), uuid.uuid4().hex)
-        body = await self._body(request)
-        inp = await parse_batch(request.headers.get("content-type"), body, self._cfg.ingress.max_batch_items)
-        resolved, card = self._target(inp.model or model, inp.version or version)
-        decoded = await self._decode_many(inp.images, card, per_item=True)
+        body = await self.body(request)
+        inp = await parse_batch(request.headers.get("content-type"), body, self.cfg.ingress.max_batch_items)
+        route = self.route(request, inp.model or model, inp.version or version)
+        resolved, card = self.target(route.ref)
+        decoded = await self.decode_many(inp.images, card, per_item=True)
         ok = [i for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
-        results: list[dict[str, Any]] = []
         outputs = None
         if ok:
-            out = await self._infer(resolved, np.stack([decoded[i][0] for i in ok]))
-            outputs = out.outputs
-        k = inp.top_k or top_k or self._cfg.top_k
+            outputs = await self.infer(resolved, np.stack([decoded[i][0] for i in ok]))
+        k = inp.top_k or top_k or self.cfg.top_k
         pos = {i: j for j, i in enumerate(ok)}
+        results: list[dict[str, Any]] = []
         for i, d in enumerate(decoded):
             if isinstance(d, ApiError):
                 results.append({"index": i, "error": d.message, "status": d.status})
             elif isinstance(d, BaseException):
                 results.append({"index": i, "error": f"could not process image ({type(d).__name__})", "status": 400})
             else:
-                results.append({"index": i, **self._result(card, outputs, pos[i], k)})  # type: ignore[arg-type]
+                results.append({"index": i, **self.result(card, outputs, pos[i], k, d[1])})  # type: ignore[arg-type]
+        latency_ms = (time.perf_counter() - t0) * 1000
+        for i in ok:
+            r = results[i]
+            self.record(request_id=f"{request_id}#{i}", role="primary", route=route, resolved=resolved, card=card,
+                        status=200, latency_ms=latency_ms, result=r,
+                        outputs_row=outputs[0][pos[i]] if card.task is Task.CLASSIFICATION else None,  # type: ignore[index]
+                        img=decoded[i][0], info=decoded[i][1], client_key=request.headers.get("x-client-id"))
         return {
             "request_id": request_id,
             "model": resolved.name,
             "version": resolved.version,
-            "variant": "default",
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "variant": route.variant,
+            "latency_ms": round(latency_ms, 3),
             "results": results,
         }

@@ -19,6 +19,7 @@ from ray import serve
 from serve_apps.config import AppConfig
 from visionfleet.inference import LoadedModel, RuntimeOptions, load_model_dir
 from visionfleet.registry import NotFound, Registry
+from visionfleet.spec import Task
 
 __all__ = ["ModelReplica", "ReplicaOutput", "ReplicaError"]
 
@@ -71,7 +72,15 @@ class ModelReplica:
             raise ReplicaError(f"bad model id {model_id!r}; expected NAME:VERSION", 400)
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, self._registry.local_dir, name, int(version))
-        return await loop.run_in_executor(None, load_model_dir, path, self._runtime)
+        model = await loop.run_in_executor(None, load_model_dir, path, self._runtime)
+        if model.card.task is Task.DETECTION:
+            from visionfleet.detection import DETECTION_OUTPUTS
+
+            missing = set(DETECTION_OUTPUTS) - set(model.output_names)
+            if missing:
+                raise ReplicaError(f"detection model {model_id} lacks outputs {sorted(missing)}", 500)
+            model.output_names = list(DETECTION_OUTPUTS)  # the order the ingress reads
+        return model
 
     async def predict(self, images: np.ndarray) -> ReplicaOutput:
         """Run one request's images (uint8 [k, H, W, 3] at the model's size)."""

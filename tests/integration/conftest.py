@@ -10,6 +10,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
 
 @dataclass
 class Trained:
@@ -84,8 +86,8 @@ def serve_url(ray_session, settings, trained) -> str:
     from ray import serve
 
     from cluster.local import free_port, wait_http
-    from serve_apps.app import APP_NAME, build_app
     from serve_apps.config import AppConfig, ReplicaConfig
+    from serve_apps.deploy import deploy
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -94,9 +96,10 @@ def serve_url(ray_session, settings, trained) -> str:
         default_model="tiny",
         max_body_bytes=2 * 1024 * 1024,
         max_pixels=4_000_000,
+        admin_token=ADMIN_TOKEN,
         replica=ReplicaConfig(ort_threads=1, num_cpus=0.25),
     )
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    deploy(cfg, http={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     assert wait_http(f"{url}/healthz", timeout=120)
     return url

@@ -43,6 +43,10 @@ app.add_typer(train.app)
 app.add_typer(predict.app)
 app.add_typer(demo.app)
 
+from visionfleet.cli import ab  # noqa: E402
+
+app.add_typer(ab.app, name="ab")
+
 from visionfleet.cli import tensorrt  # noqa: E402
 
 app.add_typer(tensorrt.app, name="tensorrt")

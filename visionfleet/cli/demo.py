@@ -86,9 +86,10 @@ def demo(
     from ray import serve
 
     from cluster.local import free_port, init_embedded, wait_http
-    from serve_apps.app import APP_NAME, build_app
+    from serve_apps.app import APP_NAME
     from serve_apps.client import run_closed_loop, summarize
     from serve_apps.config import AppConfig
+    from serve_apps.deploy import deploy
     from visionfleet.cli.train import run_training
     from visionfleet.datasets.store import load_arrays, read_info, synthesize
     from visionfleet.registry import Registry
@@ -162,7 +163,7 @@ def demo(
     try:
         with err.status(f"deploying the Serve app on {base}"):
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(AppConfig(home=str(s.home), default_model="demo")), name=APP_NAME, route_prefix="/")
+            deploy(AppConfig(home=str(s.home), default_model="demo"), http={"host": "127.0.0.1", "port": port})
             if not wait_http(f"{base}/healthz", timeout=120):
                 raise TimeoutError("the Serve app did not become healthy")
         reqs = build_requests(requests, seed + 1, labels)

@@ -29,13 +29,15 @@ def up(
     from ray import serve
 
     from cluster.local import connect, start_head, update_head, wait_http
-    from serve_apps.app import APP_NAME, build_app
-    from serve_apps.config import AppConfig, ReplicaConfig
+    from serve_apps.config import AppConfig, ExperimentConfig, IngressUserConfig, ReplicaConfig
+    from serve_apps.deploy import deploy
+    from visionfleet.auth import admin_token
 
     s = settings().ensure()
     cfg = AppConfig(
         home=str(s.home),
         default_model=model,
+        admin_token=admin_token(s, create=True),
         max_body_bytes=s.max_body_bytes,
         max_pixels=s.max_pixels,
         replica=ReplicaConfig(
@@ -51,12 +53,18 @@ def up(
         connect(s)
     with err.status(f"deploying on http://{host}:{port}"):
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        # Experiments still running from before a restart keep routing traffic.
+        running = [
+            ExperimentConfig.model_validate_json(p.read_text())
+            for p in sorted((s.home / "experiments").glob("*/experiment.json"))
+        ]
+        deploy(cfg, IngressUserConfig(experiments=[e for e in running if e.status == "running"]), {"host": host, "port": port})
         update_head(s, http_host=host, http_port=port)
         url = f"http://{host}:{port}/healthz"
         if not wait_http(url, timeout=timeout):
             raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s; see `visionfleet serve status`")
     out.print(f"serving on http://{host}:{port} (Ray head {info.address}); stop with `visionfleet serve down`")
+    err.print(f"admin token: {s.home / 'admin_token'} (or $VISIONFLEET_ADMIN_TOKEN)")
 
 
 @app.command()

@@ -1,0 +1,300 @@
+"""The experiment coordinator: start, re-weight, decide and stop A/B experiments.
+
+It lives in the TelemetrySink actor, next to the per-variant accumulators it reads.
+State changes reach every ingress replica through ``reconfigure(user_config)``
+(``serve_apps.deploy.apply_user_config``), so all replicas route alike and nothing
+restarts. Each experiment has a folder ``<state>/experiments/<name>/`` holding
+``experiment.json`` (config, status, decision) and ``timeline.jsonl`` (cumulative
+per-variant snapshots, the input of the report).
+
+A tick (every few seconds) snapshots the running experiments, updates bandit weights,
+and — with ``auto_decide`` — promotes or rolls back by itself: promotion moves
+``@production`` to the treatment's version, rollback moves it to the control's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from serve_apps.config import ExperimentConfig, IngressUserConfig
+from visionfleet.registry import NotFound, Registry
+from visionfleet.spec import parse_ref
+
+__all__ = ["ExperimentCoordinator", "Conflict"]
+
+logger = logging.getLogger("ray.serve")
+
+
+class Conflict(RuntimeError):
+    """The request clashes with the current state (name taken, model busy, already stopped)."""
+
+
+def _policy(cfg: ExperimentConfig):
+    from visionfleet.experiments import DecisionPolicy
+
+    g = cfg.guardrails
+    return DecisionPolicy(
+        metric=cfg.metric,
+        alpha=cfg.alpha,
+        min_samples=cfg.min_samples,
+        latency_max_increase=g.latency_max_increase,
+        latency_min_increase_ms=g.latency_min_increase_ms,
+        latency_min_samples=g.latency_min_samples,
+        error_max_increase=g.error_max_increase,
+        error_min_samples=g.error_min_samples,
+    )
+
+
+class ExperimentCoordinator:
+    """Experiment lifecycle over a store folder, a registry and the sink's accumulators.
+
+    Args:
+        home: the state dir.
+        summaries: ``(name, sticky, arms) -> {arm: ArmSummary}`` (the sink's, under its lock).
+        reset: forget an experiment's accumulators (on start).
+        apply: push a new ingress user config to the running app.
+    """
+
+    def __init__(
+        self,
+        home: str,
+        summaries: Callable[[str, bool, list[str]], dict[str, Any]],
+        reset: Callable[[str], None],
+        apply: Callable[[IngressUserConfig], None],
+        *,
+        bandit_interval_s: float = 10.0,
+    ) -> None:
+        self.home = Path(home)
+        self.dir = self.home / "experiments"
+        self.registry = Registry(self.home / "registry")
+        self._summaries = summaries
+        self._reset = reset
+        self._apply = apply
+        self._lock = threading.RLock()
+        self._previous: dict[str, Any] = {}  # name -> last Decision (carries the running p-value)
+        self._last_reweight: dict[str, float] = {}
+        self._share_time: dict[str, dict[str, float]] = {}  # time-weighted shares for SRM under a bandit
+        self._last_tick: dict[str, float] = {}
+        self._bandit_interval = bandit_interval_s
+        self._rng = np.random.default_rng()
+
+    # ------------------------------------------------------------------ store
+    def _path(self, name: str) -> Path:
+        return self.dir / name / "experiment.json"
+
+    def _save(self, cfg: ExperimentConfig) -> None:
+        p = self._path(cfg.name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".experiment.{uuid.uuid4().hex}.json")
+        tmp.write_text(cfg.model_dump_json(indent=2))
+        tmp.replace(p)
+
+    def load(self, name: str) -> ExperimentConfig:
+        p = self._path(name)
+        if not p.is_file():
+            raise NotFound(f"no experiment named {name!r}")
+        return ExperimentConfig.model_validate_json(p.read_text())
+
+    def names(self) -> list[str]:
+        return sorted(p.parent.name for p in self.dir.glob("*/experiment.json")) if self.dir.is_dir() else []
+
+    def running(self) -> list[ExperimentConfig]:
+        return [c for c in (self.load(n) for n in self.names()) if c.status == "running"]
+
+    def _user_config(self) -> IngressUserConfig:
+        return IngressUserConfig(experiments=self.running())
+
+    def timeline(self, name: str) -> list[dict[str, Any]]:
+        p = self.dir / name / "timeline.jsonl"
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Validate, resolve arm refs to concrete versions, and route traffic."""
+        from visionfleet.experiments import initial_allocation
+
+        cfg = ExperimentConfig.model_validate(spec)
+        with self._lock:
+            if self._path(cfg.name).exists():
+                raise Conflict(f"an experiment named {cfg.name!r} already exists; choose another name")
+            if any(r.model == cfg.model for r in self.running()):
+                raise Conflict(f"model {cfg.model!r} already has a running experiment; stop it first")
+            arms = []
+            for arm in cfg.arms:
+                resolved = self.registry.resolve(arm.model)  # NotFound -> 404
+                if resolved.name != cfg.model:
+                    raise ValueError(f"arm {arm.name} serves {resolved.name!r}; the experiment is on model {cfg.model!r}")
+                arms.append(arm.model_copy(update={"model": str(resolved)}))
+            shadow = cfg.shadow
+            if shadow is not None:
+                r = self.registry.resolve(shadow.model)
+                if r.name != cfg.model:
+                    raise ValueError(f"the shadow serves {r.name!r}; the experiment is on model {cfg.model!r}")
+                shadow = shadow.model_copy(update={"model": str(r)})
+            versions = [parse_ref(a.model).version for a in arms]
+            if len(set(versions)) != len(versions):
+                raise ValueError(f"control and treatment are the same version ({arms[0].model})")
+            cfg = cfg.model_copy(
+                update={
+                    "arms": arms,
+                    "shadow": shadow,
+                    "allocation": initial_allocation(cfg.weights()).to_dict(),
+                    "status": "running",
+                    "started_at": time.time(),
+                    "decision": None,
+                }
+            )
+            self._reset(cfg.name)
+            self._previous.pop(cfg.name, None)
+            self._share_time[cfg.name] = {a.name: 0.0 for a in cfg.arms}
+            self._last_tick[cfg.name] = time.time()
+            self._save(cfg)
+            try:
+                self._apply(self._user_config())
+            except Exception:
+                self._path(cfg.name).unlink(missing_ok=True)
+                raise
+            logger.info("experiment %s started: %s", cfg.name, [a.model for a in cfg.arms])
+            return cfg.model_dump(mode="json")
+
+    def reweight(self, name: str, weights: dict[str, float], *, reason: str = "manual") -> dict[str, Any]:
+        from visionfleet.experiments import Allocation, reweight
+
+        with self._lock:
+            cfg = self.load(name)
+            if cfg.status != "running":
+                raise Conflict(f"experiment {name!r} is {cfg.status}")
+            unknown = set(weights) - {a.name for a in cfg.arms}
+            if unknown:
+                raise ValueError(f"Got unknown arms {sorted(unknown)}; expected {[a.name for a in cfg.arms]}")
+            full = {a.name: float(weights.get(a.name, 0.0)) for a in cfg.arms}
+            alloc = reweight(Allocation.from_dict(cfg.allocation), full)
+            total = sum(full.values())
+            arms = [a.model_copy(update={"weight": full[a.name] / total}) for a in cfg.arms]
+            cfg = cfg.model_copy(update={"allocation": alloc.to_dict(), "arms": arms})
+            self._save(cfg)
+            self._apply(self._user_config())
+            self._last_reweight[name] = time.time()
+            logger.info("experiment %s re-weighted (%s): %s", name, reason, full)
+            return cfg.model_dump(mode="json")
+
+    def stop(self, name: str, action: str = "none", reason: str = "stopped by an operator", decision: dict | None = None) -> dict[str, Any]:
+        """End an experiment; ``promote`` moves @production to the treatment, ``rollback`` to the control."""
+        if action not in ("promote", "rollback", "none"):
+            raise ValueError(f"Got {action!r} for action; expected promote, rollback or none")
+        with self._lock:
+            cfg = self.load(name)
+            if cfg.status != "running":
+                raise Conflict(f"experiment {name!r} is already {cfg.status}")
+            self.snapshot(cfg)
+            target = {"promote": cfg.treatment, "rollback": cfg.control}.get(action)
+            if target is not None:
+                r = parse_ref(target.model)
+                self.registry.set_alias(r.name, "production", r.version, reason=f"experiment {name}: {action}: {reason}")  # type: ignore[arg-type]
+            status = {"promote": "promoted", "rollback": "rolled_back", "none": "stopped"}[action]
+            cfg = cfg.model_copy(
+                update={
+                    "status": status,
+                    "decision": {"action": action, "reason": reason, "at": time.time(), **(decision or {})},
+                }
+            )
+            self._save(cfg)
+            self._apply(self._user_config())
+            logger.info("experiment %s %s: %s", name, status, reason)
+            return cfg.model_dump(mode="json")
+
+    # ------------------------------------------------------------------ looks
+    def arm_summaries(self, cfg: ExperimentConfig):
+        return self._summaries(cfg.name, cfg.sticky, [a.name for a in cfg.arms])
+
+    def expected_share(self, cfg: ExperimentConfig) -> dict[str, float]:
+        if cfg.bandit:
+            st = self._share_time.get(cfg.name) or {}
+            total = sum(st.values())
+            if total > 0:
+                return {k: v / total for k, v in st.items()}
+        return cfg.weights()
+
+    def evaluate(self, cfg: ExperimentConfig):
+        """The decision the statistics give right now (does not act)."""
+        from visionfleet.experiments import decide
+
+        s = self.arm_summaries(cfg)
+        return decide(
+            s[cfg.control.name],
+            s[cfg.treatment.name],
+            _policy(cfg),
+            expected_share=self.expected_share(cfg),
+            previous=self._previous.get(cfg.name),
+        )
+
+    def snapshot(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        s = self.arm_summaries(cfg)
+        row = {
+            "t": time.time() - (cfg.started_at or time.time()),
+            "at": time.time(),
+            "weights": cfg.weights(),
+            **{"control" if a.name == cfg.control.name else "treatment": s[a.name].to_dict() for a in cfg.arms},
+        }
+        p = self.dir / cfg.name / "timeline.jsonl"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def status(self, name: str) -> dict[str, Any]:
+        cfg = self.load(name)
+        doc: dict[str, Any] = {"experiment": cfg.model_dump(mode="json")}
+        s = self.arm_summaries(cfg) if cfg.status == "running" else None
+        if s is not None:
+            doc["arms"] = {k: v.to_dict() | {"accuracy": v.accuracy if v.labeled else None, "conf_mean": v.conf_mean if v.n else None} for k, v in s.items()}
+            try:
+                doc["now"] = self.evaluate(cfg).to_dict()
+            except ValueError as exc:
+                doc["now"] = {"action": "continue", "reason": f"not enough data: {exc}"}
+        else:
+            tl = self.timeline(name)
+            if tl:
+                doc["arms"] = {k: tl[-1][k] for k in ("control", "treatment") if k in tl[-1]}
+        return doc
+
+    def tick(self) -> list[dict[str, Any]]:
+        """Snapshot, bandit re-weighting and automatic decisions for running experiments."""
+        from visionfleet.experiments import Action, Metric, thompson_weights
+
+        actions = []
+        for cfg in self.running():
+            now = time.time()
+            last = self._last_tick.get(cfg.name, now)
+            st = self._share_time.setdefault(cfg.name, {a.name: 0.0 for a in cfg.arms})
+            for arm, w in cfg.weights().items():
+                st[arm] = st.get(arm, 0.0) + w * max(0.0, now - last)
+            self._last_tick[cfg.name] = now
+            try:
+                self.snapshot(cfg)
+                if cfg.bandit and now - self._last_reweight.get(cfg.name, cfg.started_at or 0) >= self._bandit_interval:
+                    s = self.arm_summaries(cfg)
+                    metric = Metric(cfg.metric)
+                    stats = {k: v.metric_stats(metric) for k, v in s.items()}
+                    weights = thompson_weights(stats, metric=metric, rng=self._rng)
+                    self.reweight(cfg.name, weights, reason="bandit")
+                    actions.append({"experiment": cfg.name, "action": "reweight", "weights": weights})
+                if cfg.auto_decide:
+                    d = self.evaluate(cfg)
+                    self._previous[cfg.name] = d
+                    if d.action is not Action.CONTINUE:
+                        self.stop(cfg.name, d.action.value, d.reason, decision=d.to_dict())
+                        actions.append({"experiment": cfg.name, "action": d.action.value, "reason": d.reason})
+            except Exception:  # noqa: BLE001 - one bad experiment must not stop the others' looks
+                logger.exception("experiment tick failed for %s", cfg.name)
+        return actions

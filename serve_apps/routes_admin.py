@@ -1,0 +1,127 @@
+# No `from __future__ import annotations`: FastAPI reads these annotations at runtime.
+"""Feedback and experiment routes.
+
+``POST /v1/feedback`` joins ground truth to a past prediction (late labels are normal).
+The experiment routes are admin routes (bearer token): list, start, inspect,
+re-weight and stop experiments. They delegate to the coordinator in the
+TelemetrySink actor, which pushes the change to every ingress replica through
+``reconfigure``.
+"""
+
+import asyncio
+from typing import Any, Dict
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_apps.api import api, ingress, require_admin
+from serve_apps.inputs import ApiError, read_body
+
+__all__: list = []
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:#-]+$")
+    label: str = Field(min_length=1, max_length=256)
+
+
+class StopBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: str = Field(default="none", pattern=r"^(promote|rollback|none)$")
+    reason: str = Field(default="stopped by an operator", max_length=500)
+
+
+class WeightsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Dict[str, float]
+
+
+async def _json(request: Request, model: type) -> Any:
+    body = await read_body(request.stream(), request.headers.get("content-length"), 1024 * 1024)
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "send application/json")
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValueError as exc:
+        first = exc.errors()[0] if hasattr(exc, "errors") and exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(400, f"invalid body: {where}: {first.get('msg', str(exc)[:200])}") from None
+
+
+def _sink() -> Any:
+    ing = ingress()
+    if ing.sink is None:
+        raise ApiError(503, "telemetry is disabled on this server; feedback and experiments need it")
+    return ing.sink
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """Await an actor call and map the coordinator's errors onto HTTP statuses."""
+    from serve_apps.experiments import Conflict
+    from visionfleet.registry import NotFound
+
+    try:
+        return await method.remote(*args)
+    except NotFound as exc:
+        raise ApiError(404, _msg(exc)) from None
+    except Conflict as exc:
+        raise ApiError(409, _msg(exc)) from None
+    except ValueError as exc:
+        raise ApiError(400, _msg(exc)) from None
+    except asyncio.TimeoutError:
+        raise ApiError(504, "the coordinator did not answer in time") from None
+
+
+def _msg(exc: BaseException) -> str:
+    # Ray wraps actor exceptions; keep only the original message for the client.
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc)
+    return text.strip().splitlines()[-1][:500] if text.strip() else type(exc).__name__
+
+
+@api.post("/v1/feedback", status_code=202)
+async def feedback(request: Request) -> Dict[str, Any]:
+    """Ground truth for a past prediction: ``{"request_id": ..., "label": ...}``."""
+    body = await _json(request, FeedbackBody)
+    res = await _call(_sink().feedback, body.request_id, body.label)
+    return {"request_id": body.request_id, "accepted": True, **res}
+
+
+@api.get("/v1/experiments")
+async def list_experiments(request: Request) -> Dict[str, Any]:
+    require_admin(request, ingress().cfg.admin_token)
+    return {"experiments": await _call(_sink().exp_list)}
+
+
+@api.post("/v1/experiments", status_code=201)
+async def start_experiment(request: Request) -> Dict[str, Any]:
+    from serve_apps.config import ExperimentConfig
+
+    require_admin(request, ingress().cfg.admin_token)
+    spec = await _json(request, ExperimentConfig)
+    return await _call(_sink().exp_start, spec.model_dump(mode="json"))
+
+
+@api.get("/v1/experiments/{name}")
+async def get_experiment(request: Request, name: str) -> Dict[str, Any]:
+    require_admin(request, ingress().cfg.admin_token)
+    return await _call(_sink().exp_status, name)
+
+
+@api.post("/v1/experiments/{name}/stop")
+async def stop_experiment(request: Request, name: str) -> Dict[str, Any]:
+    require_admin(request, ingress().cfg.admin_token)
+    body = await _json(request, StopBody)
+    return await _call(_sink().exp_stop, name, body.action, body.reason)
+
+
+@api.post("/v1/experiments/{name}/weights")
+async def reweight_experiment(request: Request, name: str) -> Dict[str, Any]:
+    require_admin(request, ingress().cfg.admin_token)
+    body = await _json(request, WeightsBody)
+    return await _call(_sink().exp_reweight, name, body.weights)

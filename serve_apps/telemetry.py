@@ -1,0 +1,413 @@
+"""Telemetry: the ``TelemetrySink`` actor and the non-blocking client the ingress uses.
+
+The sink de-duplicates events by ``(request_id, role)``, joins late labels from
+``/v1/feedback``, keeps per-experiment per-variant accumulators (the input of the A/B
+statistics), and writes the Parquet event lake::
+
+    <state>/telemetry/events/date=YYYY-MM-DD/source=<source>/part-*.parquet
+    <state>/telemetry/feedback/date=YYYY-MM-DD/part-*.parquet
+
+The client never blocks a request: events go to an in-memory buffer that a background
+task ships in batches; when the sink is behind (too many batches in flight) new events
+are counted as dropped instead of queued without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from visionfleet.telemetry import EVENT_FIELDS, ArmAccumulator, event_key
+
+__all__ = ["TelemetrySink", "TelemetryClient", "SINK_NAME", "get_or_create_sink"]
+
+logger = logging.getLogger("ray.serve")
+
+SINK_NAME = "visionfleet-telemetry"
+_MAX_REMEMBERED = 200_000  # events kept in memory for joining labels and de-duplication
+_MAX_PENDING_LABELS = 100_000
+
+
+def _date(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+class TelemetrySinkImpl:
+    """The sink's logic, without Ray (the actor below is a thin shell around it)."""
+
+    def __init__(self, home: str, *, flush_rows: int = 2000) -> None:
+        self.home = Path(home)
+        self.events_dir = self.home / "telemetry" / "events"
+        self.feedback_dir = self.home / "telemetry" / "feedback"
+        self._lock = threading.RLock()
+        self._seen: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._pending_labels: OrderedDict[str, str] = OrderedDict()
+        self._buffer: list[dict[str, Any]] = []
+        self._feedback_buffer: list[dict[str, Any]] = []
+        self._flush_rows = flush_rows
+        self._arms: dict[str, dict[str, ArmAccumulator]] = {}
+        self._shadow: dict[str, dict[str, float]] = {}
+        self._label_cache: dict[tuple[str, int], list[str]] = {}
+        self.counters = {"received": 0, "duplicates": 0, "written": 0, "labels": 0, "labels_late": 0, "dropped_reported": 0}
+
+    # -------------------------------------------------------------- events
+    def record(self, events: list[dict[str, Any]], dropped: int = 0) -> int:
+        accepted = 0
+        with self._lock:
+            self.counters["dropped_reported"] += int(dropped)
+            for ev in events:
+                key = event_key(ev)
+                if key in self._seen:
+                    self.counters["duplicates"] += 1
+                    continue
+                self._remember(key, ev)
+                self._buffer.append(ev)
+                accepted += 1
+                self._aggregate(ev)
+                label = self._pending_labels.pop(ev["request_id"], None) if ev.get("role") == "primary" else None
+                if label is not None:
+                    self._apply_label(ev, label)
+            self.counters["received"] += accepted
+            if len(self._buffer) >= self._flush_rows:
+                self._flush_locked()
+        return accepted
+
+    def _remember(self, key: tuple[str, str], ev: dict[str, Any]) -> None:
+        self._seen[key] = ev
+        if len(self._seen) > _MAX_REMEMBERED:
+            self._seen.popitem(last=False)
+
+    def _aggregate(self, ev: dict[str, Any]) -> None:
+        exp = ev.get("experiment")
+        if not exp:
+            return
+        if ev.get("role") == "shadow":
+            s = self._shadow_stats(exp)
+            if ev.get("status") == 200:
+                s["n"] += 1
+                s["conf_sum"] += float(ev.get("confidence") or 0.0)
+                s["lat_sum"] += float(ev.get("latency_ms") or 0.0)
+            else:
+                s["errors"] += 1
+            primary = self._seen.get((ev["request_id"], "primary"))
+            if primary is not None:
+                self._shadow_pair(exp, primary, ev)
+            return
+        arms = self._arms.setdefault(exp, {})
+        arm = arms.setdefault(ev["variant"], ArmAccumulator(ev["variant"]))
+        arm.add_event(ev)
+        shadow = self._seen.get((ev["request_id"], "shadow"))
+        if shadow is not None:
+            self._shadow_pair(exp, ev, shadow)
+
+    def _shadow_stats(self, exp: str) -> dict[str, float]:
+        return self._shadow.setdefault(
+            exp, {"n": 0, "errors": 0, "conf_sum": 0.0, "lat_sum": 0.0, "pairs": 0, "agree": 0, "primary_conf_sum": 0.0}
+        )
+
+    def _shadow_pair(self, exp: str, primary: dict, shadow: dict) -> None:
+        """Compare a primary answer with its shadow (whichever event arrived second)."""
+        if shadow.get("status") != 200 or primary.get("status") != 200:
+            return
+        s = self._shadow_stats(exp)
+        s["pairs"] += 1
+        s["agree"] += int(primary.get("label") == shadow.get("label"))
+        s["primary_conf_sum"] += float(primary.get("confidence") or 0.0)
+
+    # -------------------------------------------------------------- labels
+    def feedback(self, request_id: str, label: str, ts: float | None = None) -> dict[str, Any]:
+        ts = ts or time.time()
+        with self._lock:
+            self.counters["labels"] += 1
+            self._feedback_buffer.append({"request_id": request_id, "label": label, "ts": ts})
+            ev = self._seen.get((request_id, "primary"))
+            if ev is not None and ev.get("model") and ev.get("version") is not None:
+                labels = self._labels(str(ev["model"]), int(ev["version"]))
+                if labels is not None and label not in labels:
+                    self.counters["labels"] -= 1
+                    self._feedback_buffer.pop()
+                    raise ValueError(f"Got label {label!r}; model {ev['model']}:{ev['version']} knows {labels[:20]}")
+            if ev is None:
+                self._pending_labels[request_id] = label
+                self.counters["labels_late"] += 1
+                if len(self._pending_labels) > _MAX_PENDING_LABELS:
+                    self._pending_labels.popitem(last=False)
+                return {"matched": False}
+            self._apply_label(ev, label)
+            return {"matched": True, "model": ev.get("model"), "version": ev.get("version"), "correct": ev.get("label") == label}
+
+    def _labels(self, model: str, version: int) -> list[str] | None:
+        key = (model, version)
+        if key not in self._label_cache:
+            from visionfleet.registry import NotFound, Registry
+
+            try:
+                self._label_cache[key] = Registry(self.home / "registry").card(model, version).labels
+            except (NotFound, OSError, ValueError):
+                return None
+        return self._label_cache[key]
+
+    def _apply_label(self, ev: dict[str, Any], label: str) -> None:
+        exp = ev.get("experiment")
+        if exp and ev.get("status") == 200:
+            arm = self._arms.setdefault(exp, {}).setdefault(ev["variant"], ArmAccumulator(ev["variant"]))
+            arm.add_label(ev.get("label") == label)
+
+    # -------------------------------------------------------------- queries
+    def experiment_summary(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            arms = {k: a.summary() for k, a in self._arms.get(name, {}).items()}
+            sh = dict(self._shadow.get(name, {}))
+        if sh:
+            sh["agreement"] = sh["agree"] / sh["pairs"] if sh.get("pairs") else float("nan")
+            sh["conf_mean"] = sh["conf_sum"] / sh["n"] if sh.get("n") else float("nan")
+            sh["latency_mean_ms"] = sh["lat_sum"] / sh["n"] if sh.get("n") else float("nan")
+        return {"experiment": name, "arms": arms, "shadow": sh or None, "at": time.time()}
+
+    def reset_experiment(self, name: str) -> None:
+        with self._lock:
+            self._arms.pop(name, None)
+            self._shadow.pop(name, None)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.counters, "buffered": len(self._buffer), "remembered": len(self._seen)}
+
+    # -------------------------------------------------------------- Parquet
+    def flush(self) -> int:
+        with self._lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        written = 0
+        if self._buffer:
+            rows, self._buffer = self._buffer, []
+            groups: dict[tuple[str, str], list[dict]] = {}
+            for r in rows:
+                groups.setdefault((_date(r["ts"]), str(r.get("source") or "server")), []).append(r)
+            schema = _event_schema()
+            for (date, source), items in groups.items():
+                d = self.events_dir / f"date={date}" / f"source={source.replace('/', '_')}"
+                d.mkdir(parents=True, exist_ok=True)
+                table = pa.Table.from_pylist([{k: r.get(k) for k in EVENT_FIELDS} for r in items], schema=schema)
+                tmp = d / f".part-{uuid.uuid4().hex}.parquet"
+                pq.write_table(table, tmp)
+                tmp.rename(d / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
+                written += len(items)
+            self.counters["written"] += written
+        if self._feedback_buffer:
+            fb, self._feedback_buffer = self._feedback_buffer, []
+            by_date: dict[str, list[dict]] = {}
+            for r in fb:
+                by_date.setdefault(_date(r["ts"]), []).append(r)
+            for date, items in by_date.items():
+                d = self.feedback_dir / f"date={date}"
+                d.mkdir(parents=True, exist_ok=True)
+                tmp = d / f".part-{uuid.uuid4().hex}.parquet"
+                pq.write_table(pa.Table.from_pylist(items), tmp)
+                tmp.rename(d / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
+        return written
+
+
+def _event_schema():
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64()}
+    return pa.schema([pa.field(k, types[t]) for k, t in EVENT_FIELDS.items()])
+
+
+class TelemetrySink(TelemetrySinkImpl):
+    """The Ray actor: events, labels, Parquet, and the experiment coordinator.
+
+    A threaded actor (``max_concurrency`` > 1) so that a slow redeploy never stalls
+    ``record``; a background thread flushes Parquet and ticks the experiments.
+    """
+
+    def __init__(self, home: str, flush_interval_s: float = 2.0, tick_interval_s: float = 2.0) -> None:
+        super().__init__(home)
+        from serve_apps.experiments import ExperimentCoordinator
+
+        self.coordinator = ExperimentCoordinator(
+            home, summaries=self.arm_summaries, reset=self.reset_experiment, apply=self._apply
+        )
+        self._stop = threading.Event()
+        self._interval = flush_interval_s
+        self._tick_interval = tick_interval_s
+        self._thread = threading.Thread(target=self._loop, name="vf-sink-loop", daemon=True)
+        self._thread.start()
+
+    def arm_summaries(self, name: str, sticky: bool, arms: list[str]) -> dict[str, Any]:
+        """Per-arm :class:`ArmSummary` of an experiment, computed under the lock."""
+        with self._lock:
+            accs = self._arms.get(name, {})
+            return {a: (accs.get(a) or ArmAccumulator(a)).arm_summary(sticky=sticky) for a in arms}
+
+    def _apply(self, user_cfg) -> None:
+        from serve_apps.deploy import apply_user_config
+
+        apply_user_config(self.home, user_cfg)
+
+    def _loop(self) -> None:
+        last_tick = 0.0
+        while not self._stop.wait(min(self._interval, self._tick_interval)):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - keep the sink alive; the next flush retries
+                logger.exception("telemetry flush failed")
+            if time.time() - last_tick >= self._tick_interval:
+                last_tick = time.time()
+                try:
+                    self.coordinator.tick()
+                except Exception:  # noqa: BLE001
+                    logger.exception("experiment tick failed")
+
+    def ping(self) -> str:
+        return "ok"
+
+    def shutdown(self) -> int:
+        self._stop.set()
+        return self.flush()
+
+    # Experiment admin, called by the ingress admin routes -------------------------
+    def exp_start(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.coordinator.start(spec)
+
+    def exp_stop(self, name: str, action: str, reason: str) -> dict[str, Any]:
+        return self.coordinator.stop(name, action, reason)
+
+    def exp_reweight(self, name: str, weights: dict[str, float]) -> dict[str, Any]:
+        return self.coordinator.reweight(name, weights)
+
+    def exp_status(self, name: str) -> dict[str, Any]:
+        doc = self.coordinator.status(name)
+        doc["shadow"] = self.experiment_summary(name).get("shadow")
+        return doc
+
+    def exp_list(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.coordinator.names():
+            cfg = self.coordinator.load(name)
+            out.append({"name": name, "model": cfg.model, "status": cfg.status, "arms": [a.model_dump() for a in cfg.arms],
+                        "started_at": cfg.started_at, "decision": cfg.decision})
+        return out
+
+    def exp_tick(self) -> list[dict[str, Any]]:
+        return self.coordinator.tick()
+
+
+def get_or_create_sink(home: str, namespace: str | None = None):
+    """The detached, named sink actor of this cluster (created on first use)."""
+    import ray
+
+    actor_cls = ray.remote(TelemetrySink)
+    return actor_cls.options(
+        name=SINK_NAME,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=8,
+        max_restarts=-1,
+        runtime_env={"env_vars": {"VISIONFLEET_HOME": home}},
+    ).remote(home)
+
+
+class TelemetryClient:
+    """Buffers events in the ingress and ships them to the sink without ever blocking.
+
+    ``add`` is O(1). A background task sends a batch every ``interval_s`` (or when
+    ``batch_size`` events are waiting). When ``max_in_flight`` batches are
+    unacknowledged, or the buffer holds ``max_buffer`` events, new events are dropped
+    and counted; the count travels with the next batch.
+    """
+
+    def __init__(
+        self,
+        sink: Any,
+        *,
+        interval_s: float = 0.2,
+        batch_size: int = 256,
+        max_in_flight: int = 4,
+        max_buffer: int = 20_000,
+    ) -> None:
+        self._sink = sink
+        self._interval = interval_s
+        self._batch = batch_size
+        self._max_in_flight = max_in_flight
+        self._max_buffer = max_buffer
+        self._buf: list[dict[str, Any]] = []
+        self._in_flight: set[Any] = set()
+        self.dropped = 0
+        self._dropped_unreported = 0
+        self.sent = 0
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        if len(self._buf) >= self._max_buffer:
+            self.dropped += 1
+            self._dropped_unreported += 1
+            return
+        self._buf.append(event)
+        if self._task is None:
+            self._start()
+        elif len(self._buf) >= self._batch and self._wake is not None:
+            self._wake.set()
+
+    def _start(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()  # type: ignore[union-attr]
+            await self.ship()
+
+    async def ship(self) -> None:
+        # Drop acknowledged batches; ObjectRefs are awaitable.
+        done = {r for r in self._in_flight if _is_ready(r)}
+        self._in_flight -= done
+        while self._buf:
+            if len(self._in_flight) >= self._max_in_flight:
+                # The sink is behind: shed what would otherwise pile up.
+                overflow = max(0, len(self._buf) - self._max_buffer // 2)
+                if overflow:
+                    del self._buf[:overflow]
+                    self.dropped += overflow
+                    self._dropped_unreported += overflow
+                return
+            batch, self._buf = self._buf[: self._batch], self._buf[self._batch :]
+            try:
+                ref = self._sink.record.remote(batch, self._dropped_unreported)
+                self._dropped_unreported = 0
+                self._in_flight.add(ref)
+                self.sent += len(batch)
+            except Exception:  # noqa: BLE001 - sink unreachable: count, never raise into a request
+                self.dropped += len(batch)
+                self._dropped_unreported += len(batch)
+
+
+def _is_ready(ref: Any) -> bool:
+    import ray
+
+    ready, _ = ray.wait([ref], timeout=0, fetch_local=False)
+    return bool(ready)
