@@ -755,7 +755,7 @@ def _detection_nodes(
         shift = b.op("Mul", [b.op("Cast", [cls_id], "cls_f", to=TensorProto.FLOAT), b.const(offset, f32)], "shift")
         shift4 = b.op("Mul", [shift, b.const([1.0, 1.0, 0.0, 0.0], f32, "xy_only")], "shift4")  # [N, A, 4]
         nms_boxes = b.op("Add", [xywh, shift4], "nms_boxes")
-    slots = k  # one NMS class: at most K selections per image
+    # One NMS class, max_output_boxes_per_class = K: at most K selections per image.
     selected = b.op(
         "NonMaxSuppression",
         [nms_boxes, nms_scores, b.const([k], i64, "k"), b.const([opts.iou_threshold], f32, "iou"),
@@ -769,8 +769,8 @@ def _detection_nodes(
     sel_boxes = b.op("GatherND", [xyxy, img_anchor], "sel_boxes")  # [M, 4]
     sel_ids = b.op("GatherND", [cls_id, img_anchor], "sel_ids1")  # [M, 1]
     sel_ids = b.op("Reshape", [sel_ids, b.const([-1], i64)], "sel_ids")  # [M] (also for M = 0)
-    # Each selection's row within its image: a running count of earlier selections of
-    # the same image (NMS output is grouped by image; CumSum over a one-hot counts).
+    # Each selection's row within its image: how many selections of the same image come
+    # before it (CumSum over a one-hot of image ids), whatever order NMS returns them in.
     n = b.op("Gather", [b.op("Shape", [x], "shape"), b.const(0, i64)], "n")  # scalar
     per_image = b.op("Range", [b.const(0, i64), n, b.const(1, i64)], "images")  # [N]
     onehot = b.op("Cast", [b.op("Equal", [img, per_image], "same")], "onehot", to=TensorProto.INT64)
@@ -778,7 +778,7 @@ def _detection_nodes(
     row = b.op("Sub", [b.op("GatherElements", [counts, img], "count", axis=1), b.const(1, i64)], "row")
     where = b.op("Concat", [img, row], "where", axis=1)  # [M, 2]
     n1 = b.op("Reshape", [n, b.const([1], i64)], "n1")
-    shape_ns = b.op("Concat", [n1, b.const([slots], i64)], "shape_ns", axis=0)
+    shape_ns = b.op("Concat", [n1, b.const([k], i64)], "shape_ns", axis=0)
     shape_ns4 = b.op("Concat", [shape_ns, b.const([4], i64)], "shape_ns4", axis=0)
     zero_f = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
     pad_scores = b.op("ScatterND", [b.op("ConstantOfShape", [shape_ns], "zs", value=zero_f), where, sel_scores], "ps")

@@ -176,11 +176,10 @@ def import_(
 ) -> None:
     """Import a model from any framework: declare its preprocessing, get a contract-obeying version.
 
-    The ONNX graph is wrapped (uint8 NHWC images in; probabilities, or boxes + scores +
-    classes for YOLO-style detection heads, out), checked against running the original by
-    hand on real images, and registered with a card. A .pt/.pth state dict of a built-in
-    architecture is loaded with torch.load(weights_only=True) and exported. TensorRT
-    engines and pickles are refused.
+    ONNX graphs are wrapped: uint8 NHWC images in; probabilities, or boxes/scores/classes for YOLO-style heads, out.
+    The wrapped model is checked against running the original by hand on real images, then registered.
+    A .pt/.pth state dict of a built-in architecture is loaded with torch.load(weights_only=True) and exported.
+    TensorRT engines and pickles are refused. See docs/model-import.md.
     """
     from edge_export.importer import ImportRequest, check_source_file, import_model, load_sample_images, parse_labels
     from visionfleet.cli._common import parse_float_list

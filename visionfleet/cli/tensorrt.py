@@ -75,7 +75,7 @@ def build(
     """Build a TensorRT engine (.plan) from a registered ONNX version and register it as a new version.
 
     The engine is checked against ONNX Runtime on real images before it is registered.
-    Exits 1 with the reason when TensorRT or a CUDA device is missing.
+    Exits 1 with the reason when TensorRT or a CUDA device is missing. See docs/gpu.md.
     """
     from edge_export.importer import load_sample_images, sample_images
     from edge_export.tensorrt import TARGETS, EngineTarget, Precision, build_registered_engine, require_tensorrt
