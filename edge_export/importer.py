@@ -473,7 +473,9 @@ def load_onnx_safely(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if _check_external_data(model, p.parent):
         onnx.load_external_data_for_model(model, os.fspath(p.parent.resolve()))
         if model.ByteSize() > _PROTOBUF_LIMIT:
-            raise ValueError(f"{p.name} holds more than 2 GB of weights; models over the protobuf limit are not supported")
+            raise ValueError(
+                f"{p.name} holds more than 2 GB of weights; models over the protobuf limit are not supported"
+            )
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - ValidationError and C++ errors alike
@@ -582,7 +584,7 @@ def _check_input(vi: onnx.ValueInfoProto, spec: ImportSpec) -> bool:
     if elem != want:
         raise ValueError(
             f"Got --input-dtype {pre.dtype.value}, but the model's input {vi.name!r} is "
-            f"{onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else 'untyped'}; expected them to match"
+            f"{TensorProto.DataType.Name(elem).lower() if elem else 'untyped'}; expected them to match"
         )
     dims = _dims(vi)
     if len(dims) != 4:
@@ -681,7 +683,9 @@ def _classification_nodes(b: _Nodes, spec: ImportSpec, source: str, dims: list[i
     return n_labels
 
 
-def _resolve_head(dims: list[int | None], n_classes: int, opts: DetectionOptions) -> tuple[HeadLayout, bool, int | None]:
+def _resolve_head(
+    dims: list[int | None], n_classes: int, opts: DetectionOptions
+) -> tuple[HeadLayout, bool, int | None]:
     """(layout, objectness, anchors) of a YOLO-style head output ``dims``."""
     if len(dims) != 3:
         raise ValueError(
@@ -1027,7 +1031,9 @@ def check_import_parity(
             ref = _softmax(ref.astype(np.float64)).astype(np.float32)
         probs = got[0]
         if probs.shape != ref.shape:
-            hint = " (the fixed batch of 1 could not be made dynamic; re-export with a dynamic batch)" if info.batch_relaxed else ""
+            hint = ""
+            if info.batch_relaxed:
+                hint = " (the fixed batch of 1 could not be made dynamic; re-export with a dynamic batch)"
             raise ImportParityError(f"the wrapped model returned {probs.shape}; by hand gave {ref.shape}{hint}")
         diff = float(np.abs(probs - ref).max()) if len(images) else 0.0
         agree = float((probs.argmax(1) == ref.argmax(1)).mean()) if len(images) else 1.0
@@ -1326,9 +1332,8 @@ def import_checkpoint(
         if unexpected:
             parts.append(f"unexpected {unexpected[:5]}")
         if shapes:
-            parts.append(
-                "shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3])
-            )
+            pairs = (f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3])
+            parts.append("shape mismatch " + ", ".join(pairs))
         raise ValueError(f"Got a state dict that does not fit {arch_spec.to_dict()}: " + "; ".join(parts))
     model.load_state_dict(state)
     model.eval()

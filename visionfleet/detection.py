@@ -69,7 +69,9 @@ def detection_result(
     b, s, c = b[keep], s[keep], c[keep]
     bad = c[(c < 0) | (c >= len(labels))]
     if bad.size:
-        raise ValueError(f"Got class id {int(bad[0])} for a detection; expected 0..{len(labels) - 1} ({len(labels)} labels)")
+        raise ValueError(
+            f"Got class id {int(bad[0])} for a detection; expected 0..{len(labels) - 1} ({len(labels)} labels)"
+        )
     order = np.argsort(-s, kind="stable")
     b, s, c = b[order], s[order], c[order]
     if resize is not None and len(b):

@@ -44,13 +44,14 @@ EXPECTED_AGNOSTIC = [EXPECTED[0], EXPECTED[2], EXPECTED[3]]  # a2 overlaps a0 at
 def head_model(features: np.ndarray, *, anchors_first: bool, opset: int = 13, direction: np.ndarray | None = None):
     """A head whose output is ``features`` [1, F, A] (or [1, A, F]) for every image.
 
-    With ``direction``, the output moves with the image's mean pixel, so different images
+    With ``direction``, the output moves with the mean of the first input channel, so different images
     give different boxes and scores (for parity checks on real images).
     """
     out = features.T[None] if anchors_first else features[None]
     d = np.zeros_like(out) if direction is None else (direction.T[None] if anchors_first else direction[None])
-    nodes = [
-        helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=1),
+    nodes = [  # ops whose signature is the same from opset 11 to 21
+        helper.make_node("GlobalAveragePool", ["x"], ["gap"]),  # [N, 3, 1, 1]
+        helper.make_node("Slice", ["gap", "zero", "one", "one"], ["m"]),  # the red channel's mean
         helper.make_node("Reshape", ["m", "shape3"], ["m3"]),
         helper.make_node("Mul", ["m3", "direction"], ["moved"]),
         helper.make_node("Add", ["moved", "base"], ["output0"]),
@@ -62,6 +63,8 @@ def head_model(features: np.ndarray, *, anchors_first: bool, opset: int = 13, di
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", *out.shape[1:]])],
         initializer=[
             numpy_helper.from_array(np.array([0, 1, 1], np.int64), "shape3"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
             numpy_helper.from_array(d.astype(np.float32), "direction"),
             numpy_helper.from_array(out.astype(np.float32), "base"),
         ],
@@ -108,8 +111,9 @@ def assert_rows(boxes, scores, classes, expected, k) -> None:
 
 @pytest.mark.parametrize(
     "anchors_first,objectness,opset",
-    [(False, False, 13), (True, False, 11), (True, True, 13), (False, True, 17)],
-    ids=["channels-first", "anchors-first-opset11", "yolov5-objectness", "channels-first-objectness-opset17"],
+    [(False, False, 13), (True, False, 11), (True, True, 13), (False, True, 17), (False, False, 21)],
+    ids=["channels-first", "anchors-first-opset11", "yolov5-objectness", "channels-first-objectness-opset17",
+         "channels-first-opset21"],
 )
 def test_known_anchors_decode_to_the_right_boxes_after_nms(anchors_first: bool, objectness: bool, opset: int) -> None:
     model = head_model(features(objectness), anchors_first=anchors_first, opset=opset)
@@ -233,6 +237,9 @@ def test_detection_module_stays_light() -> None:
     import subprocess
     import sys
 
-    code = "import visionfleet.detection, sys; print(sorted(m for m in ('torch','onnxruntime','ray') if m in sys.modules))"
+    code = (
+        "import visionfleet.detection, sys; "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'ray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -106,7 +106,9 @@ def test_runtime_options_from_gpu_config_still_open_a_session_on_this_machine(tm
         (11, "fp32", False, False, False, True, (), False),
     ],
 )
-def test_engine_build_plan_per_tensorrt_version(major, precision, qdq, fp16w, calib, strongly, flags, calibrate) -> None:
+def test_engine_build_plan_per_tensorrt_version(
+    major, precision, qdq, fp16w, calib, strongly, flags, calibrate
+) -> None:
     plan = trt.engine_build_plan(major, precision, qdq=qdq, fp16_weights=fp16w, calibration=calib)
     assert (plan.strongly_typed, plan.flags, plan.calibrate) == (strongly, flags, calibrate)
     assert plan.explicit_batch_flag == (major < 10)

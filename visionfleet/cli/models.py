@@ -127,7 +127,9 @@ def _parse_depths(text: str) -> list[int]:
 @app.command("import")
 @cli_errors
 def import_(
-    file: Annotated[Path, typer.Argument(help="model.onnx (any framework) or checkpoint.pt/.pth (built-in architecture)")],
+    file: Annotated[
+        Path, typer.Argument(help="model.onnx (any framework) or checkpoint.pt/.pth (built-in architecture)")
+    ],
     name: Annotated[str, typer.Option("--name", help="model name to register a new version under")],
     labels: Annotated[str, typer.Option("--labels", help="labels FILE (one per line) or a,b,c in output order")],
     input_size: Annotated[str, typer.Option("--input-size", help="model input HEIGHTxWIDTH, e.g. 224x224")],
@@ -138,8 +140,12 @@ def import_(
     layout: Annotated[str, typer.Option(help="the model's input layout: NCHW | NHWC")] = "NCHW",
     channel_order: Annotated[str, typer.Option("--channel-order", help="RGB | BGR")] = "RGB",
     input_dtype: Annotated[str, typer.Option("--input-dtype", help="float32 | float16 | uint8")] = "float32",
-    input_name: Annotated[Optional[str], typer.Option("--input-name", help="graph input (default: the only one)")] = None,
-    output_name: Annotated[Optional[str], typer.Option("--output-name", help="graph output (default: the only one)")] = None,
+    input_name: Annotated[
+        Optional[str], typer.Option("--input-name", help="graph input (default: the only one)")
+    ] = None,
+    output_name: Annotated[
+        Optional[str], typer.Option("--output-name", help="graph output (default: the only one)")
+    ] = None,
     output: Annotated[
         Optional[str], typer.Option(help="classification output: probs | logits (adds Softmax); default probs")
     ] = None,
@@ -169,7 +175,8 @@ def import_(
     depths: Annotated[Optional[str], typer.Option(help=".pt: stage depths, e.g. 1,1,1,1")] = None,
     stem_stride: Annotated[Optional[int], typer.Option("--stem-stride", help=".pt: 1 or 2")] = None,
     sample_images: Annotated[
-        Optional[Path], typer.Option("--sample-images", help="folder of images for the parity check (default: synthetic)")
+        Optional[Path],
+        typer.Option("--sample-images", help="folder of images for the parity check (default: synthetic)"),
     ] = None,
     description: Annotated[str, typer.Option(help="free text for the card")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="print the stored card as JSON")] = False,
@@ -235,4 +242,7 @@ def import_(
         f"{card.input_size[0]}x{card.input_size[1]} ({card.resize.value}), {card.precision}, from {card.framework}"
     )
     agreement = parity.get("agreement", parity.get("top1_agreement"))
-    out.print(f"parity on {parity.get('n')} images: max |diff| {parity.get('max_abs_diff', 0):.2e}, agreement {agreement:.2%}")
+    out.print(
+        f"parity on {parity.get('n')} images: max |diff| {parity.get('max_abs_diff', 0):.2e}, "
+        f"agreement {agreement:.2%}"
+    )

@@ -59,7 +59,9 @@ def build(
     precision: Annotated[str, typer.Option(help="fp16 | int8 | fp32")] = "fp16",
     target: Annotated[str, typer.Option(help="x86-gpu | jetson (built on the Jetson itself)")] = "x86-gpu",
     min_batch: Annotated[Optional[int], typer.Option("--min-batch", help="smallest batch (default per target)")] = None,
-    opt_batch: Annotated[Optional[int], typer.Option("--opt-batch", help="batch tuned for (default per target)")] = None,
+    opt_batch: Annotated[
+        Optional[int], typer.Option("--opt-batch", help="batch the engine is tuned for (default per target)")
+    ] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="largest batch (default per target)")] = None,
     workspace_gb: Annotated[
         Optional[float], typer.Option("--workspace-gb", help="builder workspace in GiB (default per target)")
