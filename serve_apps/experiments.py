@@ -85,6 +85,7 @@ class ExperimentCoordinator:
         self._last_tick: dict[str, float] = {}
         self._bandit_interval = bandit_interval_s
         self._rng = np.random.default_rng()
+        self._wandb_runs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ store
     def _path(self, name: str) -> Path:
@@ -167,6 +168,28 @@ class ExperimentCoordinator:
             logger.info("experiment %s started: %s", cfg.name, [a.model for a in cfg.arms])
             return cfg.model_dump(mode="json")
 
+    def adopt(self, spec: dict[str, Any]) -> bool:
+        """Record a running experiment that arrived in a Serve config file (not via start).
+
+        Returns True when it was new to the store. Nothing is redeployed: the config
+        that carried it is already live.
+        """
+        from visionfleet.experiments import initial_allocation
+
+        cfg = ExperimentConfig.model_validate(spec)
+        with self._lock:
+            if self._path(cfg.name).exists():
+                return False
+            update: dict[str, Any] = {"started_at": cfg.started_at or time.time()}
+            if cfg.allocation is None:
+                update["allocation"] = initial_allocation(cfg.weights()).to_dict()
+            cfg = cfg.model_copy(update=update)
+            self._reset(cfg.name)
+            self._share_time[cfg.name] = {a.name: 0.0 for a in cfg.arms}
+            self._last_tick[cfg.name] = time.time()
+            self._save(cfg)
+            return True
+
     def reweight(self, name: str, weights: dict[str, float], *, reason: str = "manual") -> dict[str, Any]:
         from visionfleet.experiments import Allocation, reweight
 
@@ -210,6 +233,7 @@ class ExperimentCoordinator:
             )
             self._save(cfg)
             self._apply(self._user_config())
+            self._finish_wandb(name, cfg.decision or {})
             logger.info("experiment %s %s: %s", name, status, reason)
             return cfg.model_dump(mode="json")
 
@@ -250,7 +274,52 @@ class ExperimentCoordinator:
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._log_wandb(cfg, s)
         return row
+
+    def _log_wandb(self, cfg: ExperimentConfig, summaries: dict[str, Any]) -> None:
+        """One W&B run per experiment (group ``experiment:<name>``), offline by default."""
+        try:
+            run = self._wandb_runs.get(cfg.name)
+            if run is None:
+                import wandb
+
+                run = wandb.init(
+                    project="visionfleet",
+                    group=f"experiment:{cfg.name}",
+                    name=f"experiment-{cfg.name}",
+                    id=f"exp-{cfg.name}",
+                    dir=str(self.home / "wandb"),
+                    config=cfg.model_dump(mode="json", exclude={"allocation"}),
+                    resume="allow",
+                    reinit="create_new",
+                )
+                self._wandb_runs[cfg.name] = run
+            row: dict[str, Any] = {}
+            for a in cfg.arms:
+                v = summaries[a.name]
+                row[f"{a.name}/requests"] = v.requests
+                row[f"{a.name}/errors"] = v.errors
+                row[f"{a.name}/weight"] = cfg.weights()[a.name]
+                if v.n:
+                    row[f"{a.name}/confidence"] = v.conf_mean
+                if v.labeled:
+                    row[f"{a.name}/accuracy"] = v.accuracy
+                if v.p95_latency_ms is not None:
+                    row[f"{a.name}/p95_latency_ms"] = v.p95_latency_ms
+            run.log(row)
+        except Exception:  # noqa: BLE001 - W&B is a view; it must never stop an experiment
+            logger.exception("W&B logging failed for experiment %s", cfg.name)
+
+    def _finish_wandb(self, name: str, decision: dict[str, Any]) -> None:
+        run = self._wandb_runs.pop(name, None)
+        if run is None:
+            return
+        try:
+            run.summary.update({"decision": decision.get("action"), "reason": decision.get("reason")})
+            run.finish()
+        except Exception:  # noqa: BLE001
+            logger.exception("W&B finish failed for experiment %s", name)
 
     def status(self, name: str) -> dict[str, Any]:
         cfg = self.load(name)

@@ -152,6 +152,12 @@ class Ingress:
             compiled[exp.model] = compile_experiment(exp)
         self.experiments = compiled  # one atomic swap: a request sees the old or the new set
         self.cards.forget_aliases()  # a stop may have moved @production
+        if self.sink is not None:
+            # Experiments given in a Serve config file (not started through the API) get
+            # recorded so the coordinator watches them too; already-known ones are a no-op.
+            for exp in uc.experiments:
+                if exp.status == "running":
+                    self.sink.exp_adopt.remote(exp.model_dump(mode="json"))
         if uc.max_batch_size is not None:
             self._batched.set_max_batch_size(uc.max_batch_size)
         if uc.batch_wait_timeout_s is not None:

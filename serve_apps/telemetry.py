@@ -302,6 +302,9 @@ class TelemetrySink(TelemetrySinkImpl):
                         "started_at": cfg.started_at, "decision": cfg.decision})
         return out
 
+    def exp_adopt(self, spec: dict[str, Any]) -> bool:
+        return self.coordinator.adopt(spec)
+
     def exp_tick(self) -> list[dict[str, Any]]:
         return self.coordinator.tick()
 

@@ -225,3 +225,60 @@ def test_auto_decide_promotes_the_better_version(serve_url, ab_model, settings) 
             time.sleep(0.3)
         assert r.json()["version"] == v_good and r.json()["variant"] == "default"
         assert sent < 1200
+
+
+def test_ab_cli_start_status_weights_stop_report(serve_url, ab_model, settings, tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    v_bad, v_good = ab_model
+    vf = str(Path(sys.executable).parent / "visionfleet")
+    env = {**os.environ, "VISIONFLEET_HOME": str(settings.home), "VISIONFLEET_ADMIN_TOKEN": ADMIN_TOKEN}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([vf, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    r = run("ab", "start", "--name", "cli-1", "--control", f"abm:{v_bad}", "--treatment", f"abm:{v_good}",
+            "--split", "50/50", "--url", serve_url, "--min-samples", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "running"
+    with httpx.Client(base_url=serve_url, timeout=30) as c:
+        for i in range(60):
+            data, label = _image(3_000_000 + i)
+            body = c.post("/v1/predict?model=abm", content=data, headers={"Content-Type": "image/png"}).json()
+            c.post("/v1/feedback", json={"request_id": body["request_id"], "label": label})
+    time.sleep(3)  # events reach the sink asynchronously; a tick snapshots them
+    r = run("ab", "status", "cli-1", "--url", serve_url, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)["experiments"][0]
+    assert doc["arms"]["control"]["n"] + doc["arms"]["treatment"]["n"] >= 55
+    assert doc["now"]["action"] == "continue"  # min_samples not reached
+    r = run("ab", "status", "--url", serve_url)
+    assert r.returncode == 0 and "cli-1" in r.stdout and "control" in r.stdout
+    r = run("ab", "weights", "cli-1", "--split", "30/70", "--url", serve_url)
+    assert r.returncode == 0 and "treatment 70%" in r.stdout, r.stdout + r.stderr
+    r = run("ab", "stop", "cli-1", "--rollback", "--url", serve_url, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "rolled_back"
+    from visionfleet.wandb_offline import find_runs, read_run
+
+    runs = [r for r in find_runs(settings.home / "wandb") if r.name.endswith("exp-cli-1")]
+    assert runs, "no W&B run for the experiment"
+    wb = read_run(runs[0])
+    assert "control/requests" in wb["summary"] and wb["summary"]["decision"] == "rollback"
+    report = tmp_path / "cli-1.html"
+    r = run("ab", "report", "cli-1", "--out", str(report))
+    assert r.returncode == 0, r.stderr
+    html = report.read_text()
+    assert "cli-1" in html and "data:image/png;base64," in html
+    # bad arguments: a clear message and a non-zero exit, never a traceback
+    for args, code, needle in (
+        (("ab", "start", "--name", "x", "--control", "abm:1", "--treatment", "tiny:1", "--url", serve_url), 2, "same model"),
+        (("ab", "start", "--name", "x", "--control", "abm:1", "--treatment", "abm:2", "--split", "a/b", "--url", serve_url), 2, "--split"),
+        (("ab", "stop", "nope", "--url", serve_url), 1, "404"),
+        (("ab", "stop", "cli-1", "--promote", "--rollback", "--url", serve_url), 2, "at most one"),
+        (("ab", "report", "nope"), 2, "no experiment"),
+    ):
+        r = run(*args)
+        assert r.returncode == code and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -18,7 +18,8 @@ from visionfleet.settings import ENV_HOME, Settings
 __all__ = ["err", "out", "settings", "cli_errors", "progress", "print_json", "fail", "parse_float_list"]
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
