@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_apps.config import AppConfig, IngressUserConfig
+from serve_apps.config import AppConfig, IngressUserConfig, ReplicaUserConfig
 from serve_apps.ingress import Ingress
 from serve_apps.replica import ModelReplica
 
@@ -45,7 +45,11 @@ def code_version(config: AppConfig) -> str:
 
 
 def build_app(
-    config: AppConfig, user_config: IngressUserConfig | None = None, *, version: str | None = None
+    config: AppConfig,
+    user_config: IngressUserConfig | None = None,
+    *,
+    replica_user_config: ReplicaUserConfig | None = None,
+    version: str | None = None,
 ) -> Application:
     """Bind the model replicas and pass their handle to the ingress.
 
@@ -60,6 +64,7 @@ def build_app(
     # `version` is an internal option of Deployment.options (the public `serve deploy`
     # path derives it from the config file); see code_version() for why it matters.
     replica = ModelReplica.options(version=version, _internal=True).options(
+        user_config=(replica_user_config or ReplicaUserConfig()).model_dump(mode="json", exclude_none=True),
         num_replicas=config.replica.num_replicas,
         max_ongoing_requests=config.replica.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.replica.num_cpus, "runtime_env": {"env_vars": env}},
@@ -76,4 +81,5 @@ def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for ``serve run serve_apps.app:app_builder home=...`` and Serve YAML configs."""
     args = dict(args)
     user = IngressUserConfig.model_validate(args.pop("user_config", {}) or {})
-    return build_app(AppConfig.model_validate(args), user)
+    replica_user = ReplicaUserConfig.model_validate(args.pop("replica_user_config", {}) or {})
+    return build_app(AppConfig.model_validate(args), user, replica_user_config=replica_user)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig"]
+__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "ReplicaUserConfig"]
 
 
 class ReplicaConfig(BaseModel):
@@ -141,6 +141,15 @@ class ExperimentConfig(BaseModel):
     def weights(self) -> dict[str, float]:
         total = sum(a.weight for a in self.arms)
         return {a.name: a.weight / total for a in self.arms}
+
+
+class ReplicaUserConfig(BaseModel):
+    """What ``reconfigure`` of the model replicas receives: batching knobs, no restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=1)
 
 
 class IngressUserConfig(BaseModel):

@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from serve_apps.config import AppConfig, IngressUserConfig
+from serve_apps.config import AppConfig, IngressUserConfig, ReplicaUserConfig
 
-__all__ = ["deploy", "apply_user_config", "load_state", "save_state", "state_path"]
+__all__ = ["deploy", "apply_user_config", "apply_batching", "load_state", "save_state", "state_path"]
 
 _LOCK = threading.Lock()
 
@@ -26,12 +26,19 @@ def state_path(home: str | os.PathLike[str]) -> Path:
     return Path(home) / "serve" / "app.json"
 
 
-def save_state(app_cfg: AppConfig, user_cfg: IngressUserConfig, http: dict[str, Any] | None, version: str) -> None:
+def save_state(
+    app_cfg: AppConfig,
+    user_cfg: IngressUserConfig,
+    http: dict[str, Any] | None,
+    version: str,
+    replica_user_cfg: ReplicaUserConfig | None = None,
+) -> None:
     p = state_path(app_cfg.home)
     p.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "app": app_cfg.model_dump(mode="json"),
         "user_config": user_cfg.model_dump(mode="json"),
+        "replica_user_config": (replica_user_cfg or ReplicaUserConfig()).model_dump(mode="json"),
         "http": http or {},
         "version": version,
     }
@@ -50,6 +57,7 @@ def load_state(home: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "app": AppConfig.model_validate(doc["app"]),
         "user_config": IngressUserConfig.model_validate(doc["user_config"]),
+        "replica_user_config": ReplicaUserConfig.model_validate(doc.get("replica_user_config") or {}),
         "http": doc.get("http", {}),
         "version": doc.get("version"),
     }
@@ -60,6 +68,7 @@ def deploy(
     user_cfg: IngressUserConfig | None = None,
     http: dict[str, Any] | None = None,
     *,
+    replica_user_cfg: ReplicaUserConfig | None = None,
     version: str | None = None,
 ):
     """``serve.run`` the app (Ray must be connected) and record what was deployed."""
@@ -70,12 +79,36 @@ def deploy(
     user_cfg = user_cfg or IngressUserConfig()
     version = version or code_version(app_cfg)
     with _LOCK:
-        handle = serve.run(build_app(app_cfg, user_cfg, version=version), name=APP_NAME, route_prefix="/")
-        save_state(app_cfg, user_cfg, http, version)
+        app = build_app(app_cfg, user_cfg, replica_user_config=replica_user_cfg, version=version)
+        handle = serve.run(app, name=APP_NAME, route_prefix="/")
+        save_state(app_cfg, user_cfg, http, version, replica_user_cfg)
     return handle
 
 
 def apply_user_config(home: str | os.PathLike[str], user_cfg: IngressUserConfig) -> None:
     """Reconfigure the deployed app with a new ingress user config (same version: no restart)."""
     st = load_state(home)
-    deploy(st["app"], user_cfg, st["http"], version=st["version"])
+    deploy(st["app"], user_cfg, st["http"], replica_user_cfg=st["replica_user_config"], version=st["version"])
+
+
+def apply_batching(
+    home: str | os.PathLike[str],
+    *,
+    replica: ReplicaUserConfig | None = None,
+    ingress_max_batch_size: int | None = None,
+    ingress_batch_wait_timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Change batching knobs of the running app in place (reconfigure, no restart)."""
+    st = load_state(home)
+    user = st["user_config"]
+    if ingress_max_batch_size is not None or ingress_batch_wait_timeout_s is not None:
+        user = user.model_copy(update={
+            k: v for k, v in (("max_batch_size", ingress_max_batch_size), ("batch_wait_timeout_s", ingress_batch_wait_timeout_s))
+            if v is not None
+        })
+    rep = st["replica_user_config"]
+    if replica is not None:
+        rep = rep.model_copy(update={k: v for k, v in replica.model_dump().items() if v is not None})
+    deploy(st["app"], user, st["http"], replica_user_cfg=rep, version=st["version"])
+    return {"ingress": {"max_batch_size": user.max_batch_size, "batch_wait_timeout_s": user.batch_wait_timeout_s},
+            "replica": rep.model_dump()}

@@ -41,6 +41,8 @@ logger = logging.getLogger("ray.serve")
 
 # Route modules register on `api` when imported.
 import serve_apps.routes_admin  # noqa: E402,F401
+import serve_apps.routes_v2  # noqa: E402,F401
+import serve_apps.routes_stream  # noqa: E402,F401
 
 
 class _CardCache:
@@ -137,6 +139,8 @@ class Ingress:
             self.telemetry = TelemetryClient(self.sink)
         self._m = _metrics()
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._ingress_batches = 0
+        self._ingress_batched = 0
         self._batched.set_max_batch_size(self.cfg.ingress.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.ingress.batch_wait_timeout_s)
 
@@ -196,6 +200,8 @@ class Ingress:
         groups: dict[str, list[int]] = {}
         for i, mid in enumerate(model_ids):
             groups.setdefault(mid, []).append(i)
+        self._ingress_batches += len(groups)
+        self._ingress_batched += len(model_ids)
         results: list[Any] = [None] * len(arrays)
 
         async def run(mid: str, idx: "list[int]") -> None:
@@ -318,6 +324,26 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "default_model": self.cfg.default_model, "experiments": sorted(self.experiments)}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        """Batching and telemetry figures of this ingress replica and one model replica."""
+        try:
+            replica = await self.replica.stats.remote()
+        except Exception as exc:  # noqa: BLE001 - report, do not fail
+            replica = {"error": repr(exc)}
+        return {
+            "ingress": {
+                "replica_calls": self._ingress_batches,
+                "requests": self._ingress_batched,
+                "avg_requests_per_call": self._ingress_batched / self._ingress_batches if self._ingress_batches else 0.0,
+                "max_batch_size": self._batched._get_max_batch_size(),
+                "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
+            },
+            "replica": replica,
+            "telemetry": None if self.telemetry is None else {"sent": self.telemetry.sent, "dropped": self.telemetry.dropped},
+            "experiments": sorted(self.experiments),
+        }
 
     @api.get("/v1/models")
     async def list_models(self) -> dict:

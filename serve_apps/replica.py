@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from serve_apps.config import AppConfig
+from serve_apps.config import AppConfig, ReplicaUserConfig
 from visionfleet.inference import LoadedModel, RuntimeOptions, load_model_dir
 from visionfleet.registry import NotFound, Registry
 from visionfleet.spec import Task
@@ -57,13 +57,29 @@ class ModelReplica:
         self._infer.set_batch_wait_timeout_s(self._cfg.replica.batch_wait_timeout_s)
         self._batches = 0
         self._batched_requests = 0
+        self._batched_images = 0
+        from ray.serve import metrics
+
+        self._m_batch = metrics.Histogram(
+            "vf_replica_batch_size",
+            "Requests per ONNX Runtime call in the model replica",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+            tag_keys=("model",),
+        )
+        self._m_images = metrics.Histogram(
+            "vf_replica_batch_images",
+            "Images per ONNX Runtime call in the model replica",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("model",),
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Runtime knobs without a restart: ``max_batch_size``, ``batch_wait_timeout_s``."""
-        if "max_batch_size" in user_config:
-            self._infer.set_max_batch_size(int(user_config["max_batch_size"]))
-        if "batch_wait_timeout_s" in user_config:
-            self._infer.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        uc = ReplicaUserConfig.model_validate(user_config or {})
+        if uc.max_batch_size is not None:
+            self._infer.set_max_batch_size(uc.max_batch_size)
+        if uc.batch_wait_timeout_s is not None:
+            self._infer.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_model(self, model_id: str) -> LoadedModel:
@@ -87,10 +103,15 @@ class ModelReplica:
         return await self._infer(images)
 
     async def stats(self) -> dict[str, float]:
+        """Batches formed so far: the average batch size says whether batching works."""
         return {
             "batches": self._batches,
             "requests": self._batched_requests,
+            "images": self._batched_images,
             "avg_batch_size": self._batched_requests / self._batches if self._batches else 0.0,
+            "avg_batch_images": self._batched_images / self._batches if self._batches else 0.0,
+            "max_batch_size": self._infer._get_max_batch_size(),
+            "batch_wait_timeout_s": self._infer._get_batch_wait_timeout_s(),
         }
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
@@ -116,6 +137,9 @@ class ModelReplica:
         infer_ms = (time.perf_counter() - t0) * 1000
         self._batches += 1
         self._batched_requests += len(good)
+        self._batched_images += len(batch)
+        self._m_batch.observe(len(good), tags={"model": model_id})
+        self._m_images.observe(len(batch), tags={"model": model_id})
         providers = tuple(model.providers)
         start = 0
         for i in good:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -142,3 +142,33 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")
         out.print(f"healthz: {doc['healthz']}")
     for name, a in (doc["app"] or {}).items():
         out.print(f"app {name}: {a['status']}  " + ", ".join(f"{d}={st}" for d, st in a["deployments"].items()))
+
+
+@app.command()
+@cli_errors
+def batching(
+    max_batch_size: Annotated[Optional[int], typer.Option(help="replica: requests per ONNX Runtime call")] = None,
+    wait_ms: Annotated[Optional[float], typer.Option(help="replica: wait for a batch to fill (ms)")] = None,
+    ingress_max_batch_size: Annotated[Optional[int], typer.Option(help="ingress: requests per replica call")] = None,
+    ingress_wait_ms: Annotated[Optional[float], typer.Option(help="ingress: wait for a group to fill (ms)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the new settings as JSON")] = False,
+) -> None:
+    """Change dynamic-batching knobs of the running app in place (no restart)."""
+    from cluster.local import connect
+    from serve_apps.config import ReplicaUserConfig
+    from serve_apps.deploy import apply_batching
+
+    if all(v is None for v in (max_batch_size, wait_ms, ingress_max_batch_size, ingress_wait_ms)):
+        raise ValueError("give at least one of --max-batch-size, --wait-ms, --ingress-max-batch-size, --ingress-wait-ms")
+    s = settings()
+    connect(s)
+    doc = apply_batching(
+        s.home,
+        replica=ReplicaUserConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=None if wait_ms is None else wait_ms / 1000),
+        ingress_max_batch_size=ingress_max_batch_size,
+        ingress_batch_wait_timeout_s=None if ingress_wait_ms is None else ingress_wait_ms / 1000,
+    )
+    if as_json:
+        print_json(doc)
+    else:
+        out.print(f"batching: ingress {doc['ingress']}, replica {doc['replica']}")
