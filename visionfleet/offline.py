@@ -1,0 +1,228 @@
+"""Offline inference building blocks: many inputs in, one flat result row per input out.
+
+Shared by the Ray Data batch job (``serve_apps/batch_infer.py``) and the video runner
+(``visionfleet/video.py``), so both preprocess exactly like the server
+(:func:`visionfleet.imaging.load_for_model` with the card's size and resize mode) and
+write the same columns. Pure numpy; ``pyarrow`` is imported inside the functions that
+build Arrow schemas and tables.
+
+A result row has the server's fields, flattened for Parquet:
+
+========================  ======================================================
+column                    meaning
+========================  ======================================================
+``model``, ``version``    the concrete version that ran (an alias is resolved once)
+``label``, ``class_id``   top-1 class (for detection: the highest-scoring box's)
+``score``                 top-1 probability (detection: highest box score, 0 if none)
+``probs``                 classification: top-k ``[{label, prob}]``, descending
+``confidence``            same as ``score``; ``margin`` to the runner-up
+``entropy``               classification: normalized entropy of the full vector
+``detections``, ``count`` detection: ``[{label, class_id, score, box}]`` in
+                          original-image pixels, and their number
+``width``, ``height``     the original image (or frame) size
+``error``                 why this input has no prediction (null when it has one)
+========================  ======================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from visionfleet.imaging import ImageError, ResizeInfo, load_for_model
+from visionfleet.inference import LoadedModel, RuntimeOptions, classification_result, confidence_stats, load_model_dir
+from visionfleet.spec import ModelCard, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
+__all__ = [
+    "load_offline_model",
+    "Preprocessed",
+    "preprocess_encoded",
+    "result_rows",
+    "error_row",
+    "result_fields",
+    "result_schema",
+    "rows_to_table",
+]
+
+
+def load_offline_model(path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions()) -> LoadedModel:
+    """:func:`visionfleet.inference.load_model_dir`, with a detection model's outputs in
+    the order :func:`result_rows` reads them (``boxes, scores, classes``), as the server does.
+    """
+    model = load_model_dir(path, opts)
+    if model.card.task is Task.DETECTION:
+        from visionfleet.detection import DETECTION_OUTPUTS
+
+        missing = set(DETECTION_OUTPUTS) - set(model.output_names)
+        if missing:
+            raise ValueError(f"Got a detection model {model.ref} without outputs {sorted(missing)}; expected {DETECTION_OUTPUTS}")
+        model.output_names = list(DETECTION_OUTPUTS)
+    return model
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """Model inputs for a list of encoded images, with one error per undecodable input.
+
+    ``pixels[i]`` is zeros where ``errors[i]`` is set; ``ok`` indexes the good rows.
+    """
+
+    pixels: np.ndarray  # uint8 [n, H, W, 3]
+    infos: tuple[ResizeInfo | None, ...]
+    errors: tuple[str | None, ...]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def preprocess_encoded(blobs: Sequence[bytes | None], card: ModelCard, *, max_pixels: int) -> Preprocessed:
+    """Decode and resize encoded images the way the server does; a bad image is its own error.
+
+    Args:
+        blobs: encoded image bytes (None counts as empty).
+        card: the model's card (input size and resize mode).
+        max_pixels: refuse images declaring more pixels (from the header, before decoding).
+    """
+    h, w = card.input_size
+    pixels = np.zeros((len(blobs), h, w, 3), np.uint8)
+    infos: list[ResizeInfo | None] = []
+    errors: list[str | None] = []
+    for i, data in enumerate(blobs):
+        try:
+            img, info = load_for_model(bytes(data or b""), (h, w), card.resize, max_pixels=max_pixels)
+        except ImageError as exc:
+            infos.append(None)
+            errors.append(f"{type(exc).__name__}: {exc}")
+            continue
+        pixels[i] = img
+        infos.append(info)
+        errors.append(None)
+    return Preprocessed(pixels, tuple(infos), tuple(errors))
+
+
+def _empty_row(task: Task) -> dict[str, Any]:
+    row: dict[str, Any] = {"label": None, "class_id": None, "score": None, "confidence": None, "margin": None}
+    if task is Task.CLASSIFICATION:
+        row.update(probs=None, entropy=None)
+    else:
+        row.update(detections=None, count=None)
+    row.update(width=None, height=None, error=None)
+    return row
+
+
+def error_row(task: Task, message: str) -> dict[str, Any]:
+    """A row for an input that has no prediction (result columns null, ``error`` set)."""
+    row = _empty_row(task)
+    row["error"] = message
+    return row
+
+
+def result_rows(
+    card: ModelCard, outputs: Sequence[np.ndarray], infos: Sequence[ResizeInfo], *, top_k: int = 5
+) -> list[dict[str, Any]]:
+    """One row per image of a batch's model outputs (without the model/version/key columns).
+
+    Args:
+        card: the card of the model that ran.
+        outputs: the session outputs for the batch, in the card's output order
+            (classification: probs ``[n, C]``; detection: boxes, scores, classes).
+        infos: how each image was resized (maps detection boxes back to the original).
+        top_k: classes kept in ``probs``.
+    """
+    n = len(infos)
+    rows: list[dict[str, Any]] = []
+    if card.task is Task.CLASSIFICATION:
+        probs = np.asarray(outputs[0])
+        if probs.shape[0] != n:
+            raise ValueError(f"Got {probs.shape[0]} output rows for {n} images; expected the same count")
+        for p, info in zip(probs, infos):
+            res = classification_result(p, card.labels, top_k)
+            st = confidence_stats(p)
+            rows.append(
+                {
+                    "label": res["label"],
+                    "class_id": res["class_id"],
+                    "score": res["score"],
+                    "probs": [{"label": k, "prob": v} for k, v in res["probs"].items()],
+                    "confidence": st["confidence"],
+                    "margin": st["margin"],
+                    "entropy": st["entropy"],
+                    "width": info.original_width,
+                    "height": info.original_height,
+                    "error": None,
+                }
+            )
+        return rows
+    from visionfleet.detection import detection_confidence_stats, detection_result
+
+    boxes, scores, classes = (np.asarray(o) for o in outputs[:3])
+    for i, info in enumerate(infos):
+        res = detection_result(boxes[i], scores[i], classes[i], card.labels, info)
+        st = detection_confidence_stats(scores[i])
+        top = res["detections"][0] if res["detections"] else None
+        rows.append(
+            {
+                "label": top["label"] if top else None,
+                "class_id": top["class_id"] if top else None,
+                "score": res["score"],
+                "detections": res["detections"],
+                "count": res["count"],
+                "confidence": st["confidence"],
+                "margin": st["margin"],
+                "width": info.original_width,
+                "height": info.original_height,
+                "error": None,
+            }
+        )
+    return rows
+
+
+def result_fields(task: Task) -> "list[pa.Field]":
+    """The Arrow fields of :func:`result_rows` / :func:`error_row` plus model and version."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("model", pa.string()),
+        pa.field("version", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("class_id", pa.int32()),
+        pa.field("score", pa.float64()),
+    ]
+    if task is Task.CLASSIFICATION:
+        fields.append(pa.field("probs", pa.list_(pa.struct([("label", pa.string()), ("prob", pa.float64())]))))
+    else:
+        det = pa.struct(
+            [
+                ("label", pa.string()),
+                ("class_id", pa.int32()),
+                ("score", pa.float64()),
+                ("box", pa.list_(pa.float64(), 4)),
+            ]
+        )
+        fields += [pa.field("detections", pa.list_(det)), pa.field("count", pa.int32())]
+    fields += [pa.field("confidence", pa.float64()), pa.field("margin", pa.float64())]
+    if task is Task.CLASSIFICATION:
+        fields.append(pa.field("entropy", pa.float64()))
+    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("error", pa.string())]
+    return fields
+
+
+def result_schema(task: Task, key_fields: "Sequence[pa.Field]" = ()) -> "pa.Schema":
+    """The output schema: the input's key columns first, then :func:`result_fields`."""
+    import pyarrow as pa
+
+    return pa.schema([*key_fields, *result_fields(task)])
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]], schema: "pa.Schema") -> "pa.Table":
+    """Rows (dicts with every schema column) as a table with exactly ``schema``."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(list(rows), schema=schema)
