@@ -51,6 +51,10 @@ from visionfleet.cli import tensorrt  # noqa: E402
 
 app.add_typer(tensorrt.app, name="tensorrt")
 
+from visionfleet.cli import infer as _infer  # noqa: E402
+
+app.add_typer(_infer.app)
+
 
 def main() -> None:
     app()
