@@ -41,6 +41,7 @@ logger = logging.getLogger("ray.serve")
 
 # Route modules register on `api` when imported.
 import serve_apps.routes_admin  # noqa: E402,F401
+import serve_apps.routes_edge  # noqa: E402,F401
 import serve_apps.routes_v2  # noqa: E402,F401
 import serve_apps.routes_stream  # noqa: E402,F401
 

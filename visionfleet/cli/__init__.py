@@ -56,5 +56,14 @@ from visionfleet.cli import infer as _infer  # noqa: E402
 app.add_typer(_infer.app)
 
 
+from visionfleet.cli import edge as _edge  # noqa: E402
+
+app.add_typer(_edge.app, name="edge")
+
+from visionfleet.cli import fleet as _fleet  # noqa: E402
+
+app.add_typer(_fleet.app, name="fleet")
+
+
 def main() -> None:
     app()

@@ -1,0 +1,313 @@
+# No `from __future__ import annotations`: FastAPI reads these annotations at runtime.
+"""Edge routes: device sync, the TUF repository (read-only) and the fleet view.
+
+* ``POST /v1/edge/sync`` — a device uploads a batch of prediction records, sampled
+  low-confidence images and install reports, with ids it made itself, plus its status
+  (version, health, backlog). The fleet database (``visionfleet.fleet``) stores each id
+  once, durably, writes new records into the event lake (``source = edge:<device>``)
+  and images into the labeling queue, and halts a rollout whose health checks fail on
+  too many devices. Every id in the batch is acknowledged, duplicates included.
+* ``GET /tuf/{path}`` — the repository's metadata and bundles, read-only; any path
+  outside ``metadata/`` and ``targets/`` is refused. Fetching ``timestamp.json``
+  re-signs the timestamp when half its lifetime is gone, so a running server keeps its
+  repository fresh without a cron job.
+* ``GET /v1/edge/fleet``, ``GET /v1/edge/channels`` and ``POST /v1/edge/rollouts`` —
+  admin routes (bearer token): devices and rollouts, published channels, and changing
+  a channel's rollout percentage or halting/resuming it.
+"""
+
+import base64
+import binascii
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from fastapi import Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from serve_apps.api import api, ingress, require_admin
+from serve_apps.inputs import ApiError, read_body
+
+__all__: list = []
+
+logger = logging.getLogger("ray.serve")
+
+_DEVICE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_TUF_PATH = re.compile(r"^(metadata|targets)/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_MAX_RECORDS = 5000
+_MAX_SAMPLES = 64
+
+
+class EdgeBacklog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    records: int = Field(default=0, ge=0)
+    samples: int = Field(default=0, ge=0)
+    reports: int = Field(default=0, ge=0)
+    dropped_samples: int = Field(default=0, ge=0)
+
+
+class EdgeStatus(BaseModel):
+    """What a device says about itself on every sync."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = Field(default=None, max_length=64)
+    version: Optional[int] = None
+    bundle_id: Optional[str] = Field(default=None, max_length=200)
+    target: Optional[str] = Field(default=None, max_length=32)
+    health: str = Field(default="ok", pattern=r"^(ok|degraded|no_model)$")
+    backlog: EdgeBacklog = Field(default_factory=EdgeBacklog)
+    agent: Optional[str] = Field(default=None, max_length=64)
+    uptime_s: Optional[float] = None
+    frames: Optional[int] = None
+    ota: Optional[Dict[str, Any]] = None
+
+
+class EdgeRecord(BaseModel):
+    """One prediction made on the device (fields as in the server's event schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=80, description="made on the device; the server keeps (device, id) once")
+    ts: float
+    model: Optional[str] = Field(default=None, max_length=64)
+    version: Optional[int] = None
+    task: Optional[str] = Field(default=None, max_length=32)
+    label: Optional[str] = Field(default=None, max_length=256)
+    class_id: Optional[int] = None
+    confidence: Optional[float] = None
+    margin: Optional[float] = None
+    entropy: Optional[float] = None
+    detections: Optional[int] = None
+    latency_ms: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    brightness: Optional[float] = None
+    contrast: Optional[float] = None
+    blur: Optional[float] = None
+    status: int = 200
+    error: Optional[str] = Field(default=None, max_length=2000)
+
+
+class EdgeSample(BaseModel):
+    """A sampled (low-confidence) image for the labeling queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=80)
+    record_id: Optional[str] = Field(default=None, max_length=80)
+    ts: float
+    model: Optional[str] = Field(default=None, max_length=64)
+    version: Optional[int] = None
+    predicted: Optional[str] = Field(default=None, max_length=256)
+    confidence: Optional[float] = None
+    margin: Optional[float] = None
+    reason: str = Field(default="low_confidence", max_length=64)
+    width: Optional[int] = None
+    height: Optional[int] = None
+    image: str = Field(description="base64 of the encoded image")
+
+
+class EdgeReport(BaseModel):
+    """The outcome of an install on the device."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str = Field(max_length=80)
+    ts: float
+    kind: str = Field(default="install", pattern=r"^(install|rollback|ota)$")
+    outcome: str = Field(pattern=r"^(installed|already_current|invalid|health_failed|rolled_back|refused)$")
+    bundle_id: Optional[str] = Field(default=None, max_length=200)
+    model: Optional[str] = Field(default=None, max_length=64)
+    version: Optional[int] = None
+    target: Optional[str] = Field(default=None, max_length=32)
+    from_bundle: Optional[str] = Field(default=None, max_length=200)
+    error: Optional[str] = Field(default=None, max_length=2000)
+
+
+class SyncBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str = Field(pattern=_DEVICE)
+    sent_at: Optional[float] = None
+    status: Optional[EdgeStatus] = None
+    records: List[EdgeRecord] = Field(default_factory=list, max_length=_MAX_RECORDS)
+    samples: List[EdgeSample] = Field(default_factory=list, max_length=_MAX_SAMPLES)
+    reports: List[EdgeReport] = Field(default_factory=list, max_length=64)
+
+
+class RolloutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=64)
+    target: str = Field(max_length=32)
+    rollout: Optional[int] = Field(default=None, ge=0, le=100, description="percentage of devices (by cohort)")
+    halted: Optional[bool] = Field(default=None, description="true halts the rollout, false resumes it")
+    reason: Optional[str] = Field(default=None, max_length=500)
+
+
+@lru_cache(maxsize=8)
+def _fleet(home: str) -> Any:
+    from visionfleet.fleet import FleetDB
+
+    db = FleetDB(home)
+    db.flush_pending()  # parts a crash left committed but unwritten
+    return db
+
+
+def _home() -> str:
+    return ingress().cfg.home
+
+
+async def _parse(request: Request, model: type, limit: int) -> Any:
+    body = await read_body(request.stream(), request.headers.get("content-length"), limit)
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "send application/json")
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValueError as exc:
+        errs = exc.errors() if hasattr(exc, "errors") else []
+        first = errs[0] if errs else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(400, f"invalid body: {where}: {first.get('msg', str(exc)[:200])}") from None
+
+
+def _apply_halts(home: str, halts: List[Dict[str, Any]]) -> None:
+    """Re-sign halted channels in TUF, if the channel still serves the failing bundle."""
+    from edge_export.tuf_repo import TufRepository, set_rollout
+    from edge_agent.ota import channel_path
+
+    repo = TufRepository(home)
+    if not repo.exists():
+        return
+    targets = repo.targets()
+    for h in halts:
+        info = targets.get(channel_path(h["model"], h["target"]))
+        if info is not None and (info.custom or {}).get("bundle_id") == h["bundle_id"]:
+            set_rollout(repo, h["model"], h["target"], halted=True, reason=h["reason"])
+            logger.warning("edge rollout of %s halted: %s", h["bundle_id"], h["reason"])
+
+
+@api.post("/v1/edge/sync")
+async def edge_sync(request: Request) -> Dict[str, Any]:
+    """A device's batch of records, samples and reports, and its status."""
+    home = _home()
+    body = await _parse(request, SyncBody, ingress().cfg.max_body_bytes)
+    samples = []
+    rejected = []
+    for s in body.samples:
+        try:
+            image = base64.b64decode(s.image, validate=True)
+        except (binascii.Error, ValueError):
+            rejected.append({"kind": "sample", "id": s.id, "error": "image is not valid base64"})
+            continue
+        if not image:
+            rejected.append({"kind": "sample", "id": s.id, "error": "empty image"})
+            continue
+        samples.append({**s.model_dump(exclude={"image"}), "image": image})
+    fleet = _fleet(home)
+    try:
+        res = await run_in_threadpool(
+            fleet.ingest,
+            body.device_id,
+            status=body.status.model_dump() if body.status else None,
+            records=[r.model_dump() for r in body.records],
+            samples=samples,
+            reports=[r.model_dump() for r in body.reports],
+        )
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    if res.halts:
+        await run_in_threadpool(_apply_halts, home, res.halts)
+    doc = res.to_dict()
+    doc["acked"]["samples"] = doc["acked"]["samples"] + [r["id"] for r in rejected]
+    doc["rejected"] = doc["rejected"] + rejected
+    return doc
+
+
+def _tuf_file(home: str, path: str) -> Path:
+    if not _TUF_PATH.match(path) or any(p.startswith(".") for p in path.split("/")):
+        raise ApiError(404, "no such repository file")
+    root = (Path(home) / "tuf" / "repo").resolve()
+    target = (root / path).resolve()
+    if root not in target.parents or not target.is_file():
+        raise ApiError(404, "no such repository file")
+    return target
+
+
+def _maybe_refresh(home: str) -> None:
+    from edge_export.tuf_repo import TufRepository
+
+    repo = TufRepository(home)
+    if repo.exists():
+        try:
+            repo.refresh(0.5)
+        except Exception:  # noqa: BLE001 - serving the current (still valid) timestamp is better than a 500
+            logger.exception("TUF timestamp refresh failed")
+
+
+@api.get("/tuf/{path:path}")
+async def tuf_file(path: str) -> FileResponse:
+    """A file of the TUF repository (metadata or a bundle), read-only."""
+    home = _home()
+    if path == "metadata/timestamp.json":
+        await run_in_threadpool(_maybe_refresh, home)
+    target = _tuf_file(home, path)
+    mutable = path in ("metadata/timestamp.json", "metadata/root.json")
+    return FileResponse(
+        target,
+        media_type="application/json" if target.suffix == ".json" else "application/octet-stream",
+        # Versioned and hash-named files never change; timestamp.json does.
+        headers={"Cache-Control": "no-cache" if mutable else "public, max-age=31536000, immutable"},
+    )
+
+
+@api.get("/v1/edge/fleet")
+async def fleet_status(request: Request) -> Dict[str, Any]:
+    """Devices (version, health, backlog, last seen) and rollouts."""
+    require_admin(request, ingress().cfg.admin_token)
+    return await run_in_threadpool(_fleet(_home()).status)
+
+
+@api.get("/v1/edge/channels")
+async def edge_channels(request: Request) -> Dict[str, Any]:
+    """Published channels with their signed rollout metadata."""
+    from edge_export.tuf_repo import TufRepository, channels
+
+    require_admin(request, ingress().cfg.admin_token)
+    repo = TufRepository(_home())
+    if not repo.exists():
+        return {"channels": []}
+    return {"channels": await run_in_threadpool(channels, repo)}
+
+
+@api.post("/v1/edge/rollouts")
+async def edge_rollout(request: Request) -> Dict[str, Any]:
+    """Change a channel's rollout percentage, or halt / resume it (re-signed in TUF)."""
+    from edge_export.tuf_repo import RepositoryMissing, TufRepository, set_rollout
+
+    require_admin(request, ingress().cfg.admin_token)
+    body = await _parse(request, RolloutBody, 64 * 1024)
+    home = _home()
+
+    def change() -> Dict[str, Any]:
+        doc = set_rollout(TufRepository(home), body.model, body.target, rollout=body.rollout, halted=body.halted,
+                          reason=body.reason)
+        status = "rolling" if not doc.get("halted") else "halted"
+        _fleet(home).set_rollout_status(body.model, body.target, doc["bundle_id"], status, body.reason, doc.get("rollout"))
+        return doc
+
+    try:
+        return {"channel": await run_in_threadpool(change)}
+    except RepositoryMissing as exc:
+        raise ApiError(404, str(exc)) from None
+    except LookupError as exc:
+        raise ApiError(404, str(exc).strip("'\"")) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
