@@ -56,7 +56,9 @@ __all__ = [
 ]
 
 _PARQUET_MAGIC = b"PAR1"
-_HEAD_BYTES = 600  # enough to sniff any image format or video container (MPEG-TS: 3 packets)
+_HEAD_BYTES = 600
+# Set by Ray's job supervisor in a submitted job's driver (ray._private.runtime_env.constants).
+_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # enough to sniff any image format or video container (MPEG-TS: 3 packets)
 _TRUE_LABEL_COLUMNS = {"label": "true_class_id", "label_name": "true_label"}
 
 
@@ -365,8 +367,8 @@ def build_dataset(cfg: BatchJobConfig, settings: Settings, job: JobInput, card: 
             num_cpus=cfg.decode_cpus,
         )
     else:
-        ds = ray.data.read_parquet(
-            list(job.paths), columns=[job.image_column, job.key_column, *job.passthrough], num_cpus=cfg.decode_cpus
+        ds = ray.data.read_parquet(list(job.paths), num_cpus=cfg.decode_cpus).select_columns(
+            [job.image_column, job.key_column, *job.passthrough]  # pushed down into the read: other columns stay on disk
         )
     ds = ds.map_batches(
         _decode,
@@ -490,10 +492,14 @@ def connect_ray(settings: Settings, address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # Under `ray job submit` the job's own runtime_env applies, and Ray refuses a driver
+        # runtime_env that sets the same variables; the actors get ours per stage anyway
+        # (see build_dataset), so the driver adds nothing there.
+        submitted = _SUBMITTED_JOB_ENV in os.environ
         ray.init(
             address=address,
             namespace=RAY_NAMESPACE,
-            runtime_env=runtime_env(settings),
+            runtime_env=None if submitted else runtime_env(settings),
             log_to_driver=False,
             logging_level="WARNING",
         )
