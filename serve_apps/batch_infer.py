@@ -56,10 +56,11 @@ __all__ = [
 ]
 
 _PARQUET_MAGIC = b"PAR1"
-_HEAD_BYTES = 600
+_HEAD_BYTES = 600  # enough to sniff any image format or video container (MPEG-TS: 3 packets)
 # Set by Ray's job supervisor in a submitted job's driver (ray._private.runtime_env.constants).
-_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # enough to sniff any image format or video container (MPEG-TS: 3 packets)
-_TRUE_LABEL_COLUMNS = {"label": "true_class_id", "label_name": "true_label"}
+_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Ground-truth columns of our dataset schema, copied to the output when both are present.
+_TRUE_LABEL_COLUMNS = ("label", "label_name")
 
 
 class InputKind(str, enum.Enum):
@@ -185,18 +186,15 @@ def _parquet_input(paths: tuple[str, ...], cfg: BatchJobConfig) -> JobInput:
             f"Got Parquet without column {cfg.image_column!r} (columns: {sorted(names)}); "
             "expected encoded images there (set the image column)"
         )
-    if not (pa.types.is_binary(schema.field(cfg.image_column).type) or pa.types.is_large_binary(schema.field(cfg.image_column).type)):
-        raise ValueError(
-            f"Got column {cfg.image_column!r} of type {schema.field(cfg.image_column).type}; expected binary (encoded images)"
-        )
+    image_type = schema.field(cfg.image_column).type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise ValueError(f"Got column {cfg.image_column!r} of type {image_type}; expected binary (encoded images)")
     if cfg.id_column not in names:
         raise ValueError(
             f"Got Parquet without column {cfg.id_column!r} (columns: {sorted(names)}); "
             "expected a row id there (set the id column)"
         )
-    passthrough = tuple(c for c in _TRUE_LABEL_COLUMNS if c in names)
-    if set(passthrough) != set(_TRUE_LABEL_COLUMNS):
-        passthrough = ()  # ground truth only when both the id and the name are there
+    passthrough = _TRUE_LABEL_COLUMNS if set(_TRUE_LABEL_COLUMNS) <= names else ()
     return JobInput(InputKind.PARQUET, paths, cfg.image_column, cfg.id_column, passthrough)
 
 
@@ -246,7 +244,7 @@ def resolve_input(cfg: BatchJobConfig) -> JobInput:
     from visionfleet.video import sniff_container
 
     if sniff_container(head) is not None:
-        raise ValueError(f"{p} is a video; run it locally with `visionfleet infer VIDEO --model REF --out frames.parquet`")
+        raise ValueError(f"{p} is a video; run it with `visionfleet infer VIDEO --model REF --out frames.parquet`")
     raise ValueError(f"{p} is neither a Parquet file nor an image; expected a folder of images or Parquet")
 
 
@@ -347,9 +345,16 @@ class OrtPredictor:
             row[self.key_name] = str(batch["key"][i])
             row["model"], row["version"] = card.name, card.version
             if "label_name" in batch:
-                row["true_label"] = str(batch["label_name"][i])
-                row["true_class_id"] = int(batch["label"][i])
+                row["true_label"] = _opt(batch["label_name"][i], str)
+                row["true_class_id"] = _opt(batch["label"][i], int)
         return rows_to_table(rows, self.schema)
+
+
+def _opt(value: Any, kind: type) -> Any:
+    """A nullable input value: None (or NaN, as numpy shows a null number) stays None."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return kind(value)
 
 
 # --------------------------------------------------------------------------- the job
@@ -367,9 +372,9 @@ def build_dataset(cfg: BatchJobConfig, settings: Settings, job: JobInput, card: 
             num_cpus=cfg.decode_cpus,
         )
     else:
-        ds = ray.data.read_parquet(list(job.paths), num_cpus=cfg.decode_cpus).select_columns(
-            [job.image_column, job.key_column, *job.passthrough]  # pushed down into the read: other columns stay on disk
-        )
+        # select_columns is pushed down into the read: the other columns stay on disk.
+        columns = [job.image_column, job.key_column, *job.passthrough]
+        ds = ray.data.read_parquet(list(job.paths), num_cpus=cfg.decode_cpus).select_columns(columns)
     ds = ds.map_batches(
         _decode,
         batch_size=cfg.batch_size,

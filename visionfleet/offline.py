@@ -61,7 +61,9 @@ def load_offline_model(path: str | os.PathLike[str], opts: RuntimeOptions = Runt
 
         missing = set(DETECTION_OUTPUTS) - set(model.output_names)
         if missing:
-            raise ValueError(f"Got a detection model {model.ref} without outputs {sorted(missing)}; expected {DETECTION_OUTPUTS}")
+            raise ValueError(
+                f"Got a detection model {model.ref} without outputs {sorted(missing)}; expected {DETECTION_OUTPUTS}"
+            )
         model.output_names = list(DETECTION_OUTPUTS)
     return model
 

@@ -17,7 +17,8 @@ settings = Settings.from_env()  # $VISIONFLEET_HOME, made absolute
 config = BatchJobConfig(model=model, input=source, out=out, batch_size=64, max_actors=2, overwrite=True)
 connect_ray(settings, address=None)  # $RAY_ADDRESS, else this state dir's head, else a local Ray
 summary = run_batch_job(config, settings)
-print(f"{summary.model}:{summary.version}: {summary.rows} rows, {summary.errors} errors, {summary.images_per_s:.1f} images/s")
+print(f"{summary.model}:{summary.version}: {summary.rows} rows, {summary.errors} errors", end=", ")
+print(f"{summary.images_per_s:.1f} images/s")
 
 table = pads.dataset(out, format="parquet").to_table()
 good = table.filter(pc.is_null(table["error"]))

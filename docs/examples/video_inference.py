@@ -22,7 +22,8 @@ resolved = registry.resolve(model_ref)  # NAME[:VERSION|@ALIAS] -> one concrete 
 model = load_offline_model(registry.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=1))
 
 summary = infer_video(video, model, out, sampling=Sampling(fps=2.0), batch_size=16, overwrite=True)
-print(f"{summary.frames_inferred} of {summary.frames_seen} frames -> {summary.out} ({summary.frames_per_s:.0f} frames/s)")
+print(f"{summary.frames_inferred} of {summary.frames_seen} frames -> {summary.out}", end=" ")
+print(f"({summary.frames_per_s:.0f} frames/s)")
 
 # Collapse the per-frame labels into segments: [start_ms, label].
 segments: list[tuple[float, str]] = []

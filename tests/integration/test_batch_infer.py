@@ -49,7 +49,10 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
         path.write_bytes(data)
         files[str(path)] = data
     png = next(data for path, data in files.items() if path.endswith("/png.png"))
-    broken = {root / "class0" / "broken.jpg": b"\xff\xd8\xff\xe0 this is not a JPEG", root / "cut.png": png[: len(png) // 2]}
+    broken = {
+        root / "class0" / "broken.jpg": b"\xff\xd8\xff\xe0 this is not a JPEG",
+        root / "cut.png": png[: len(png) // 2],
+    }
     for path, data in broken.items():
         path.write_bytes(data)
         files[str(path)] = data
@@ -107,7 +110,8 @@ def test_parquet_dataset_job_matches_onnx_runtime_by_hand(ray_session, trained, 
         assert row["label"] == model.card.labels[int(p.argmax())]
         assert row["score"] == pytest.approx(float(p.max()), abs=1e-6)
     accuracy = np.mean([rows[t["id"]]["label"] == t["label_name"] for t in truth])
-    assert accuracy == pytest.approx(np.mean([model.card.labels[int(p.argmax())] == t["label_name"] for t, p in zip(truth, probs)]))
+    by_hand = np.mean([model.card.labels[int(p.argmax())] == t["label_name"] for t, p in zip(truth, probs)])
+    assert accuracy == pytest.approx(by_hand)
 
 
 def _driver_env(settings) -> dict[str, str]:
@@ -116,7 +120,9 @@ def _driver_env(settings) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "VISIONFLEET_HOME": str(settings.home)}
 
 
-def test_job_entrypoint_runs_as_a_separate_driver_from_any_directory(ray_session, trained, settings, tmp_path: Path) -> None:
+def test_job_entrypoint_runs_as_a_separate_driver_from_any_directory(
+    ray_session, trained, settings, tmp_path: Path
+) -> None:
     # A Parquet file in our schema, with one row whose image is corrupt.
     rows = read_split(trained.dataset, "holdout").slice(0, 20).to_pylist()
     rows.append({**rows[0], "id": "corrupt-1", "image": b"\x89PNG\r\n\x1a\nbroken"})
@@ -124,7 +130,8 @@ def test_job_entrypoint_runs_as_a_separate_driver_from_any_directory(ray_session
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     r = subprocess.run(
-        [sys.executable, "-m", "serve_apps.batch_infer", "--model", "tiny@production", "--input", str(tmp_path / "data.parquet"),
+        [sys.executable, "-m", "serve_apps.batch_infer", "--model", "tiny@production",
+         "--input", str(tmp_path / "data.parquet"),
          "--out", str(tmp_path / "out"), "--batch-size", "8", "--max-actors", "1"],
         capture_output=True, text=True, cwd=elsewhere, env=_driver_env(settings), timeout=300,
     )
@@ -139,7 +146,8 @@ def test_job_entrypoint_runs_as_a_separate_driver_from_any_directory(ray_session
 
 def test_batch_docs_example_runs(ray_session, trained, settings, tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, str(REPO / "docs/examples/batch_inference.py"), "tiny:1", str(trained.dataset), str(tmp_path / "res")],
+        [sys.executable, str(REPO / "docs/examples/batch_inference.py"),
+         "tiny:1", str(trained.dataset), str(tmp_path / "res")],
         capture_output=True, text=True, cwd=REPO, env=_driver_env(settings), timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]

@@ -22,7 +22,14 @@ from typer.testing import CliRunner
 from visionfleet.cli import app
 from visionfleet.imaging import ResizeMode, encode_image, load_for_model
 from visionfleet.inference import RuntimeOptions, classification_result, confidence_stats, load_model_dir
-from visionfleet.offline import error_row, load_offline_model, preprocess_encoded, result_rows, result_schema, rows_to_table
+from visionfleet.offline import (
+    error_row,
+    load_offline_model,
+    preprocess_encoded,
+    result_rows,
+    result_schema,
+    rows_to_table,
+)
 from visionfleet.registry import Registry
 from visionfleet.spec import ModelCard, Task
 from visionfleet.video import (
@@ -147,7 +154,9 @@ def test_our_test_videos_are_sniffed_and_probed(videos: dict[str, Path]) -> None
 
 
 # ----------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("kwargs", [{"every": 0}, {"fps": 0.0}, {"fps": -1.0}, {"fps": float("nan")}, {"every": 2, "fps": 5.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"every": 0}, {"fps": 0.0}, {"fps": -1.0}, {"fps": float("nan")}, {"every": 2, "fps": 5.0}]
+)
 def test_bad_sampling_is_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="Got"):
         Sampling(**kwargs)
@@ -176,7 +185,9 @@ def test_frame_sampling_picks_exact_frames_and_timestamps(
 
 # ----------------------------------------------------------------------------- parity with serving
 @pytest.mark.parametrize("mode", list(ResizeMode))
-def test_frame_input_equals_the_server_preprocessing_of_the_same_picture(videos: dict[str, Path], mode: ResizeMode) -> None:
+def test_frame_input_equals_the_server_preprocessing_of_the_same_picture(
+    videos: dict[str, Path], mode: ResizeMode
+) -> None:
     for bgr in _decoded_frames(videos["avi"])[:5]:
         png = encode_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), "png")  # lossless: the same picture
         served, served_info = load_for_model(png, (24, 20), mode)
@@ -194,7 +205,8 @@ def test_video_rows_match_the_model_run_by_hand(
     out = tmp_path / f"frames.{fmt}"
     progress: list[int] = []
     summary = infer_video(videos["mp4"], model, out, batch_size=7, sampling=Sampling(every=2), on_seen=progress.append)
-    assert (summary.frames_seen, summary.frames_inferred, summary.declared_frames) == (N_FRAMES, N_FRAMES // 2, N_FRAMES)
+    counts = (summary.frames_seen, summary.frames_inferred, summary.declared_frames)
+    assert counts == (N_FRAMES, N_FRAMES // 2, N_FRAMES)
     assert sum(progress) == N_FRAMES and not summary.truncated
     rows = pq.read_table(out).to_pylist() if fmt == "parquet" else [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["frame"] for r in rows] == list(range(0, N_FRAMES, 2))
@@ -342,14 +354,19 @@ def _images_folder(root: Path) -> Path:
     return root
 
 
-def test_decode_and_predictor_without_ray_give_one_row_per_input(home: Path, registered: Registry, tmp_path: Path) -> None:
+def test_decode_and_predictor_without_ray_give_one_row_per_input(
+    home: Path, registered: Registry, tmp_path: Path
+) -> None:
     import pyarrow as pa
 
     from serve_apps.batch_infer import OrtPredictor, _decode
 
     folder = _images_folder(tmp_path / "imgs")
     paths = sorted(p for p in folder.rglob("*") if p.suffix in {".jpg", ".png"})
-    batch = {"bytes": np.array([p.read_bytes() for p in paths], dtype=object), "path": np.array([str(p) for p in paths], dtype=object)}
+    batch = {
+        "bytes": np.array([p.read_bytes() for p in paths], dtype=object),
+        "path": np.array([str(p) for p in paths], dtype=object),
+    }
     card = registered.card("colour", 1)
     decoded = _decode(batch, card=card, max_pixels=1_000_000, image_column="bytes", key_column="path", passthrough=())
     predictor = OrtPredictor("colour:1", threads=1, top_k=2, key_fields=[pa.field("path", pa.string())])
@@ -438,7 +455,8 @@ def test_bad_job_config_is_refused(kw: dict, needle: str) -> None:
 
 def test_job_entrypoint_reports_bad_input_with_exit_2(home: Path, tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "serve_apps.batch_infer", "--model", "demo:1", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "serve_apps.batch_infer", "--model", "demo:1",
+         "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert r.returncode == 2 and "error: no such file or folder" in r.stderr and "Traceback" not in r.stderr
@@ -452,7 +470,8 @@ def invoke(*args: str):
 
 def test_cli_runs_a_video_and_prints_json(registered: Registry, videos: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "frames.jsonl"
-    r = invoke("infer", str(videos["avi"]), "--model", "colour@production", "--out", str(out), "--fps", "2", "--batch", "3", "--json")
+    r = invoke("infer", str(videos["avi"]), "--model", "colour@production", "--out", str(out),
+               "--fps", "2", "--batch", "3", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout[r.stdout.index("{"):])
     assert (doc["frames_seen"], doc["frames_inferred"], doc["model"], doc["version"]) == (N_FRAMES, 8, "colour", 1)
@@ -504,7 +523,8 @@ def test_cli_bad_arguments_exit_2_with_a_message_before_any_work(
 
 def test_docs_video_example_runs(registered: Registry, videos: dict[str, Path], tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, str(REPO / "docs/examples/video_inference.py"), str(videos["mp4"]), "colour", str(tmp_path / "f.jsonl")],
+        [sys.executable, str(REPO / "docs/examples/video_inference.py"),
+         str(videos["mp4"]), "colour", str(tmp_path / "f.jsonl")],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert r.returncode == 0, r.stderr

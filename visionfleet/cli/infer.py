@@ -40,13 +40,16 @@ def _is_video(source: str) -> bool:
 def _refuse(options: dict[str, Any], applies_to: str) -> None:
     given = [name for name, value in options.items() if value not in (None, False)]
     if given:
-        raise ValueError(f"Got {', '.join(given)}; {'it applies' if len(given) == 1 else 'they apply'} only to {applies_to}")
+        verb = "it applies" if len(given) == 1 else "they apply"
+        raise ValueError(f"Got {', '.join(given)}; {verb} only to {applies_to}")
 
 
 @app.command()
 @cli_errors
 def infer(
-    source: Annotated[str, typer.Argument(help="video file, folder of images, Parquet file/folder, dataset folder or URI")],
+    source: Annotated[
+        str, typer.Argument(help="video file, folder of images, Parquet file/folder, dataset folder or URI")
+    ],
     model: Annotated[str, typer.Option(help="NAME[:VERSION|@ALIAS]")],
     out_path: Annotated[
         str, typer.Option("--out", help="video: frames.parquet or frames.jsonl; images/Parquet: an output folder")
@@ -62,12 +65,18 @@ def infer(
     top_k: Annotated[int, typer.Option(help="classes kept in probs")] = 5,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (per actor for jobs)")] = 1,
     split: Annotated[Optional[str], typer.Option(help="dataset folder: the split to run (default: all)")] = None,
-    image_column: Annotated[Optional[str], typer.Option(help="Parquet: column of encoded images (default image)")] = None,
+    image_column: Annotated[
+        Optional[str], typer.Option(help="Parquet: column of encoded images (default image)")
+    ] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Parquet: column of row ids (default id)")] = None,
-    min_actors: Annotated[Optional[int], typer.Option(help="jobs: smallest ONNX Runtime actor pool (default 1)")] = None,
+    min_actors: Annotated[
+        Optional[int], typer.Option(help="jobs: smallest ONNX Runtime actor pool (default 1)")
+    ] = None,
     max_actors: Annotated[Optional[int], typer.Option(help="jobs: largest ONNX Runtime actor pool (default 2)")] = None,
     actor_cpus: Annotated[Optional[float], typer.Option(help="jobs: logical CPUs per actor (default 0.5)")] = None,
-    address: Annotated[Optional[str], typer.Option(help="jobs: Ray address (default: this state dir's head, else a local Ray)")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="jobs: Ray address (default: this state dir's head, else a local Ray)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -83,7 +92,9 @@ def infer(
     }
     if _is_video(source):
         _refuse(job_only, "folder and Parquet jobs")
-        doc = _video(source, model, out_path, every, fps, allow_truncated, batch or _VIDEO_BATCH, top_k, threads, overwrite)
+        doc = _video(
+            source, model, out_path, every, fps, allow_truncated, batch or _VIDEO_BATCH, top_k, threads, overwrite
+        )
         if not as_json:
             out.print(
                 f"{doc['frames_inferred']} of {doc['frames_seen']} frames -> {doc['out']}  "
