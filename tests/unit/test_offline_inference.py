@@ -531,3 +531,77 @@ def test_docs_video_example_runs(registered: Registry, videos: dict[str, Path], 
     assert "mp4/mov FMP4 64x48 @ 10 fps, 40 frames" in r.stdout  # OpenCV's mp4v writes the FMP4 tag
     assert "8 of 40 frames" in r.stdout
     assert "   0.00 s  blue\n   0.50 s  red\n   1.00 s  green\n" in r.stdout
+
+
+# ----------------------------------------------------------------------------- a real detection model
+def _constant_detector(size: int) -> onnx.ModelProto:
+    """A YOLO-style head with four fixed anchors [1, 4 + 3, 4] (cx, cy, w, h, 3 class scores) for any image."""
+    anchors = np.array(
+        [
+            [30, 30, 20, 20, 0.9, 0.1, 0.0],  # car, kept
+            [32, 30, 20, 20, 0.8, 0.0, 0.0],  # car, suppressed by NMS
+            [31, 30, 20, 20, 0.1, 0.7, 0.0],  # person, kept (per-class NMS)
+            [70, 70, 10, 30, 0.0, 0.0, 0.6],  # dog, kept
+        ],
+        np.float32,
+    ).T[None]
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=0),  # [N]
+            helper.make_node("Reshape", ["m", "shape3"], ["m3"]),  # [N, 1, 1]
+            helper.make_node("Mul", ["m3", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "base"], ["output0"]),  # [N, 7, 4]
+        ],
+        "constant_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 7, 4])],
+        initializer=[
+            numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape3"),
+            numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero"),
+            numpy_helper.from_array(anchors, "base"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_a_detection_model_gives_boxes_in_original_pixels_for_frames_and_files(home: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from edge_export import importer as imp
+    from serve_apps.batch_infer import OrtPredictor, _decode
+
+    src = tmp_path / "head.onnx"
+    onnx.save(_constant_detector(100), str(src))
+    reg = Registry(home / "registry")
+    spec = imp.ImportSpec(
+        task=Task.DETECTION, labels=("car", "person", "dog"), input_size=(100, 100), resize=imp.ResizeMode.LETTERBOX,
+        detection=imp.DetectionOptions(score_threshold=0.25, iou_threshold=0.45, max_detections=5),
+    )
+    card = imp.import_onnx(src, reg, "det", spec)
+    # A 200x100 picture is letterboxed to 100x100 (scale 0.5, 25 px bars): x / 0.5, (y - 25) / 0.5.
+    want = [[40, 0, 80, 30], [42, 0, 82, 30], [130, 60, 150, 100]]
+    frame = np.full((100, 200, 3), 90, np.uint8)
+
+    w = cv2.VideoWriter(str(tmp_path / "wide.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (200, 100))
+    for _ in range(6):
+        w.write(frame)
+    w.release()
+    model = load_offline_model(reg.local_dir("det", card.version))
+    out = tmp_path / "det.parquet"
+    summary = infer_video(tmp_path / "wide.avi", model, out, batch_size=4)
+    rows = pq.read_table(out).to_pylist()
+    assert summary.frames_inferred == len(rows) == 6
+    assert pq.read_table(out).schema.field("detections").type.value_type.field("box").type == pa.list_(pa.float64(), 4)
+
+    png = encode_image(frame, "png")
+    batch = {"bytes": np.array([png, b"junk"], dtype=object), "path": np.array(["a.png", "b.png"], dtype=object)}
+    decoded = _decode(batch, card=card, max_pixels=1_000_000, image_column="bytes", key_column="path", passthrough=())
+    files = OrtPredictor(card.ref, threads=1, top_k=5, key_fields=[pa.field("path", pa.string())])(decoded).to_pylist()
+    assert files[1]["error"].startswith("UnsupportedImageFormat") and files[1]["detections"] is None
+    for row in [*rows, files[0]]:
+        assert (row["label"], row["count"], row["width"], row["height"]) == ("car", 3, 200, 100)
+        assert row["score"] == pytest.approx(0.9) and row["margin"] == pytest.approx(0.2)
+        assert [d["label"] for d in row["detections"]] == ["car", "person", "dog"]
+        np.testing.assert_allclose([d["box"] for d in row["detections"]], want, atol=1e-3)
