@@ -199,11 +199,18 @@ class Agent:
                         break
             self.idle_event.set()
             if net is not None and not self.cfg.watch:
-                # A one-shot run: give the network loop a chance to empty the outbox.
-                deadline = time.monotonic() + max(5.0, self.cfg.timeout_s * 2)
+                # A one-shot run: let the network loop empty the outbox; give up only when
+                # it stops making progress (the server is away), never while it drains.
+                patience = max(5.0, self.cfg.timeout_s * 2)
+                deadline = time.monotonic() + patience
+                last = None
                 while not self.stop_event.is_set() and time.monotonic() < deadline:
-                    if outbox.backlog()["records"] == 0 and self.shared.sync.get("ok"):
+                    b = outbox.backlog()
+                    left = b["records"] + b["samples"] + b["reports"]
+                    if left == 0 and self.shared.sync.get("ok"):
                         break
+                    if left != last:
+                        last, deadline = left, time.monotonic() + patience
                     self.stop_event.wait(0.2)
             elif net is not None:
                 self.stop_event.wait()
@@ -217,8 +224,13 @@ class Agent:
         return summary
 
     def _wait_for_model(self) -> bool:
+        # A one-shot run must end: it waits for a first model at most a couple of update checks.
+        deadline = None if self.cfg.watch else time.monotonic() + max(60.0, 2.5 * self.cfg.ota_interval_s)
         while self.shared.active is None:
             if self.stop_event.wait(0.5):
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                self.log("no model installed and none arrived over the air; stopping (--once)")
                 return False
         return True
 
@@ -403,7 +415,11 @@ class Agent:
         except ValueError as exc:
             self._note_ota(result="refused", error=str(exc))
             return
-        self._note_ota(result=decision.action, error=None, offered=decision.custom.get("bundle_id"))
+        offered = decision.custom.get("bundle_id")
+        if decision.action == "install" and offered in self.store.failed_ids():
+            self._note_ota(result="failed_before", error=None, offered=offered)
+            return  # it failed its health check here already; a fixed bundle comes with a new id
+        self._note_ota(result=decision.action, error=None, offered=offered)
         if decision.action != "install":
             return
         self.log(f"update: {decision.reason}")

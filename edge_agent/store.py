@@ -109,11 +109,17 @@ class ModelStore:
         except ValueError:
             return {"corrupt": True}
 
-    def _write_state(self, current: str | None, previous: str | None, event: dict[str, Any]) -> None:
+    def _write_state(self, current: str | None, previous: str | None, event: dict[str, Any],
+                     failed: str | None = None) -> None:
         old = self.state()
         events = (old.get("events") or [])[-(_EVENTS_KEPT - 1):] + [{**event, "at": time.time()}]
-        doc = {"current": current, "previous": previous, "events": events}
+        bad = [b for b in (old.get("failed") or []) if b != failed][-(_EVENTS_KEPT - 1):] + ([failed] if failed else [])
+        doc = {"current": current, "previous": previous, "failed": bad, "events": events}
         atomic_write(self.state_path, json.dumps(doc, indent=1).encode())
+
+    def failed_ids(self) -> list[str]:
+        """Bundles that failed their health check here: not tried again (a new publish has a new id)."""
+        return list(self.state().get("failed") or [])
 
     def current_id(self) -> str | None:
         return self.state().get("current")
@@ -274,7 +280,8 @@ class ModelStore:
             shutil.rmtree(final, ignore_errors=True)
             fsync_dir(self.models)
             self._write_state(previous, self.previous_id(),
-                              {"event": "health_failed", "bundle_id": m.bundle_id, "error": report.error})
+                              {"event": "health_failed", "bundle_id": m.bundle_id, "error": report.error},
+                              failed=m.bundle_id)
             return InstallResult("health_failed", m.bundle_id, m.model, m.version, previous, report.error,
                                  report.to_dict(), time.perf_counter() - t0)
         # The switch: one rename of state.json. Before it the old model is current, after it the new.

@@ -129,7 +129,15 @@ class TcpProxy:
     def start(self) -> "TcpProxy":
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
+        for attempt in range(50):  # the old listener may take a moment to go
+            try:
+                s.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if attempt == 49:
+                    s.close()
+                    raise
+                time.sleep(0.1)
         s.listen(256)
         self.port = s.getsockname()[1]
         self._listener = s
@@ -181,6 +189,11 @@ class TcpProxy:
         with self._lock:
             self.up = False
             if self._listener is not None:
+                try:
+                    # Wakes the thread blocked in accept(); close() alone leaves the port listening.
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             conns, self._conns = list(self._conns), set()

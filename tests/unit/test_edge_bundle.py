@@ -66,7 +66,7 @@ def toy_onnx(path: Path, size: int = SIZE, seed: int = 0, classes: int = 10) -> 
     return path
 
 
-def toy_registry(root: Path, *, versions: int = 1, size: int = SIZE):
+def toy_registry(root: Path, *, versions: int = 1, size: int = SIZE, n_train: int = 60):
     """A registry with ``toy:1..versions`` (different weights), its card pointing at a real dataset."""
     from visionfleet.datasets.store import synthesize
     from visionfleet.registry import Registry
@@ -74,7 +74,7 @@ def toy_registry(root: Path, *, versions: int = 1, size: int = SIZE):
 
     ds = root / "datasets" / "toyds"
     if not ds.exists():
-        synthesize(ds, n_train=60, n_holdout=24, size=24, seed=1)
+        synthesize(ds, n_train=n_train, n_holdout=24, size=24, seed=1)
     reg = Registry(root / "registry")
     have = len(reg.versions("toy")) if "toy" in reg.list_models() else 0
     for v in range(have, versions):
