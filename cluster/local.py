@@ -229,8 +229,14 @@ def connect(settings: Settings, *, log_to_driver: bool = False):
     return info
 
 
-def init_embedded(settings: Settings, *, num_cpus: int | None = None, log_to_driver: bool = False) -> None:
-    """Start an in-process local Ray (or reuse the one already started)."""
+def init_embedded(
+    settings: Settings, *, num_cpus: int | None = None, log_to_driver: bool = False, metrics_port: int | None = None
+) -> None:
+    """Start an in-process local Ray (or reuse the one already started).
+
+    ``metrics_port`` exposes Prometheus metrics (``ray.util.metrics`` and
+    ``ray.serve.metrics``) at ``http://127.0.0.1:<port>/metrics``.
+    """
     import ray
 
     _quiet_driver_logs()
@@ -246,6 +252,7 @@ def init_embedded(settings: Settings, *, num_cpus: int | None = None, log_to_dri
         include_dashboard=False,
         log_to_driver=log_to_driver,
         logging_level="WARNING",
+        **({"_metrics_export_port": metrics_port} if metrics_port else {}),
     )
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "ReplicaUserConfig"]
+__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "ReplicaUserConfig", "SamplingConfig", "MonitoringConfig"]
 
 
 class ReplicaConfig(BaseModel):
@@ -38,6 +38,36 @@ class IngressConfig(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="wait for that group to fill")
 
 
+class SamplingConfig(BaseModel):
+    """Active learning: which predictions go to the labeling queue (see visionfleet.sampling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    low_confidence: float = Field(default=0.6, ge=0, le=1, description="sample when top-1 confidence is below this")
+    margin: float = Field(default=0.15, ge=0, le=1, description="…or when top-1 minus top-2 is below this")
+    random_share: float = Field(default=0.02, ge=0, le=1, description="…plus this share of all traffic, at random")
+    rate_per_s: float = Field(default=20.0, gt=0, description="global token-bucket rate of kept samples")
+    burst: int = Field(default=200, ge=1)
+    per_class_cap: int = Field(default=500, ge=1, description="kept samples per predicted class per period")
+    period_s: float = Field(default=3600.0, gt=0)
+    max_image_bytes: int = Field(default=1024 * 1024, ge=1024, description="larger originals are stored resized")
+
+
+class MonitoringConfig(BaseModel):
+    """Windows and drift thresholds of the per-version monitor (see visionfleet.monitoring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference_size: int = Field(default=300, ge=20, description="first predictions of a version = its reference")
+    window_size: int = Field(default=300, ge=20, description="predictions in the current window")
+    low_confidence: float = Field(default=0.5, ge=0, le=1, description="below this a prediction counts as low-confidence")
+    psi: float = Field(default=0.25, gt=0, description="PSI above which a signal drifts (with KS)")
+    ks_alpha: float = Field(default=0.001, gt=0, lt=1)
+    min_samples: int = Field(default=100, ge=10)
+    wandb: bool = Field(default=True, description="log window metrics to W&B (offline unless configured)")
+
+
 class AppConfig(BaseModel):
     """Everything ``build_app`` needs; also the shape of the YAML Serve config's args."""
 
@@ -51,6 +81,8 @@ class AppConfig(BaseModel):
     admin_token: str | None = Field(default=None, description="bearer token of the admin routes (None: admin routes refuse everything)")
     telemetry: bool = Field(default=True, description="send prediction events to the TelemetrySink")
     ray_namespace: str = Field(default="visionfleet", description="namespace of the detached helper actors")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 

@@ -138,6 +138,7 @@ class Ingress:
 
             self.sink = get_or_create_sink(self.cfg.home, self.cfg.ray_namespace)
             self.telemetry = TelemetryClient(self.sink)
+            self.sink.configure.remote(self.cfg.monitoring.model_dump(), self.cfg.sampling.model_dump())
         self._m = _metrics()
         self._shadow_tasks: set[asyncio.Task] = set()
         self._ingress_batches = 0
@@ -245,7 +246,7 @@ class Ingress:
     def record(self, *, request_id: str, role: str, route: Route, resolved: "ResolvedModel | None", card: "ModelCard | None",
                status: int, latency_ms: float, result: "dict | None" = None, outputs_row: "np.ndarray | None" = None,
                img: "np.ndarray | None" = None, info: "ResizeInfo | None" = None, client_key: "str | None" = None,
-               error: "str | None" = None) -> None:
+               error: "str | None" = None, data: "bytes | None" = None) -> None:
         """Metrics always; a telemetry event when the sink is on. Never raises."""
         try:
             model = resolved.name if resolved else parse_ref(route.ref).name
@@ -287,9 +288,34 @@ class Ingress:
             if img is not None:
                 ev.update(input_stats(img))
             self.telemetry.add(make_event(**ev))
+            if role == "primary" and result is not None and img is not None:
+                self._maybe_sample(ev, data, img)
             self._m["telemetry_dropped"].set(self.telemetry.dropped)
         except Exception:  # noqa: BLE001 - telemetry must never fail a request
             logger.exception("telemetry record failed")
+
+    def _maybe_sample(self, ev: dict, data: "bytes | None", img: np.ndarray) -> None:
+        """Offer an unsure prediction (or a random share) to the active-learning sampler."""
+        from visionfleet.imaging import encode_image
+        from visionfleet.sampling import SamplingPolicy, is_candidate
+
+        sc = self.cfg.sampling
+        if not sc.enabled:
+            return
+        reason = is_candidate(
+            SamplingPolicy(low_confidence=sc.low_confidence, margin=sc.margin, random_share=sc.random_share),
+            float(ev.get("confidence") or 0.0), ev.get("margin"), self._rng.random(),
+        )
+        if reason is None:
+            return
+        # Keep the original when it is small; else the model input (the label still applies).
+        image = data if data is not None and len(data) <= sc.max_image_bytes else encode_image(img, "png")
+        self.telemetry.add_sample({  # type: ignore[union-attr]
+            "sample_id": ev["request_id"], "ts": ev.get("ts") or time.time(), "source": ev.get("source"),
+            "model": ev.get("model"), "version": ev.get("version"), "predicted": ev.get("label"),
+            "confidence": ev.get("confidence"), "margin": ev.get("margin"), "reason": reason, "image": image,
+            "width": ev.get("width"), "height": ev.get("height"),
+        })
 
     def shadow(self, route: Route, request_id: str, data: bytes, primary: "tuple[ModelCard, np.ndarray, ResizeInfo]",
                client_key: "str | None") -> None:
@@ -386,7 +412,7 @@ class Ingress:
         self.record(request_id=request_id, role="primary", route=route, resolved=resolved, card=card, status=200,
                     latency_ms=latency_ms, result=res,
                     outputs_row=outputs[0][0] if card.task is Task.CLASSIFICATION else None,
-                    img=img, info=info, client_key=client_key)
+                    img=img, info=info, client_key=client_key, data=inp.images[0])
         return {
             "request_id": request_id,
             "model": resolved.name,

@@ -125,3 +125,21 @@ async def reweight_experiment(request: Request, name: str) -> Dict[str, Any]:
     require_admin(request, ingress().cfg.admin_token)
     body = await _json(request, WeightsBody)
     return await _call(_sink().exp_reweight, name, body.weights)
+
+
+@api.get("/v1/labeling/pending")
+async def labeling_pending(request: Request, limit: int = 1000) -> Dict[str, Any]:
+    """Samples waiting for a label (ids and predictions; label them with /v1/feedback)."""
+    require_admin(request, ingress().cfg.admin_token)
+    if not 1 <= limit <= 100_000:
+        raise ApiError(400, "limit must be 1..100000")
+    sink = _sink()
+    return {"pending": await _call(sink.labeling_pending, limit), "counts": await _call(sink.labeling_counts)}
+
+
+@api.get("/v1/monitor")
+async def monitor(request: Request, model: str = "") -> Dict[str, Any]:
+    """Per-version windows (confidence, low-confidence rate, accuracy where labeled) and drift."""
+    require_admin(request, ingress().cfg.admin_token)
+    sink = _sink()
+    return {"versions": await _call(sink.monitor_snapshot, model or None), "telemetry": await _call(sink.stats)}

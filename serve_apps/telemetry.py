@@ -56,11 +56,22 @@ class TelemetrySinkImpl:
         self._arms: dict[str, dict[str, ArmAccumulator]] = {}
         self._shadow: dict[str, dict[str, float]] = {}
         self._label_cache: dict[tuple[str, int], list[str]] = {}
-        self.counters = {"received": 0, "duplicates": 0, "written": 0, "labels": 0, "labels_late": 0, "dropped_reported": 0}
+        self._monitors: dict[tuple[str, int], Any] = {}
+        self._monitoring = None  # MonitoringConfig; set by configure()
+        self._sampler = None  # ActiveSampler; set by configure()
+        self._queue = None  # LabelingQueue, opened lazily
+        self.counters = {"received": 0, "duplicates": 0, "written": 0, "labels": 0, "labels_late": 0, "dropped_reported": 0,
+                         "samples_offered": 0, "samples_kept": 0}
 
     # -------------------------------------------------------------- events
-    def record(self, events: list[dict[str, Any]], dropped: int = 0) -> int:
+    def record(self, events: list[dict[str, Any]], dropped: int = 0, samples: list[dict[str, Any]] | None = None) -> int:
         accepted = 0
+        if samples:
+            try:
+                self.offer_samples(samples)
+            except Exception:  # noqa: BLE001 - a labeling-queue problem must not lose the events
+                logger.exception("offering samples failed")
+        late: list[tuple[str, str]] = []
         with self._lock:
             self.counters["dropped_reported"] += int(dropped)
             for ev in events:
@@ -72,12 +83,19 @@ class TelemetrySinkImpl:
                 self._buffer.append(ev)
                 accepted += 1
                 self._aggregate(ev)
+                self._monitor_event(ev)
                 label = self._pending_labels.pop(ev["request_id"], None) if ev.get("role") == "primary" else None
                 if label is not None:
                     self._apply_label(ev, label)
+                    late.append((ev["request_id"], label))
             self.counters["received"] += accepted
             if len(self._buffer) >= self._flush_rows:
                 self._flush_locked()
+        if late:  # labels that arrived before their event reach the labeling queue now
+            try:
+                self.labeling_queue().add_labels(late, labeler="feedback")
+            except Exception:  # noqa: BLE001
+                logger.exception("labeling queue update failed")
         return accepted
 
     def _remember(self, key: tuple[str, str], ev: dict[str, Any]) -> None:
@@ -122,6 +140,99 @@ class TelemetrySinkImpl:
         s["agree"] += int(primary.get("label") == shadow.get("label"))
         s["primary_conf_sum"] += float(primary.get("confidence") or 0.0)
 
+    # -------------------------------------------------------------- monitoring
+    def configure(self, monitoring: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None) -> None:
+        """Monitoring windows and sampling limits (the ingress passes its AppConfig's)."""
+        from serve_apps.config import MonitoringConfig, SamplingConfig
+        from visionfleet.sampling import ActiveSampler, SamplingPolicy
+
+        with self._lock:
+            if monitoring is not None:
+                self._monitoring = MonitoringConfig.model_validate(monitoring)
+            if sampling is not None:
+                sc = SamplingConfig.model_validate(sampling)
+                self._sampler = ActiveSampler(SamplingPolicy(
+                    low_confidence=sc.low_confidence, margin=sc.margin, random_share=sc.random_share,
+                    rate_per_s=sc.rate_per_s, burst=sc.burst, per_class_cap=sc.per_class_cap, period_s=sc.period_s,
+                ))
+
+    def _monitor_cfg(self):
+        if self._monitoring is None:
+            from serve_apps.config import MonitoringConfig
+
+            self._monitoring = MonitoringConfig()
+        return self._monitoring
+
+    def _monitor_for(self, model: str, version: int):
+        from visionfleet.monitoring import VersionMonitor
+
+        key = (model, int(version))
+        mon = self._monitors.get(key)
+        if mon is None:
+            cfg = self._monitor_cfg()
+            mon = VersionMonitor(cfg.reference_size, cfg.window_size, cfg.low_confidence)
+            self._monitors[key] = mon
+        return mon
+
+    def _monitor_event(self, ev: dict[str, Any]) -> None:
+        if ev.get("role") != "primary" or ev.get("status") != 200 or ev.get("version") is None or not ev.get("model"):
+            return
+        ev["_seq"] = self._monitor_for(str(ev["model"]), int(ev["version"])).add(ev)
+
+    def monitor_snapshot(self, model: str | None = None) -> dict[str, Any]:
+        """Window metrics and drift per ``model:version`` (what W&B, Prometheus and the policy read)."""
+        from visionfleet.monitoring import DriftThresholds
+
+        cfg = self._monitor_cfg()
+        th = DriftThresholds(psi=cfg.psi, ks_alpha=cfg.ks_alpha, class_psi=cfg.psi, min_samples=cfg.min_samples)
+        with self._lock:
+            items = [(k, m) for k, m in self._monitors.items() if model is None or k[0] == model]
+            return {f"{k[0]}:{k[1]}": m.snapshot(th) for k, m in items}
+
+    def reset_reference(self, model: str, version: int) -> bool:
+        with self._lock:
+            mon = self._monitors.get((model, int(version)))
+            if mon is None:
+                return False
+            mon.reset_reference()
+            return True
+
+    # -------------------------------------------------------------- active learning
+    def offer_samples(self, samples: list[dict[str, Any]]) -> int:
+        """Candidates from the ingress (with image bytes); the sampler keeps some for labeling."""
+        import hashlib
+
+        if not samples:
+            return 0
+        with self._lock:
+            if self._sampler is None:
+                self.configure(sampling={})
+            kept = []
+            for smp in samples:
+                self.counters["samples_offered"] += 1
+                digest = hashlib.sha1(smp["image"]).hexdigest()
+                if self._sampler.keep(predicted=smp.get("predicted"), image_hash=digest):
+                    kept.append(smp)
+        if not kept:
+            return 0
+        n = self.labeling_queue().append(kept)
+        with self._lock:
+            self.counters["samples_kept"] += n
+        return n
+
+    def labeling_queue(self):
+        if self._queue is None:
+            from visionfleet.labeling import LabelingQueue
+
+            self._queue = LabelingQueue(self.home)
+        return self._queue
+
+    def labeling_pending(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return self.labeling_queue().pending(limit)
+
+    def labeling_counts(self) -> dict[str, int]:
+        return self.labeling_queue().counts()
+
     # -------------------------------------------------------------- labels
     def feedback(self, request_id: str, label: str, ts: float | None = None) -> dict[str, Any]:
         ts = ts or time.time()
@@ -140,9 +251,15 @@ class TelemetrySinkImpl:
                 self.counters["labels_late"] += 1
                 if len(self._pending_labels) > _MAX_PENDING_LABELS:
                     self._pending_labels.popitem(last=False)
-                return {"matched": False}
-            self._apply_label(ev, label)
-            return {"matched": True, "model": ev.get("model"), "version": ev.get("version"), "correct": ev.get("label") == label}
+                result = {"matched": False}
+            else:
+                self._apply_label(ev, label)
+                result = {"matched": True, "model": ev.get("model"), "version": ev.get("version"), "correct": ev.get("label") == label}
+        try:  # a sampled request gets its label in the labeling queue too
+            self.labeling_queue().add_labels([(request_id, label)], labeler="feedback")
+        except Exception:  # noqa: BLE001
+            logger.exception("labeling queue update failed")
+        return result
 
     def _labels(self, model: str, version: int) -> list[str] | None:
         key = (model, version)
@@ -156,6 +273,10 @@ class TelemetrySinkImpl:
         return self._label_cache[key]
 
     def _apply_label(self, ev: dict[str, Any], label: str) -> None:
+        if ev.get("status") == 200 and ev.get("_seq") is not None:
+            self._monitor_for(str(ev["model"]), int(ev["version"])).add_outcome(
+                float(ev.get("confidence") or 0.0), ev.get("label") == label, int(ev["_seq"])
+            )
         exp = ev.get("experiment")
         if exp and ev.get("status") == 200:
             arm = self._arms.setdefault(exp, {}).setdefault(ev["variant"], ArmAccumulator(ev["variant"]))
@@ -244,6 +365,9 @@ class TelemetrySink(TelemetrySinkImpl):
         self._stop = threading.Event()
         self._interval = flush_interval_s
         self._tick_interval = tick_interval_s
+        self._gauges: dict[str, Any] | None = None
+        self._wandb_runs: dict[str, Any] = {}
+        self._last_logged: dict[str, float] = {}
         self._thread = threading.Thread(target=self._loop, name="vf-sink-loop", daemon=True)
         self._thread.start()
 
@@ -271,6 +395,103 @@ class TelemetrySink(TelemetrySinkImpl):
                     self.coordinator.tick()
                 except Exception:  # noqa: BLE001
                     logger.exception("experiment tick failed")
+                try:
+                    self.export_monitoring()
+                except Exception:  # noqa: BLE001
+                    logger.exception("monitoring export failed")
+
+    def export_monitoring(self) -> dict[str, Any]:
+        """Publish the window metrics: Prometheus gauges and one W&B run per version.
+
+        These are the numbers the retraining policy reads (``monitor_snapshot``), so
+        what a dashboard shows is what triggers a retrain.
+        """
+        snap = self.monitor_snapshot()
+        g = self._prometheus()
+        for key, doc in snap.items():
+            model, _, version = key.rpartition(":")
+            tags = {"model": model, "model_version": version}
+            cur = doc["current"]
+            if "confidence/mean" in cur:
+                g["conf_mean"].set(cur["confidence/mean"], tags=tags)
+                g["low_rate"].set(cur["confidence/low_rate"], tags=tags)
+            g["window_n"].set(cur.get("n", 0.0), tags=tags)
+            if "labeled/accuracy" in cur:
+                g["accuracy"].set(cur["labeled/accuracy"], tags=tags)
+            drift = doc.get("drift")
+            g["drift"].set(1.0 if drift and drift["drifted"] else 0.0, tags=tags)
+            for sig in (drift or {}).get("signals", []):
+                g["psi"].set(sig["psi"], tags={**tags, "signal": sig["signal"]})
+            self._log_wandb(model, version, doc)
+        counts = self.labeling_counts()
+        g["queue"].set(counts["pending"], tags={"state": "pending"})
+        g["queue"].set(counts["labeled"], tags={"state": "labeled"})
+        g["dropped"].set(self.counters["dropped_reported"], tags={})
+        return snap
+
+    def _prometheus(self) -> dict[str, Any]:
+        if self._gauges is None:
+            from ray.util.metrics import Gauge
+
+            vt = ("model", "model_version")
+            self._gauges = {
+                "conf_mean": Gauge("vf_confidence_mean", "confidence/mean of the current window", tag_keys=vt),
+                "low_rate": Gauge("vf_confidence_low_rate", "confidence/low_rate of the current window", tag_keys=vt),
+                "window_n": Gauge("vf_window_predictions", "predictions in the current window", tag_keys=vt),
+                "accuracy": Gauge("vf_labeled_accuracy", "accuracy of labeled predictions in the window", tag_keys=vt),
+                "drift": Gauge("vf_drift_detected", "1 when the current window drifted from the reference", tag_keys=vt),
+                "psi": Gauge("vf_drift_psi", "PSI of a signal against the reference", tag_keys=vt + ("signal",)),
+                "queue": Gauge("vf_labeling_queue", "samples in the labeling queue", tag_keys=("state",)),
+                "dropped": Gauge("vf_telemetry_dropped_total", "events the ingress dropped because the sink was behind"),
+            }
+        return self._gauges
+
+    def _log_wandb(self, model: str, version: str, doc: dict[str, Any]) -> None:
+        """One W&B run per version (group ``monitor:<model>``), keys ``confidence/mean`` etc."""
+        cfg = self._monitor_cfg()
+        if not cfg.wandb:
+            return
+        key = f"{model}:{version}"
+        cur = {k: v for k, v in doc["current"].items()}
+        if doc.get("drift"):
+            cur["drift/detected"] = float(doc["drift"]["drifted"])
+            for sig in doc["drift"]["signals"]:
+                cur[f"drift/psi/{sig['signal']}"] = sig["psi"]
+        stamp = cur.get("n", 0.0) + 1e-6 * hash(tuple(sorted(cur.items())))
+        if self._last_logged.get(key) == stamp:
+            return  # nothing new since the last look
+        self._last_logged[key] = stamp
+        try:
+            run = self._wandb_runs.get(key)
+            if run is None:
+                import wandb
+
+                run = wandb.init(
+                    project="visionfleet",
+                    group=f"monitor:{model}",
+                    name=f"monitor-{model}-{version}",
+                    id=f"monitor-{model}-{version}",
+                    dir=str(self.home / "wandb"),
+                    config={"model": model, "version": version, **cfg.model_dump()},
+                    resume="allow",
+                    reinit="create_new",
+                )
+                self._wandb_runs[key] = run
+            run.log(cur)
+        except Exception:  # noqa: BLE001 - W&B is a view; it never stops monitoring
+            logger.exception("W&B monitor logging failed for %s", key)
+
+    def finish_wandb(self) -> int:
+        """Close the monitor runs (their summaries are written at finish)."""
+        n = 0
+        for key, run in list(self._wandb_runs.items()):
+            try:
+                run.finish()
+                n += 1
+            except Exception:  # noqa: BLE001
+                logger.exception("W&B finish failed for %s", key)
+            self._wandb_runs.pop(key, None)
+        return n
 
     def ping(self) -> str:
         return "ok"
@@ -350,6 +571,9 @@ class TelemetryClient:
         self._max_in_flight = max_in_flight
         self._max_buffer = max_buffer
         self._buf: list[dict[str, Any]] = []
+        self._samples: list[dict[str, Any]] = []
+        self._max_samples = 256
+        self.samples_dropped = 0
         self._in_flight: set[Any] = set()
         self.dropped = 0
         self._dropped_unreported = 0
@@ -367,6 +591,15 @@ class TelemetryClient:
             self._start()
         elif len(self._buf) >= self._batch and self._wake is not None:
             self._wake.set()
+
+    def add_sample(self, sample: dict[str, Any]) -> None:
+        """A labeling candidate (with image bytes); bounded, dropped when the sink is behind."""
+        if len(self._samples) >= self._max_samples:
+            self.samples_dropped += 1
+            return
+        self._samples.append(sample)
+        if self._task is None:
+            self._start()
 
     def _start(self) -> None:
         try:
@@ -389,7 +622,7 @@ class TelemetryClient:
         # Drop acknowledged batches; ObjectRefs are awaitable.
         done = {r for r in self._in_flight if _is_ready(r)}
         self._in_flight -= done
-        while self._buf:
+        while self._buf or self._samples:
             if len(self._in_flight) >= self._max_in_flight:
                 # The sink is behind: shed what would otherwise pile up.
                 overflow = max(0, len(self._buf) - self._max_buffer // 2)
@@ -399,8 +632,9 @@ class TelemetryClient:
                     self._dropped_unreported += overflow
                 return
             batch, self._buf = self._buf[: self._batch], self._buf[self._batch :]
+            samples, self._samples = self._samples, []
             try:
-                ref = self._sink.record.remote(batch, self._dropped_unreported)
+                ref = self._sink.record.remote(batch, self._dropped_unreported, samples)
                 self._dropped_unreported = 0
                 self._in_flight.add(ref)
                 self.sent += len(batch)

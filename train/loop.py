@@ -47,6 +47,7 @@ class TrainConfig:
     augment: bool = True
     init_checkpoint: str | None = None  # a model.pt to fine-tune from
     extra_datasets: tuple[str, ...] = ()  # more datasets whose train split joins the base
+    extra_repeat: int = 1  # repeat the extra datasets' images this many times (new data is scarce)
     limit_train: int | None = None
     wandb: bool = True
     wandb_project: str = "visionfleet"
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"Got {self.input_size} for input_size; expected 16..1024")
         if self.lr <= 0:
             raise ValueError(f"Got {self.lr} for lr; expected > 0")
+        if self.extra_repeat < 1:
+            raise ValueError(f"Got {self.extra_repeat} for extra_repeat; expected >= 1")
 
 
 @dataclass
@@ -211,13 +214,14 @@ def train_loop_per_worker(config: dict) -> None:
     info = read_info(Path(cfg.dataset))
     labels = info.labels
     xs, ys = [], []
-    for ds in (cfg.dataset, *cfg.extra_datasets):
+    for k, ds in enumerate((cfg.dataset, *cfg.extra_datasets)):
         ds_info = read_info(Path(ds))
         if ds_info.labels != labels:
             raise ValueError(f"dataset {ds} has labels {ds_info.labels}; expected {labels}")
         x, y = load_arrays(Path(ds), "train", size, cfg.resize, shard=(rank, world), limit=cfg.limit_train)
-        xs.append(x)
-        ys.append(y)
+        repeat = cfg.extra_repeat if k > 0 else 1
+        xs.extend([x] * repeat)
+        ys.extend([y] * repeat)
     x_train = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     y_train = torch.from_numpy(np.concatenate(ys))
     x_hold, y_hold = load_arrays(Path(cfg.dataset), "holdout", size, cfg.resize, shard=(rank, world))

@@ -16,39 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-
 from tests.integration.conftest import ADMIN_TOKEN
 from visionfleet.datasets.synth import CLASSES, render_sample
 from visionfleet.imaging import encode_image
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def ab_model(ray_session, settings) -> tuple[int, int]:
-    """Register abm:1 (systematically wrong) and abm:2 (trained); returns the versions."""
-    from train.loop import TrainConfig, fit
-    from train.pipeline import register_checkpoint
-    from visionfleet.datasets.store import load_arrays, synthesize
-    from visionfleet.registry import Registry
-
-    ds = settings.datasets_dir / "ab"
-    synthesize(ds, n_train=3000, n_holdout=300, size=48, seed=21)
-    cfg = TrainConfig(dataset=str(ds), arch={"arch": "resnet", "width": 16, "stem_stride": 2}, input_size=48,
-                      epochs=8, batch_size=64, wandb=False, run_name="it-ab-good")
-    good = fit(cfg, runs_dir=settings.runs_dir, wandb_dir=settings.home / "wandb")
-    blob = torch.load(good.checkpoint, weights_only=True)
-    for k in ("fc.weight", "fc.bias"):  # predict class c+1 where the model believes c
-        blob["state_dict"][k] = torch.roll(blob["state_dict"][k], shifts=1, dims=0)
-    bad_path = Path(good.run_dir) / "rotated.pt"
-    torch.save(blob, bad_path)
-    parity, _ = load_arrays(ds, "holdout", (48, 48), limit=32)
-    reg = Registry(settings.registry_dir)
-    v_bad = register_checkpoint(bad_path, reg, "abm", parity_images=parity, run_id="rotated").version
-    v_good = register_checkpoint(good.checkpoint, reg, "abm", parity_images=parity, run_id=good.run_id).version
-    assert reg.aliases("abm")["production"] == v_bad
-    return v_bad, v_good
 
 
 def _image(i: int) -> tuple[bytes, str]:

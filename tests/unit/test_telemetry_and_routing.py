@@ -95,7 +95,7 @@ def test_client_never_blocks_and_counts_drops() -> None:
             def __init__(self) -> None:
                 self.calls = []
 
-            def remote(self, batch, dropped):
+            def remote(self, batch, dropped, samples=None):
                 self.calls.append((len(batch), dropped))
                 return object()  # never becomes ready
 

@@ -24,6 +24,7 @@ def up(
     batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a batch to fill")] = 4.0,
     num_cpus: Annotated[int, typer.Option(help="CPUs the head offers (0: all)")] = 0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /healthz")] = 180.0,
+    retrain: Annotated[bool, typer.Option(help="start the retraining controller for --model")] = True,
 ) -> None:
     """Start (or join) the local head, deploy the app and wait until /healthz answers 200."""
     from ray import serve
@@ -63,6 +64,14 @@ def up(
         url = f"http://{host}:{port}/healthz"
         if not wait_http(url, timeout=timeout):
             raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s; see `visionfleet serve status`")
+    if retrain:
+        import ray
+
+        from train.controller import ControllerConfig, get_or_create_controller
+
+        ctl = get_or_create_controller(str(s.home), ControllerConfig(model=model))
+        ray.get(ctl.status.remote(), timeout=120)
+        err.print(f"retraining controller watching {model}@production (`visionfleet retrain status --model {model}`)")
     out.print(f"serving on http://{host}:{port} (Ray head {info.address}); stop with `visionfleet serve down`")
     err.print(f"admin token: {s.home / 'admin_token'} (or $VISIONFLEET_ADMIN_TOKEN)")
 

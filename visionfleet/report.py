@@ -1,0 +1,184 @@
+"""`visionfleet report`: one HTML page that shows what the closed loop did and why.
+
+Plots (PNG, embedded): confidence per version over time with drift, retrain and
+promotion markers; accuracy of labeled predictions per version over time; plus the
+timeline of the retraining controller and the experiments' decisions as tables.
+Reads only the state dir (event lake, feedback, retraining timeline, experiments).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_events", "write_loop_report"]
+
+_MARKERS = {
+    "degraded": ("#d62728", "drift / degradation detected"),
+    "triggered": ("#ff7f0e", "retrain triggered"),
+    "candidate": ("#9467bd", "candidate registered"),
+    "canary_started": ("#8c564b", "canary started"),
+    "promoted": ("#2ca02c", "promoted"),
+    "rolled_back": ("#7f7f7f", "rolled back"),
+    "retrain_failed": ("#000000", "retrain failed"),
+}
+
+
+def load_events(home: Path) -> dict[str, np.ndarray]:
+    """Primary, successful events of the lake as columns (ts, model, version, confidence, request_id)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted((Path(home) / "telemetry" / "events").rglob("part-*.parquet"))
+    cols = ["request_id", "role", "ts", "model", "version", "status", "confidence", "label", "source"]
+    if not parts:
+        return {c: np.array([]) for c in cols}
+    table = pa.concat_tables([pq.read_table(p, columns=cols) for p in parts])
+    d = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in cols}
+    keep = (d["role"] == "primary") & (d["status"] == 200)
+    out = {c: v[keep] for c, v in d.items()}
+    order = np.argsort(out["ts"].astype(float))
+    return {c: v[order] for c, v in out.items()}
+
+
+def _feedback(home: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    labels: dict[str, str] = {}
+    for p in sorted((Path(home) / "telemetry" / "feedback").rglob("part-*.parquet")):
+        t = pq.read_table(p)
+        labels.update(zip(t.column("request_id").to_pylist(), t.column("label").to_pylist()))
+    return labels
+
+
+def _rolling(values: np.ndarray, k: int) -> np.ndarray:
+    if len(values) == 0:
+        return values
+    k = max(1, min(k, len(values)))
+    c = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    out = np.empty(len(values))
+    for i in range(len(values)):
+        lo = max(0, i + 1 - k)
+        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _timeline(home: Path) -> list[dict[str, Any]]:
+    p = Path(home) / "retraining" / "timeline.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _experiments(home: Path) -> list[dict[str, Any]]:
+    d = Path(home) / "experiments"
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*/experiment.json"))] if d.is_dir() else []
+
+
+def _ts(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%H:%M:%S")
+
+
+def write_loop_report(home: Path, out: Path, *, model: str | None = None, window: int = 50,
+                      extra: dict[str, Any] | None = None) -> Path:
+    """Write the closed-loop report to ``out`` (HTML) and return its path.
+
+    Args:
+        home: the state dir.
+        out: the HTML file to write.
+        model: only this model (default: every model in the event lake).
+        window: predictions per rolling point in the plots.
+        extra: figures to show in a table at the top (e.g. the drift scenario's).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    home = Path(home)
+    ev = load_events(home)
+    if model is not None:
+        keep = ev["model"] == model
+        ev = {k: v[keep] for k, v in ev.items()}
+    timeline = [e for e in _timeline(home) if model is None or e.get("model") == model]
+    experiments = [e for e in _experiments(home) if model is None or e.get("model") == model]
+    fb = _feedback(home)
+    if len(ev["ts"]) == 0 and not timeline:
+        raise ValueError(f"nothing to report in {home}: no prediction events and no retraining timeline")
+    t0 = float(min([*ev["ts"].astype(float), *[e["at"] for e in timeline]]))
+    versions = sorted({(m, int(v)) for m, v in zip(ev["model"], ev["version"])})
+
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    for m, v in versions:
+        sel = (ev["model"] == m) & (ev["version"].astype(int) == v)
+        t = ev["ts"][sel].astype(float) - t0
+        axes[0].plot(t, _rolling(ev["confidence"][sel].astype(float), window), label=f"{m}:{v}")
+        ids = ev["request_id"][sel]
+        lab = np.array([fb.get(r) for r in ids], dtype=object)
+        has = np.array([x is not None for x in lab])
+        if has.any():
+            correct = (lab[has] == ev["label"][sel][has]).astype(float)
+            axes[1].plot(t[has], _rolling(correct, window), label=f"{m}:{v} ({int(has.sum())} labeled)")
+    for ax in axes:
+        for e in timeline:
+            if e["kind"] in _MARKERS:
+                color, _ = _MARKERS[e["kind"]]
+                ax.axvline(e["at"] - t0, color=color, linestyle="--", linewidth=1)
+    handles = [plt.Line2D([], [], color=c, linestyle="--", label=lbl) for c, lbl in _MARKERS.values()]
+    axes[0].set_ylabel(f"confidence (rolling {window})")
+    axes[0].legend(loc="lower left", fontsize=8)
+    axes[1].set_ylabel(f"accuracy of labeled (rolling {window})")
+    axes[1].set_xlabel("seconds")
+    axes[1].legend(handles=axes[1].get_legend_handles_labels()[0] + handles, loc="lower left", fontsize=8)
+    fig.suptitle("Confidence and accuracy per version, with drift, retrain and promotion markers")
+    plot = _png(fig)
+    plt.close(fig)
+
+    rows = []
+    for e in timeline:
+        info = {k: v for k, v in e.items() if k not in ("at", "model", "kind", "config", "trace", "run")}
+        rows.append(f"<tr><td>{_ts(e['at'])}</td><td>+{e['at'] - t0:.0f}s</td><td>{html.escape(e['kind'])}</td>"
+                    f"<td><code>{html.escape(json.dumps(info, default=str)[:600])}</code></td></tr>")
+    exp_rows = []
+    for x in experiments:
+        d = x.get("decision") or {}
+        arms = ", ".join(f"{a['name']}={a['model']} ({a['weight']:.0%})" for a in x["arms"])
+        exp_rows.append(f"<tr><td>{html.escape(x['name'])}</td><td>{html.escape(arms)}</td><td>{x['status']}</td>"
+                        f"<td>{html.escape(str(d.get('reason', '')))}</td></tr>")
+    per_version = []
+    for m, v in versions:
+        sel = (ev["model"] == m) & (ev["version"].astype(int) == v)
+        ids = ev["request_id"][sel]
+        lab = [(fb.get(r), p) for r, p in zip(ids, ev["label"][sel]) if fb.get(r) is not None]
+        acc = np.mean([a == b for a, b in lab]) if lab else float("nan")
+        per_version.append(f"<tr><td>{m}:{v}</td><td>{int(sel.sum())}</td><td>{ev['confidence'][sel].astype(float).mean():.4f}</td>"
+                           f"<td>{len(lab)}</td><td>{'-' if np.isnan(acc) else f'{acc:.4f}'}</td></tr>")
+    extra_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in (extra or {}).items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>visionfleet closed loop</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+table{{border-collapse:collapse;margin:1em 0}}code{{font-size:11px}}</style></head><body>
+<h1>visionfleet — the closed loop{' for ' + html.escape(model) if model else ''}</h1>
+<p>State dir <code>{html.escape(str(home))}</code>, {len(ev['ts'])} predictions, {len(fb)} labels, generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.</p>
+{'<h2>Figures</h2><table>' + extra_rows + '</table>' if extra_rows else ''}
+<img src="data:image/png;base64,{plot}" alt="confidence and accuracy per version" style="max-width:100%">
+<h2>Per version</h2><table><tr><th>version</th><th>predictions</th><th>mean confidence</th><th>labeled</th><th>accuracy (labeled)</th></tr>{''.join(per_version)}</table>
+<h2>Timeline of the retraining controller</h2><table><tr><th>time</th><th>since start</th><th>event</th><th>details</th></tr>{''.join(rows) or '<tr><td colspan=4>no events</td></tr>'}</table>
+<h2>Experiments</h2><table><tr><th>name</th><th>arms</th><th>status</th><th>decision</th></tr>{''.join(exp_rows) or '<tr><td colspan=4>none</td></tr>'}</table>
+</body></html>"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
