@@ -64,6 +64,15 @@ from visionfleet.cli import fleet as _fleet  # noqa: E402
 
 app.add_typer(_fleet.app, name="fleet")
 
+from visionfleet.cli import loop as _loop  # noqa: E402
+from visionfleet.cli import scenario as _scenario  # noqa: E402
+
+app.add_typer(_loop.monitor_app)
+app.add_typer(_loop.label_app, name="label")
+app.add_typer(_loop.retrain_app, name="retrain")
+app.add_typer(_loop.report_app)
+app.add_typer(_scenario.app, name="scenario")
+
 
 def main() -> None:
     app()
