@@ -51,7 +51,7 @@ from edge_agent.bundle import (
     read_manifest,
 )
 from visionfleet.registry import Registry
-from visionfleet.spec import Lineage, ModelCard, Task
+from visionfleet.spec import FileEntry, Lineage, ModelCard, Task
 from visionfleet.targets import ModelFormat, Precision, Target, TargetProfile, profile
 
 __all__ = [
@@ -380,8 +380,6 @@ def _build(card: ModelCard, src: Path, prof: TargetProfile, ds: Path, parent: Pa
         ),
         "description": f"edge bundle of {card.ref} for {prof.target.value}",
     })
-    from visionfleet.spec import FileEntry
-
     stored_card.files = [FileEntry(name=model_file, role=stored_card.format, bytes=model_bytes, sha256=model_sha)]
     (out / "card.json").write_text(stored_card.model_dump_json(indent=2))
     (out / "preprocessing.json").write_text(json.dumps({

@@ -494,11 +494,11 @@ def run_simulation(cfg: SimConfig, *, home: Path, server_url: str, work: Path | 
         key = str(devices.get(d, {}).get("bundle_id"))
         versions[key] = versions.get(key, 0) + 1
     ups = [x for x in fleet_db.updates(limit=100000) if x["device_id"] in fleet.ids]
-    bad_rows = [x for x in ups if b_bad is not None and x["bundle_id"] == f"{read_bid(b_bad)}"]
+    bad_rows = [x for x in ups if b_bad is not None and x["bundle_id"] == _bundle_id(b_bad)]
     rollbacks = sum(1 for x in ups if x["outcome"] in ("health_failed", "rolled_back"))
     halted = None
     if b_bad is not None:
-        halted = any(r["bundle_id"] == read_bid(b_bad) and r["status"] == "halted" for r in fleet_db.rollouts())
+        halted = any(r["bundle_id"] == _bundle_id(b_bad) and r["status"] == "halted" for r in fleet_db.rollouts())
     sync_failures = 0
     for d in fleet.ids:
         log = work / d / "agent.log"
@@ -509,16 +509,16 @@ def run_simulation(cfg: SimConfig, *, home: Path, server_url: str, work: Path | 
         outage_seconds=round(outage_seconds, 1), crashes=cfg.crashes, records_produced=produced,
         records_received=received, duplicates=rows - received, lost=lost, unexpected=unexpected,
         duplicates_refused_by_server=sum(int(devices.get(d, {}).get("duplicates") or 0) for d in fleet.ids),
-        start_bundle=start_doc["bundle_id"], update_bundle=read_bid(b_update),
-        bad_bundle=read_bid(b_bad) if b_bad is not None else None, bad_rollout_halted=halted,
+        start_bundle=start_doc["bundle_id"], update_bundle=_bundle_id(b_update),
+        bad_bundle=_bundle_id(b_bad) if b_bad is not None else None, bad_rollout_halted=halted,
         bad_update_tried=len({x["device_id"] for x in bad_rows}), rollbacks=rollbacks,
         convergence_s=round(convergence, 1) if convergence is not None else None,
-        converged_devices=sum(1 for d in fleet.ids if devices.get(d, {}).get("bundle_id") == read_bid(b_update)),
+        converged_devices=sum(1 for d in fleet.ids if devices.get(d, {}).get("bundle_id") == _bundle_id(b_update)),
         final_versions=versions, drained=drained, sync_failures_seen=sync_failures, timeline=timeline,
     )
 
 
-def read_bid(bundle: Path) -> str:
+def _bundle_id(bundle: Path) -> str:
     from edge_agent.bundle import read_manifest
 
     return read_manifest(bundle).bundle_id
