@@ -53,6 +53,61 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, f"internal error ({type(exc).__name__})")
 
 
+class AdmissionControl:
+    """Fast 503 when this ingress replica is full, 408 when a request takes too long.
+
+    A pure ASGI middleware (no per-request body buffering). Only inference routes are
+    guarded — ``/v1/predict*`` and ``/v2/models/…/infer`` — so health, metadata and admin
+    routes always answer. Limits come from the serving Ingress's config; outside a
+    replica (unit tests) nothing is limited.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    @staticmethod
+    def _guarded(path: str) -> bool:
+        return path.startswith("/v1/predict") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        import asyncio
+
+        if scope["type"] != "http" or not self._guarded(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        try:
+            ing = ingress()
+        except Exception:  # noqa: BLE001 - not inside a replica
+            await self.app(scope, receive, send)
+            return
+        cfg = ing.cfg.ingress
+        if ing.in_flight >= cfg.max_in_flight:
+            ing.count_rejected("ingress_full")
+            resp = error_response(503, "server at capacity; retry later", {"Retry-After": str(cfg.retry_after_s)})
+            await resp(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        ing.in_flight += 1
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracked_send), timeout=cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            ing.count_rejected("timeout")
+            if not started:
+                await error_response(408, f"request took longer than {cfg.request_timeout_s:g}s")(scope, receive, send)
+        finally:
+            ing.in_flight -= 1
+
+
+api.add_middleware(AdmissionControl)
+
+
 def ingress() -> Any:
     """The ``Ingress`` instance serving this request (for module-level routes)."""
     from ray import serve

@@ -67,6 +67,7 @@ def build_app(
         user_config=(replica_user_config or ReplicaUserConfig()).model_dump(mode="json", exclude_none=True),
         num_replicas=config.replica.num_replicas,
         max_ongoing_requests=config.replica.max_ongoing_requests,
+        max_queued_requests=config.replica.max_queued_requests,
         ray_actor_options={"num_cpus": config.replica.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(cfg)
     return Ingress.options(version=version, _internal=True).options(

@@ -21,6 +21,8 @@ class ReplicaConfig(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.004, ge=0, le=1, description="@serve.batch wait for a batch to fill")
     max_models_per_replica: int = Field(default=4, ge=1, le=64, description="LRU size of @serve.multiplexed")
     max_ongoing_requests: int = Field(default=64, ge=1, le=10_000, description="requests in flight per replica")
+    max_queued_requests: int = Field(default=256, ge=-1, le=100_000,
+                                     description="calls waiting for a replica before the ingress answers 503 (-1: no limit)")
 
 
 class IngressConfig(BaseModel):
@@ -30,12 +32,18 @@ class IngressConfig(BaseModel):
 
     num_replicas: int = Field(default=1, ge=1, le=64)
     num_cpus: float = Field(default=0.25, gt=0, le=64)
-    max_ongoing_requests: int = Field(default=256, ge=1, le=100_000)
+    max_ongoing_requests: int = Field(default=256, ge=1, le=100_000,
+                                      description="Serve's limit; keep it above max_in_flight so overload is answered in JSON")
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding images off the event loop")
     max_batch_items: int = Field(default=64, ge=1, le=4096, description="images per /v1/predict/batch request")
     alias_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="how long an alias lookup is cached")
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="requests the ingress groups into one replica call")
     batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="wait for that group to fill")
+    retry_backoff_s: list[float] = Field(default=[0.05, 0.2, 0.5], description="waits between retries when a replica dies")
+    retry_after_s: int = Field(default=1, ge=0, le=3600, description="Retry-After of a 503")
+    max_in_flight: int = Field(default=192, ge=1, le=100_000,
+                               description="inference requests one ingress replica holds at once; more get a fast 503")
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="inference requests slower than this get 408")
 
 
 class SamplingConfig(BaseModel):
@@ -190,5 +198,6 @@ class IngressUserConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     experiments: list[ExperimentConfig] = Field(default_factory=list)
+    telemetry: bool | None = Field(default=None, description="pause (False) or resume telemetry without a restart")
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=1)

@@ -17,7 +17,7 @@ from typing import Any
 
 from serve_apps.config import AppConfig, IngressUserConfig, ReplicaUserConfig
 
-__all__ = ["deploy", "apply_user_config", "apply_batching", "load_state", "save_state", "state_path"]
+__all__ = ["deploy", "apply_user_config", "apply_batching", "apply_telemetry", "load_state", "save_state", "state_path"]
 
 _LOCK = threading.Lock()
 
@@ -112,3 +112,10 @@ def apply_batching(
     deploy(st["app"], user, st["http"], replica_user_cfg=rep, version=st["version"])
     return {"ingress": {"max_batch_size": user.max_batch_size, "batch_wait_timeout_s": user.batch_wait_timeout_s},
             "replica": rep.model_dump()}
+
+
+def apply_telemetry(home: str | os.PathLike[str], on: bool) -> None:
+    """Pause or resume telemetry of the running app in place (reconfigure, no restart)."""
+    st = load_state(home)
+    user = st["user_config"].model_copy(update={"telemetry": bool(on)})
+    deploy(st["app"], user, st["http"], replica_user_cfg=st["replica_user_config"], version=st["version"])

@@ -117,6 +117,8 @@ def _metrics():
             "vf_ingress_batch_size", "Requests per replica call", boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",)
         ),
         "telemetry_dropped": metrics.Gauge("vf_telemetry_dropped", "Events dropped because the sink was behind"),
+        "retries": metrics.Counter("vf_replica_retries", "Predictions retried on another replica", tag_keys=("model",)),
+        "rejected": metrics.Counter("vf_rejected", "Requests refused to protect the service", tag_keys=("model", "reason")),
     }
 
 
@@ -140,9 +142,11 @@ class Ingress:
             self.telemetry = TelemetryClient(self.sink)
             self.sink.configure.remote(self.cfg.monitoring.model_dump(), self.cfg.sampling.model_dump())
         self._m = _metrics()
+        self._telemetry_on = self.telemetry is not None
         self._shadow_tasks: set[asyncio.Task] = set()
         self._ingress_batches = 0
         self._ingress_batched = 0
+        self.in_flight = 0  # inference requests inside this replica (admission control in serve_apps.api)
         self._batched.set_max_batch_size(self.cfg.ingress.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.ingress.batch_wait_timeout_s)
 
@@ -164,6 +168,8 @@ class Ingress:
             for exp in uc.experiments:
                 if exp.status == "running":
                     self.sink.exp_adopt.remote(exp.model_dump(mode="json"))
+        if uc.telemetry is not None:
+            self._telemetry_on = uc.telemetry and self.telemetry is not None
         if uc.max_batch_size is not None:
             self._batched.set_max_batch_size(uc.max_batch_size)
         if uc.batch_wait_timeout_s is not None:
@@ -210,11 +216,10 @@ class Ingress:
             batch = np.concatenate([arrays[i] for i in idx]) if len(idx) > 1 else arrays[idx[0]]
             self._m["batch"].observe(len(idx), tags={"model": mid})
             try:
-                out: ReplicaOutput = await self.replica.options(multiplexed_model_id=mid).predict.remote(batch)
-            except Exception as exc:  # noqa: BLE001 - replica died or is overloaded
-                logger.warning("replica call failed: %r", exc)
+                out: ReplicaOutput = await self._call_replica(mid, batch)
+            except ApiError as exc:
                 for i in idx:
-                    results[i] = ApiError(503, "model replica unavailable; retry later", {"Retry-After": "1"})
+                    results[i] = exc
                 return
             if out.error is not None:
                 for i in idx:
@@ -228,6 +233,37 @@ class Ingress:
 
         await asyncio.gather(*(run(mid, idx) for mid, idx in groups.items()))
         return results
+
+    def count_rejected(self, reason: str) -> None:
+        self._m["rejected"].inc(tags={"model": "", "reason": reason})
+
+    async def _call_replica(self, mid: str, batch: np.ndarray) -> ReplicaOutput:
+        """Call a model replica; retry a prediction whose replica died on another one.
+
+        Predictions are idempotent and telemetry is keyed by request id (recorded once,
+        by the ingress, after the final outcome), so a retry never counts twice.
+        """
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        delays = self.cfg.ingress.retry_backoff_s
+        for attempt in range(len(delays) + 1):
+            try:
+                return await self.replica.options(multiplexed_model_id=mid).predict.remote(batch)
+            except BackPressureError:
+                self._m["rejected"].inc(tags={"model": mid, "reason": "replica_queue_full"})
+                raise ApiError(503, "model replicas are at capacity; retry later",
+                               {"Retry-After": str(self.cfg.ingress.retry_after_s)}) from None
+            except (RayActorError, DeploymentUnavailableError) as exc:
+                if attempt == len(delays):
+                    logger.warning("replica call failed after %d retries: %r", attempt, exc)
+                    break
+                self._m["retries"].inc(tags={"model": mid})
+                await asyncio.sleep(delays[attempt])
+            except Exception as exc:  # noqa: BLE001 - anything else: the caller's request still gets JSON
+                logger.warning("replica call failed: %r", exc)
+                break
+        raise ApiError(503, "model replica unavailable; retry later", {"Retry-After": str(self.cfg.ingress.retry_after_s)})
 
     async def infer(self, resolved: ResolvedModel, batch: np.ndarray) -> "list[np.ndarray]":
         out = await self._batched(f"{resolved.name}:{resolved.version}", batch)
@@ -247,7 +283,9 @@ class Ingress:
                status: int, latency_ms: float, result: "dict | None" = None, outputs_row: "np.ndarray | None" = None,
                img: "np.ndarray | None" = None, info: "ResizeInfo | None" = None, client_key: "str | None" = None,
                error: "str | None" = None, data: "bytes | None" = None) -> None:
-        """Metrics always; a telemetry event when the sink is on. Never raises."""
+        """Metrics and a telemetry event (unless telemetry is paused). Never raises."""
+        if not self._telemetry_on:
+            return
         try:
             model = resolved.name if resolved else parse_ref(route.ref).name
             version = str(resolved.version) if resolved else ""
@@ -258,8 +296,6 @@ class Ingress:
                     self._m["latency"].observe(latency_ms, tags=tags)
             if result is not None and role == "primary":
                 self._m["confidence"].observe(float(result.get("score") or 0.0), tags=tags)
-            if self.telemetry is None:
-                return
             ev: dict[str, Any] = {
                 "request_id": request_id,
                 "role": role,
