@@ -1,13 +1,13 @@
 """Train the heavy benchmark model (ResNet-18-style, CIFAR-style stem) and register it.
 
-    VISIONFLEET_HOME=/tmp/a1home .venv/bin/python bench/train_heavy.py --minutes 60
+    VISIONFLEET_HOME=/tmp/a1home .venv/bin/python bench/train_heavy.py
 
 The architecture is the one of issue 3's targets: ``ArchSpec(arch="resnet", width=64,
 depths=(2, 2, 2, 2), stem_stride=1)`` at 96 px, about 5.0 GMAC per image. Training it to
 convergence at 96 px on 2 CPU cores takes many hours (about 3 images/s), so this script
-trains progressively: epochs at a low resolution (the same 96 px images, resized by
-``visionfleet.imaging``), then a shorter phase at 96 px, each phase within a time
-budget. The result is registered as ``heavy`` with its measured holdout accuracy; the
+trains progressively (``--phases``): most epochs at a low resolution (the same 96 px
+images, resized by ``visionfleet.imaging``), then shorter phases at higher ones, the
+last at 96 px. The result is registered as ``heavy`` with its measured holdout accuracy; the
 numbers in docs/performance.md say how far it was trained.
 """
 
@@ -31,11 +31,11 @@ def main() -> None:
     ap.add_argument("--dataset", default="heavy96", help="dataset name in the state dir (created at 96 px if missing)")
     ap.add_argument("--n-train", type=int, default=12000)
     ap.add_argument("--n-holdout", type=int, default=2500)
-    ap.add_argument("--low-size", type=int, default=48, help="resolution of the first phase")
-    ap.add_argument("--low-epochs", type=int, default=3)
-    ap.add_argument("--low-images", type=int, default=8000, help="training images used at the low resolution")
-    ap.add_argument("--high-epochs", type=int, default=1)
-    ap.add_argument("--high-images", type=int, default=2000, help="training images used at 96 px")
+    ap.add_argument(
+        "--phases",
+        default="32:3:12000:0.1,96:1:1000:0.01",
+        help="SIZE:EPOCHS:IMAGES:LR,... trained in order (progressive resizing)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="heavy")
     ap.add_argument("--seed", type=int, default=0)
@@ -81,12 +81,21 @@ def main() -> None:
                  "train_loss": fit["train_loss"], "holdout96_top1_first1000": m["top1"]}
         log.append(entry)
         print(json.dumps(entry), file=sys.stderr)
+        # a checkpoint after every phase, so a run cut short still leaves its weights
+        save_checkpoint(s.runs_dir / "heavy" / f"phase{len(log)}.pt", model, {**base_meta(), "phases": json.dumps(log)})
+
+    def base_meta() -> dict:
+        return {
+            "arch": spec.to_dict(), "labels": list(info.labels), "input_size": [96, 96], "resize": "stretch",
+            "mean": mean, "std": std, "dataset": str(ds),
+        }
 
     x96, _ = load_arrays(ds, "train", (96, 96), "stretch", limit=2000)
     mean, std = channel_stats(x96)
     del x96
-    phase(args.low_size, args.low_epochs, args.low_images, 0.1)
-    phase(96, args.high_epochs, args.high_images, 0.02)
+    for spec_ in args.phases.split(","):
+        size, epochs, images, lr = spec_.split(":")
+        phase(int(size), int(epochs), int(images), float(lr))
 
     hx, hy = load_arrays(ds, "holdout", (96, 96), "stretch")
     metrics = evaluate(model, hx, hy, mean=mean, std=std, num_classes=len(info.labels), threads=args.threads)

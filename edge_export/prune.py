@@ -226,6 +226,7 @@ def prune_macs(
         raise ValueError(
             f"Got a MAC reduction of {mac_reduction:.0%}; this model cannot reach it by uniform channel "
             f"pruning up to a channel ratio of {max_channel_ratio}"
+            + (f" with channel counts rounded to multiples of {round_to} (a smaller --round-to may)" if round_to else "")
         )
     for _ in range(iterations):
         mid = (lo + hi) / 2

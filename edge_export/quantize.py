@@ -46,6 +46,7 @@ __all__ = [
     "calibration_images",
     "labeled_images",
     "describe",
+    "fold_normalization",
     "quantize_nncf",
     "quantize_nncf_accuracy_control",
     "quantize_ort_static",
@@ -285,6 +286,56 @@ def _finish(proto: Any, src_meta: Mapping[str, str], dst: Path, extra: Mapping[s
     tmp.replace(dst)
 
 
+def fold_normalization(proto: Any) -> bool:
+    """Rewrite the input normalization ``Sub(mean)`` -> ``Div(std)`` as one depthwise 1x1 Conv.
+
+    Exact in FP32 ((x - m) / s == x * (1/s) + (-m/s)). Why: ONNX Runtime runs INT8
+    convolutions in NHWC and moves the input Transpose past the normalization, so Sub
+    and Div end up broadcasting a [1, 1, 1, 3] constant over the innermost axis, an
+    element-by-element slow path: on the demo model (64 px) they took 36% of an INT8
+    batch (profiled, docs/performance.md). A Conv runs in whatever layout is fastest.
+    Returns True when the pattern was found and rewritten (in place).
+    """
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    for sub in list(g.node):
+        if sub.op_type != "Sub" or len(sub.input) != 2 or sub.input[1] not in inits:
+            continue
+        nxt = consumers.get(sub.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "Div" or nxt[0].input[1] not in inits or sub.output[0] in graph_outputs:
+            continue
+        div = nxt[0]
+        mean = numpy_helper.to_array(inits[sub.input[1]]).astype(np.float64)
+        std = numpy_helper.to_array(inits[div.input[1]]).astype(np.float64)
+        if mean.ndim != 4 or mean.shape[0] != 1 or mean.shape[2:] != (1, 1) or std.shape != mean.shape:
+            continue
+        ch = mean.shape[1]
+        w_name, b_name = f"{div.output[0]}_normalize_w", f"{div.output[0]}_normalize_b"
+        g.initializer.extend([
+            numpy_helper.from_array((1.0 / std).reshape(ch, 1, 1, 1).astype(np.float32), w_name),
+            numpy_helper.from_array((-mean / std).reshape(ch).astype(np.float32), b_name),
+        ])
+        conv = helper.make_node(
+            "Conv", [sub.input[0], w_name, b_name], [div.output[0]], name="normalize", group=ch, kernel_shape=[1, 1]
+        )
+        at = list(g.node).index(sub)
+        g.node.remove(sub)
+        g.node.remove(div)
+        g.node.insert(at, conv)
+        for name in (sub.input[1], div.input[1]):
+            if not any(name in n.input for n in g.node):
+                g.initializer.remove(inits[name])
+        return True
+    return False
+
+
 def _meta(proto: Any) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
@@ -339,6 +390,7 @@ def quantize_nncf(
     t0 = time.perf_counter()
     model = _load(src)
     meta = _meta(model)
+    folded = fold_normalization(model)
     with _stdout_to_stderr():
         quantized = nncf.quantize(
             model,
@@ -347,7 +399,10 @@ def quantize_nncf(
             target_device=nncf.TargetDevice.CPU,
             advanced_parameters=_nncf_advanced(per_channel),
         )
-    settings = {"mode": "int8-static", "engine": "nncf", "calibration": len(calib), "per_channel": per_channel}
+    settings = {
+        "mode": "int8-static", "engine": "nncf", "calibration": len(calib), "per_channel": per_channel,
+        "normalization_as_conv": folded,
+    }
     _finish(quantized, meta, Path(dst), {"precision": "int8", "quantization": settings})
     return QuantizeReport("int8-static", "int8", settings, len(calib), time.perf_counter() - t0)
 
@@ -400,6 +455,7 @@ def quantize_nncf_accuracy_control(
     t0 = time.perf_counter()
     model = _load(src)
     meta = _meta(model)
+    folded = fold_normalization(model)
     sessions = _SessionCache(threads)
     batch = 32
     val_items = [(val_images[i : i + batch], val_labels[i : i + batch]) for i in range(0, len(val_images), batch)]
@@ -434,6 +490,7 @@ def quantize_nncf_accuracy_control(
         "per_channel": per_channel,
         "max_drop_pt": max_drop_pt,
         "validation_images": len(val_images),
+        "normalization_as_conv": folded,
     }
     _finish(quantized, meta, Path(dst), {"precision": "int8", "quantization": settings})
     return QuantizeReport(
@@ -515,7 +572,12 @@ def quantize_ort_static(
     if method is CalibrationMethod.PERCENTILE:
         extra["CalibPercentile"] = percentile
     with tempfile.TemporaryDirectory(prefix="vf-ortq-") as tmp:
-        pre = _preprocessed(Path(src), Path(tmp))
+        model = _load(src)
+        folded = fold_normalization(model)
+        import onnx
+
+        onnx.save(model, str(Path(tmp) / "folded.onnx"))
+        pre = _preprocessed(Path(tmp) / "folded.onnx", Path(tmp))
         out = Path(tmp) / "q.onnx"
         # Keep the output Softmax in float: quantized to 8 bits the probabilities come
         # in steps of 1/255 and no longer sum to 1, which spoils confidence monitoring.
@@ -540,6 +602,7 @@ def quantize_ort_static(
             "calibration": len(calib),
             "per_channel": per_channel,
             "method": method.value,
+            "normalization_as_conv": folded,
         }
         if method is CalibrationMethod.PERCENTILE:
             settings["percentile"] = percentile

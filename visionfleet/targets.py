@@ -192,15 +192,20 @@ def check_budgets(
     p95_ms: float | None = None,
     input_size: tuple[int, int] | None = None,
     precision: str | None = None,
+    threads: int | None = None,
 ) -> list[BudgetCheck]:
     """Compare measured numbers with a profile; a None measurement is reported as not measured.
 
-    Precision is a requirement, not a budget: an FP32 model for an INT8 target fails it.
+    ``threads`` is the thread count the latency was measured with (default: the
+    profile's); when it differs from the profile's, the check says so. Precision is a
+    requirement, not a budget: an FP32 model for an INT8 target fails it.
     """
+    n = prof.threads if threads is None else threads
+    latency = f"p95 latency (batch 1, {n} threads" + (f"; the profile runs {prof.threads})" if n != prof.threads else ")")
     checks = [
         _max("model size", prof.max_model_mb, model_mb, " MB"),
         _max("peak memory", prof.max_peak_memory_mb, peak_memory_mb, " MB"),
-        _max(f"p95 latency (batch 1, {prof.threads} threads)", prof.max_p95_ms, p95_ms, " ms"),
+        _max(latency, prof.max_p95_ms, p95_ms, " ms"),
     ]
     if input_size is not None:
         h, w = input_size

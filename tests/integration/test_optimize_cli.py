@@ -93,8 +93,9 @@ def test_int8_static_registers_a_measured_version_and_reuses_it(home: Path, trai
 
 
 def test_prune_finetune_int8_and_the_table(home: Path) -> None:
+    # width 8: channel counts rounded to multiples of 8 (the default) cannot lose half the MACs
     r = cli(home, "optimize", "tiny:1", "--prune", "0.5", "--finetune-epochs", "1", "--quantize", "int8-static",
-            "--calibration", "32", "--threads", "1", "--rounds", "1", "--target", "android")
+            "--calibration", "32", "--threads", "1", "--rounds", "1", "--target", "android", "--round-to", "1")
     assert r.exit_code == 0, r.stderr[-3000:]
     assert "registered tiny:" in r.stdout and "speed-up" in r.stdout and "budgets checked" in r.stdout
     from visionfleet.registry import Registry
@@ -103,11 +104,15 @@ def test_prune_finetune_int8_and_the_table(home: Path) -> None:
     v = max(reg.versions("tiny"))
     card = reg.card("tiny", v)
     ops = [s["op"] for s in card.lineage.steps if s.get("by") == "visionfleet optimize"]
-    assert ops == ["prune", "finetune", "export", "quantize"]
-    prune = card.lineage.steps[-4]
+    assert ops == ["prune", "finetune", "export", "quantize", "convert"]
+    prune = card.lineage.steps[-5]
     assert prune["mac_reduction"] >= 0.5 and prune["mac_reduction_requested"] == 0.5
     assert card.metrics["macs_per_image"] <= card.metrics["parent_macs_per_image"] / 2
-    assert {f.role for f in card.files} == {"onnx", "torch"}  # pruned weights kept, rebuildable
+    # pruned weights kept (rebuildable), and the ORT mobile format the android profile asks for
+    assert {f.role for f in card.files} == {"onnx", "torch", "ort"}
+    assert card.lineage.steps[-1]["op"] == "convert" and card.lineage.steps[-1]["format"] == "ort"
+    ort_file = reg.local_dir("tiny", v) / card.file("ort").name
+    assert ort_file.suffix == ".ort" and ort_file.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier
     assert card.metrics["threads"] == 1  # --threads wins over the target's 4
     # the pruned version's weights load without pickled code and prune again
     from train.finetune import load_model
@@ -126,6 +131,7 @@ def test_prune_finetune_int8_and_the_table(home: Path) -> None:
         (("optimize", "nope:1", "--quantize", "fp16"), "unknown model 'nope'"),
         (("optimize", "tiny:1", "--quantize", "int8-static", "--calibration", "0"), "calibration images for int8-static"),
         (("optimize", "foreign:1", "--prune", "0.5"), "no PyTorch weights"),
+        (("optimize", "tiny:1", "--prune", "0.5", "--threads", "1"), "a smaller --round-to may"),
         (("optimize", "tiny:1", "--quantize", "fp16", "--engine", "nncf"), "--engine only with int8-static"),
         (("optimize", "tiny:1"), "at least one optimization"),
         (("optimize", "tiny:1", "--quantize", "int4"), "--quantize"),
@@ -166,3 +172,18 @@ def test_bench_scenarios_side_by_side(home: Path, tmp_path: Path) -> None:
     assert sv["rows"][0]["median"] > 0 and sv["rows"][0]["unit"] == "QPS"
     text = cli(home, "bench", "tiny:1", "tiny:2", "--rounds", "1", "--threads", "1", "--no-ceiling", "--target", "x86-cpu")
     assert text.exit_code == 0 and "baseline" in text.stdout and "budget exceeded" in text.stderr
+
+
+def test_docs_example_runs(tmp_path: Path) -> None:
+    """docs/examples/optimize.py (included verbatim in docs/optimization.md) runs as written."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "VISIONFLEET_HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, str(repo / "docs" / "examples" / "optimize.py")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "example:2: top-1" in r.stdout and "['train', 'prune', 'finetune', 'export', 'quantize', 'convert']" in r.stdout
+    assert "p95 latency (batch 1, 1 threads; the profile runs 4)" in r.stdout and "x the parent" in r.stdout

@@ -71,6 +71,23 @@ def _ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+def test_normalization_folds_into_an_exact_depthwise_conv(tiny, tmp_path: Path) -> None:
+    from edge_export.quantize import fold_normalization
+
+    proto = onnx.load(str(tiny["onnx"]))
+    before = {n.op_type for n in proto.graph.node}
+    assert {"Sub", "Div"} <= before
+    assert fold_normalization(proto) is True
+    after = [n for n in proto.graph.node]
+    assert not {"Sub", "Div"} & {n.op_type for n in after}
+    norm = next(n for n in after if n.name == "normalize")
+    assert norm.op_type == "Conv" and next(a.i for a in norm.attribute if a.name == "group") == 3
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp_path / "folded.onnx"))
+    np.testing.assert_allclose(_run(tmp_path / "folded.onnx", tiny["hx"]), _run(tiny["onnx"], tiny["hx"]), atol=1e-5)
+    assert fold_normalization(proto) is False  # nothing left to fold
+
+
 def test_calibration_images_are_real_dataset_images(tiny) -> None:
     from visionfleet.datasets.store import load_arrays
 
@@ -92,6 +109,7 @@ def test_nncf_int8_static_round_trip(tiny, tmp_path: Path) -> None:
     dst = tmp_path / "model.int8.onnx"
     report = quantize(tiny["onnx"], dst, QuantizeConfig(mode="int8-static", calibration=64), calib=calib)
     assert report.precision == "int8" and report.settings["engine"] == "nncf" and report.calibration_images == 64
+    assert report.settings["normalization_as_conv"] is True
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(dst)
     meta = {p.key: p.value for p in onnx.load(str(dst)).metadata_props}
     assert json.loads(meta["labels"]) == json.loads(
@@ -109,7 +127,7 @@ def test_ort_static_qdq_per_channel_each_calibration_method(tiny, tmp_path: Path
     dst = tmp_path / "q.onnx"
     cfg = QuantizeConfig(mode="int8-static", engine="ort", calibration=32, method=method, per_channel=True)
     report = quantize(tiny["onnx"], dst, cfg, calib=calib)
-    assert report.settings == cfg.to_dict() | {"calibration": 32}
+    assert report.settings == cfg.to_dict() | {"calibration": 32, "normalization_as_conv": True}
     assert "QuantizeLinear" in _ops(dst)
     # per-channel: a weight DequantizeLinear carries one scale per output channel
     m = onnx.load(str(dst))

@@ -67,7 +67,9 @@ def test_check_budgets_flags_what_is_exceeded_and_what_was_not_measured() -> Non
     assert checks["precision"].ok is False
     ok = check_budgets(prof, model_mb=1.0, peak_memory_mb=10.0, p95_ms=1.0, input_size=(64, 64), precision="int8")
     assert all(c.ok for c in ok) and len(ok) == 5
-    assert "4 threads" in ok[2].name  # the latency budget names its thread count
+    assert ok[2].name == "p95 latency (batch 1, 4 threads)"  # the latency budget names its thread count
+    other = check_budgets(prof, p95_ms=1.0, threads=1)[2]
+    assert other.name == "p95 latency (batch 1, 1 threads; the profile runs 4)"
 
 
 def test_targets_module_stays_light() -> None:

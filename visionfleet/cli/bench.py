@@ -148,6 +148,7 @@ def bench(
                 p95_ms=p95,
                 input_size=tuple(i["input_size"]),  # type: ignore[arg-type]
                 precision=i["precision"],
+                threads=n_threads,
             )
             row["budgets"] = [b.to_dict() | {"message": b.message()} for b in checks]
         rows.append(row)

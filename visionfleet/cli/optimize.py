@@ -33,6 +33,7 @@ def optimize(
     ] = None,
     finetune_lr: Annotated[float, typer.Option(help="fine-tune peak learning rate")] = 0.02,
     finetune_limit: Annotated[Optional[int], typer.Option(help="fine-tune on the first N training images")] = None,
+    round_to: Annotated[int, typer.Option(help="pruned channel counts are multiples of this (1: any)")] = 8,
     target: Annotated[
         Optional[str], typer.Option(help="x86-cpu|arm64-cpu|android|ios|jetson: threads and budgets to check")
     ] = None,
@@ -72,6 +73,7 @@ def optimize(
         finetune_epochs=finetune_epochs,
         finetune_lr=finetune_lr,
         finetune_limit=finetune_limit,
+        round_to=round_to,
         target=_target(target),
         threads=threads,
         dataset=data,
@@ -148,3 +150,7 @@ def _print(result) -> None:
         out.print(f"target {result.target}: budgets checked against numbers measured on this host")
     for b in result.budgets:
         out.print(("  " if b.ok is not False else "! ") + b.message())
+    if result.target == "jetson":
+        out.print("jetson: the TensorRT engine is built on the device from this ONNX file (see docs/gpu.md)")
+    if card.file("ort") is not None:
+        out.print(f"ONNX Runtime mobile format: {card.file('ort').name}")
