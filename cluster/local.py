@@ -32,6 +32,7 @@ __all__ = [
     "connect",
     "init_embedded",
     "runtime_env",
+    "auth_env",
     "RAY_NAMESPACE",
 ]
 
@@ -80,6 +81,31 @@ def _temp_dir(settings: Settings) -> Path:
         return preferred
     digest = hashlib.sha256(str(settings.home).encode()).hexdigest()[:10]
     return Path("/tmp") / f"vf-ray-{digest}"
+
+
+def auth_env(settings: Settings) -> dict[str, str]:
+    """Ray token authentication bound to this state dir.
+
+    Ray keeps one token per user in ``~/.ray/auth_token`` by default; two clusters on a
+    machine (a test run beside a dev head) then share a file that either may replace,
+    and clients of the other cluster fail with ``InvalidAuthToken``. visionfleet keeps a
+    token per state dir (``<state>/ray/auth_token``, mode 0600) and points Ray at it.
+    """
+    import secrets
+
+    path = settings.ray_dir / "auth_token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # first writer wins; later ones read the same token
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def _head_path(settings: Settings) -> Path:
@@ -139,7 +165,7 @@ def start_head(settings: Settings, *, num_cpus: int | None = None, port: int | N
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    env = {**os.environ, **settings.runtime_env_vars(), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **settings.runtime_env_vars(), **auth_env(settings), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -219,6 +245,9 @@ def connect(settings: Settings, *, log_to_driver: bool = False):
     _quiet_driver_logs()
     if ray.is_initialized():
         return info
+    # Only the token path: Ray reads RAY_AUTH_MODE once at import and switches to token
+    # mode by itself when it finds a token (setting the mode now would not be seen).
+    os.environ["RAY_AUTH_TOKEN_PATH"] = auth_env(settings)["RAY_AUTH_TOKEN_PATH"]
     ray.init(
         address=info.address,
         namespace=RAY_NAMESPACE,
@@ -243,6 +272,7 @@ def init_embedded(
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = auth_env(settings)["RAY_AUTH_TOKEN_PATH"]  # see connect()
     for k, v in runtime_env(settings)["env_vars"].items():
         os.environ.setdefault(k, v)  # the driver itself reads the same settings
     ray.init(

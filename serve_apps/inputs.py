@@ -117,7 +117,7 @@ def _b64(value: Any, what: str) -> bytes:
 def _json_body(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, absurd nesting
         raise ApiError(400, "invalid JSON body") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "JSON body must be an object")

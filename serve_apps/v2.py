@@ -125,7 +125,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         head, binary = body, memoryview(b"")
     try:
         doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, absurd nesting
         raise ApiError(400, "invalid JSON inference header") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "the inference request must be a JSON object")

@@ -107,3 +107,16 @@ def test_request_id() -> None:
     assert request_id_from("abc-1", "f") == "abc-1"
     with pytest.raises(ApiError):
         request_id_from("bad id with spaces", "f")
+
+
+def test_absurdly_nested_json_is_a_400_not_a_crash() -> None:
+    from serve_apps.v2 import parse_infer_request
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for parse in (lambda: run(parse_predict("application/json", deep)), lambda: run(parse_batch("application/json", deep, 4))):
+        with pytest.raises(ApiError) as exc:
+            parse()
+        assert exc.value.status == 400
+    with pytest.raises(ApiError) as exc:
+        parse_infer_request(deep, None)
+    assert exc.value.status == 400
