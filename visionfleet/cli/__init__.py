@@ -51,6 +51,14 @@ from visionfleet.cli import tensorrt  # noqa: E402
 
 app.add_typer(tensorrt.app, name="tensorrt")
 
+from visionfleet.cli import optimize as _optimize  # noqa: E402
+
+app.add_typer(_optimize.app)
+
+from visionfleet.cli import bench as _bench  # noqa: E402
+
+app.add_typer(_bench.app)
+
 from visionfleet.cli import infer as _infer  # noqa: E402
 
 app.add_typer(_infer.app)
