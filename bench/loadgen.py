@@ -51,14 +51,25 @@ def multipart_body(data: bytes, field: str = "file", filename: str = "image.png"
 
 
 def _summary(mode: str, level: float, lat: list[float], statuses: list[int], seconds: float) -> LoadResult:
+    if CLIENT_ERRORS:
+        statuses_errors = dict(CLIENT_ERRORS)
+        CLIENT_ERRORS.clear()
+    else:
+        statuses_errors = {}
     ok_lat = np.array([l for l, s in zip(lat, statuses) if s == 200]) if lat else np.array([])
     counts: dict[str, int] = {}
     for s in statuses:
         counts[str(s)] = counts.get(str(s), 0) + 1
+    for name, k in statuses_errors.items():
+        counts[f"client:{name}"] = k
     q = (lambda p: float(np.percentile(ok_lat, p))) if ok_lat.size else (lambda p: float("nan"))
     ok = int(ok_lat.size)
-    return LoadResult(mode, level, len(statuses), len(statuses) - ok, seconds, ok / seconds if seconds else 0.0,
-                      q(50), q(95), q(99), counts)
+    return LoadResult(mode=mode, level=level, requests=len(statuses), ok=ok, errors=len(statuses) - ok, seconds=seconds,
+                      throughput=ok / seconds if seconds else 0.0, p50_ms=q(50), p95_ms=q(95), p99_ms=q(99),
+                      status_counts=counts)
+
+
+CLIENT_ERRORS: dict[str, int] = {}  # exception class -> count (status 0 in the results)
 
 
 async def _one(client, url: str, body: bytes, headers: dict) -> tuple[float, int]:
@@ -69,8 +80,9 @@ async def _one(client, url: str, body: bytes, headers: dict) -> tuple[float, int
         r = await client.post(url, content=body, headers=headers)
         status = r.status_code
         await r.aread()
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
         status = 0
+        CLIENT_ERRORS[type(exc).__name__] = CLIENT_ERRORS.get(type(exc).__name__, 0) + 1
     return (time.perf_counter() - t0) * 1000, status
 
 

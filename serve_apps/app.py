@@ -68,12 +68,18 @@ def build_app(
         num_replicas=config.replica.num_replicas,
         max_ongoing_requests=config.replica.max_ongoing_requests,
         max_queued_requests=config.replica.max_queued_requests,
+        health_check_period_s=config.replica.health_check_period_s,
+        **({"max_replicas_per_node": config.replica.max_replicas_per_node} if config.replica.max_replicas_per_node else {}),
         ray_actor_options={"num_cpus": config.replica.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(cfg)
     return Ingress.options(version=version, _internal=True).options(
         user_config=(user_config or IngressUserConfig()).model_dump(mode="json"),
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
+        # When every ingress replica is full the proxy sheds load itself: a fast 503 with
+        # Retry-After (its body is Serve's text, not our JSON — documented).
+        max_queued_requests=config.ingress.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": config.ingress.retry_after_s},
         ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(cfg, replica)
 

@@ -23,6 +23,8 @@ class ReplicaConfig(BaseModel):
     max_ongoing_requests: int = Field(default=64, ge=1, le=10_000, description="requests in flight per replica")
     max_queued_requests: int = Field(default=256, ge=-1, le=100_000,
                                      description="calls waiting for a replica before the ingress answers 503 (-1: no limit)")
+    max_replicas_per_node: int | None = Field(default=None, ge=1, le=100, description="spread replicas across nodes")
+    health_check_period_s: float = Field(default=10.0, gt=0, description="how often Serve runs check_health")
 
 
 class IngressConfig(BaseModel):
@@ -34,6 +36,8 @@ class IngressConfig(BaseModel):
     num_cpus: float = Field(default=0.25, gt=0, le=64)
     max_ongoing_requests: int = Field(default=256, ge=1, le=100_000,
                                       description="Serve's limit; keep it above max_in_flight so overload is answered in JSON")
+    max_queued_requests: int = Field(default=256, ge=-1, le=100_000,
+                                     description="requests the Serve proxy queues for a full ingress before a 503 (-1: no limit)")
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding images off the event loop")
     max_batch_items: int = Field(default=64, ge=1, le=4096, description="images per /v1/predict/batch request")
     alias_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="how long an alias lookup is cached")

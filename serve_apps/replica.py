@@ -58,6 +58,7 @@ class ModelReplica:
         self._batches = 0
         self._batched_requests = 0
         self._batched_images = 0
+        self._unhealthy: str | None = None
         from ray.serve import metrics
 
         self._m_batch = metrics.Histogram(
@@ -80,6 +81,18 @@ class ModelReplica:
             self._infer.set_max_batch_size(uc.max_batch_size)
         if uc.batch_wait_timeout_s is not None:
             self._infer.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self._unhealthy is not None:
+            raise RuntimeError(f"replica marked unhealthy: {self._unhealthy}")
+        if self._pool._shutdown:  # the ONNX Runtime worker thread is gone
+            raise RuntimeError("inference thread pool is shut down")
+
+    async def mark_unhealthy(self, reason: str) -> dict[str, str]:
+        """Ask Serve to replace this replica (operators: a corrupt cache, a stuck device)."""
+        self._unhealthy = reason or "marked by an operator"
+        return {"replica": serve.get_replica_context().replica_tag, "reason": self._unhealthy}
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_model(self, model_id: str) -> LoadedModel:

@@ -53,7 +53,8 @@ def up(
         info = start_head(s, num_cpus=num_cpus or None)
         connect(s)
     with err.status(f"deploying on http://{host}:{port}"):
-        serve.start(http_options={"host": host, "port": port})
+        # The proxy's own timeout bounds time spent queued before the ingress sees a request.
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})
         # Experiments still running from before a restart keep routing traffic.
         running = [
             ExperimentConfig.model_validate_json(p.read_text())
@@ -181,3 +182,109 @@ def batching(
         print_json(doc)
     else:
         out.print(f"batching: ingress {doc['ingress']}, replica {doc['replica']}")
+
+
+# `serve config` (issue 9, clusters): the Serve config file for `serve deploy` and KubeRay.
+from pathlib import Path  # noqa: E402
+
+_KUBERAY_ONLY = ("image", "pvc", "workers", "min_workers", "max_workers", "worker_cpus", "worker_memory",
+                 "head_cpus", "head_memory", "name")
+
+
+@app.command("config")
+@cli_errors
+def config(
+    model: Annotated[str, typer.Option(help="default model name for requests that name none")] = "demo",
+    host: Annotated[str, typer.Option(help="HTTP host of Serve's proxies (0.0.0.0: from the network)")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="HTTP port of Serve's proxies")] = 8000,
+    replicas: Annotated[int, typer.Option(help="ModelReplica replicas")] = 1,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 0.5,
+    ingress_cpus: Annotated[float, typer.Option(help="CPUs per ingress replica")] = 0.25,
+    ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a batch to fill")] = 4.0,
+    max_replicas_per_node: Annotated[Optional[int], typer.Option(help="spread replicas: at most N per node")] = None,
+    request_timeout: Annotated[float, typer.Option(help="Serve's HTTP timeout, s (above the ingress's)")] = 60.0,
+    proxy_location: Annotated[str, typer.Option(help="EveryNode, HeadOnly (one machine), Disabled")] = "EveryNode",
+    home: Annotated[Optional[str], typer.Option("--home", help="state dir as the nodes see it")] = None,
+    admin_token: Annotated[bool, typer.Option(help="embed the admin token (the file then holds a secret)")] = False,
+    experiment: Annotated[Optional[list[Path]], typer.Option(help="experiment file (YAML/JSON); repeatable")] = None,
+    wandb: Annotated[str, typer.Option(help="WANDB_MODE of the replicas: offline, online or disabled")] = "offline",
+    kuberay: Annotated[bool, typer.Option(help="emit a KubeRay RayService manifest that embeds the config")] = False,
+    image: Annotated[Optional[str], typer.Option(help="--kuberay: container image with visionfleet installed")] = None,
+    pvc: Annotated[Optional[str], typer.Option(help="--kuberay: PersistentVolumeClaim holding the state dir")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="--kuberay: worker pods")] = None,
+    min_workers: Annotated[Optional[int], typer.Option(help="--kuberay: autoscaling floor")] = None,
+    max_workers: Annotated[Optional[int], typer.Option(help="--kuberay: autoscaling ceiling")] = None,
+    worker_cpus: Annotated[Optional[float], typer.Option(help="--kuberay: CPUs per worker pod")] = None,
+    worker_memory: Annotated[Optional[str], typer.Option(help="--kuberay: memory per worker pod, e.g. 8Gi")] = None,
+    head_cpus: Annotated[Optional[float], typer.Option(help="--kuberay: CPUs of the head pod")] = None,
+    head_memory: Annotated[Optional[str], typer.Option(help="--kuberay: memory of the head pod, e.g. 8Gi")] = None,
+    name: Annotated[Optional[str], typer.Option(help="--kuberay: name of the RayService")] = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="write to FILE instead of stdout")] = None,
+) -> None:
+    """Print the Serve config YAML for `serve deploy` (or, with --kuberay, a RayService manifest)."""
+    import os
+    import sys
+
+    import yaml
+
+    from cluster.serve_config import ServeConfigOptions, options_from, serve_config, to_yaml
+    from serve_apps.config import AppConfig, ExperimentConfig, IngressConfig, IngressUserConfig, ReplicaConfig
+    from visionfleet.auth import admin_token as _admin_token
+
+    kube = {"image": image, "pvc": pvc, "workers": workers, "min_workers": min_workers, "max_workers": max_workers,
+            "worker_cpus": worker_cpus, "worker_memory": worker_memory, "head_cpus": head_cpus,
+            "head_memory": head_memory, "name": name}
+    given = [f"--{k.replace('_', '-')}" for k in _KUBERAY_ONLY if kube[k] is not None]
+    if given and not kuberay:
+        raise ValueError(f"Got {', '.join(given)} without --kuberay; expected them only with --kuberay")
+    if kuberay and not image:
+        raise ValueError("Got --kuberay without --image; expected the container image the pods run")
+    s = settings()
+    # Where the app's own config carries the spreading knob, args and deployment agree.
+    per_node = ({"max_replicas_per_node": max_replicas_per_node}
+                if max_replicas_per_node is not None and "max_replicas_per_node" in ReplicaConfig.model_fields else {})
+    experiments = []
+    for path in experiment or []:
+        try:
+            experiments.append(ExperimentConfig.model_validate(yaml.safe_load(path.read_text())))
+        except (yaml.YAMLError, ValueError) as exc:
+            raise ValueError(f"Got an invalid experiment file {path}: {exc}") from None
+    app_cfg = options_from(
+        AppConfig,
+        home=home if home is not None else str(s.home),
+        default_model=model,
+        admin_token=_admin_token(s, create=True) if admin_token else None,
+        max_body_bytes=s.max_body_bytes,
+        max_pixels=s.max_pixels,
+        replica=options_from(ReplicaConfig, num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads,
+                             max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
+                             **per_node),
+        ingress=options_from(IngressConfig, num_cpus=ingress_cpus),
+    )
+    options = options_from(ServeConfigOptions, host=host, port=port, request_timeout_s=request_timeout,
+                           proxy_location=proxy_location, max_replicas_per_node=max_replicas_per_node,
+                           wandb_mode=wandb)
+    doc = serve_config(app_cfg, options, user=IngressUserConfig(experiments=experiments))
+    if kuberay:
+        from cluster.kuberay import RayServiceOptions, manifest_yaml, rayservice_manifest
+
+        manifest = rayservice_manifest(
+            doc, options_from(RayServiceOptions, **{k: v for k, v in kube.items() if v is not None})
+        )
+        text = manifest_yaml(manifest)
+    else:
+        text = to_yaml(doc)
+    if out_file is None:
+        sys.stdout.write(text)
+        return
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if admin_token else 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    if admin_token:
+        os.chmod(out_file, 0o600)  # an existing file keeps its mode on O_TRUNC
+    what = "RayService manifest" if kuberay else "Serve config"
+    hint = "kubectl apply -f" if kuberay else 'eval "$(visionfleet cluster env)"; serve deploy'
+    err.print(f"wrote the {what} to {out_file} ({hint} {out_file})")
