@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from visionfleet.settings import ENV_HOME, Settings
 
-__all__ = ["err", "out", "settings", "cli_errors", "progress", "print_json", "fail", "parse_float_list"]
+__all__ = ["err", "out", "settings", "cli_errors", "progress", "print_json", "fail", "parse_float_list", "http_json"]
 
 err = Console(stderr=True, highlight=False)
 # Piped output (scripts, CI logs) gets wide tables instead of rich's 80-column default.
@@ -90,3 +90,28 @@ def parse_float_list(text: str, n: int, what: str) -> tuple[float, ...]:
     if len(vals) != n:
         raise ValueError(f"Got {text!r} for {what}; expected {n} comma-separated numbers")
     return vals
+
+
+def http_json(method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
+              timeout: float = 60.0) -> Any:
+    """One HTTP call with the standard library; errors become clear exceptions.
+
+    Raises:
+        RuntimeError: the server answered an error (its ``{"error"}`` text is kept).
+        ConnectionError: the server could not be reached.
+    """
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read()).get("error", exc.reason)
+        except Exception:  # noqa: BLE001 - not our JSON: keep the reason phrase
+            msg = exc.reason
+        raise RuntimeError(f"server answered {exc.code}: {msg}") from None
+    except urllib.error.URLError as exc:
+        raise ConnectionError(f"cannot reach {url}: {exc.reason} (is `visionfleet serve up` running?)") from None

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from visionfleet.cli._common import cli_errors, err, out, print_json, settings
+from visionfleet.cli._common import cli_errors, err, http_json, out, print_json, settings
 
 app = typer.Typer(help="A/B experiments: split traffic, watch the statistics, promote or roll back.", no_args_is_help=True)
 
@@ -31,32 +31,14 @@ def _default_url() -> str:
 
 
 def _call(method: str, url: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
-    import urllib.error
-    import urllib.request
-
     from visionfleet.auth import admin_token
 
     token = admin_token(settings())
     if not token:
         raise ValueError("no admin token: set $VISIONFLEET_ADMIN_TOKEN or run `visionfleet serve up` (it creates <state>/admin_token)")
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", **({"Content-Type": "application/json"} if data else {})},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            msg = json.loads(exc.read()).get("error", exc.reason)
-        except Exception:  # noqa: BLE001
-            msg = exc.reason
-        raise RuntimeError(f"server answered {exc.code}: {msg}") from None
-    except urllib.error.URLError as exc:
-        raise ConnectionError(f"cannot reach {url}: {exc.reason} (is `visionfleet serve up` running?)") from None
+    headers = {"Authorization": f"Bearer {token}", **({"Content-Type": "application/json"} if data else {})}
+    return http_json(method, url.rstrip("/") + path, data=data, headers=headers, timeout=timeout)
 
 
 def _split(text: str) -> tuple[float, float]:

@@ -8,29 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from visionfleet.cli._common import cli_errors, out, print_json, settings
+from visionfleet.cli._common import cli_errors, http_json, out, print_json, settings
 
 app = typer.Typer()
 
 _MEDIA = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "bmp": "image/bmp", "tiff": "image/tiff"}
-
-
-def _post(url: str, data: bytes, content_type: str, timeout: float) -> dict:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            msg = json.loads(exc.read()).get("error", exc.reason)
-        except Exception:  # noqa: BLE001
-            msg = exc.reason
-        raise RuntimeError(f"server answered {exc.code}: {msg}") from None
-    except urllib.error.URLError as exc:
-        raise ConnectionError(f"cannot reach {url}: {exc.reason} (is `visionfleet serve up` running?)") from None
 
 
 @app.command()
@@ -60,7 +42,8 @@ def predict(
         query = {"top_k": str(top_k)}
         if model:
             query["model"] = model
-        doc = _post(f"{url.rstrip('/')}/v1/predict?{urllib.parse.urlencode(query)}", data, ctype, timeout)
+        doc = http_json("POST", f"{url.rstrip('/')}/v1/predict?{urllib.parse.urlencode(query)}", data=data,
+                        headers={"Content-Type": ctype}, timeout=timeout)
     if as_json:
         print_json(doc)
         return
