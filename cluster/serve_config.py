@@ -6,7 +6,7 @@ comes out, checked with Ray's own ``ray.serve.schema.ServeDeploySchema``:
 - ``applications[0].args`` is the ``AppConfig`` itself (``serve_apps.app:app_builder``
   parses it back with the same pydantic model, so the YAML cannot drift from the code);
 - ``runtime_env`` carries ``VISIONFLEET_HOME`` (and the W&B mode) to every replica;
-- ``deployments`` repeat the resource knobs as Serve overrides (``num_replicas``,
+- ``deployments`` repeat the app's resource knobs as Serve overrides (``num_replicas``,
   ``ray_actor_options``, ``max_replicas_per_node``) so an operator edits them where Serve
   looks, and carry each deployment's ``user_config`` (experiments, batching knobs).
 
@@ -78,9 +78,6 @@ class ServeConfigOptions(BaseModel):
         description="Serve's end-to-end HTTP timeout; above the ingress's own timeout, so clients get its JSON 408",
     )
     proxy_location: ProxyLocation = Field(default=ProxyLocation.EVERY_NODE, description="where HTTP proxies run")
-    max_replicas_per_node: int | None = Field(
-        default=None, ge=1, le=100, description="spread ModelReplica replicas: at most this many on one node"
-    )
     route_prefix: str = Field(default="/", pattern=r"^/", description="route prefix of the app")
     wandb_mode: WandbMode = Field(default=WandbMode.OFFLINE, description="WANDB_MODE of the replicas")
     env: dict[str, str] = Field(default_factory=dict, description="extra env_vars of the app's runtime_env")
@@ -120,21 +117,6 @@ def _runtime_env(app: AppConfig, options: ServeConfigOptions) -> dict[str, Any]:
     return {"env_vars": env}
 
 
-def _max_replicas_per_node(app: AppConfig, options: ServeConfigOptions) -> int | None:
-    """The option, else the app's own ``replica.max_replicas_per_node``; both must agree."""
-    # ReplicaConfig gained max_replicas_per_node with the fault-tolerance work, so an
-    # AppConfig may or may not carry it.
-    from_app = getattr(app.replica, "max_replicas_per_node", None)
-    if options.max_replicas_per_node is None:
-        return from_app
-    if from_app is not None and from_app != options.max_replicas_per_node:
-        raise ValueError(
-            f"Got max_replicas_per_node={options.max_replicas_per_node} with the app's "
-            f"replica.max_replicas_per_node={from_app}; expected one value"
-        )
-    return options.max_replicas_per_node
-
-
 def serve_config(
     app: AppConfig,
     options: ServeConfigOptions | None = None,
@@ -146,7 +128,7 @@ def serve_config(
 
     Args:
         app: the application's configuration (becomes ``args``).
-        options: HTTP, proxy placement and spreading settings.
+        options: HTTP and proxy placement (spreading is ``app.replica.max_replicas_per_node``).
         user: the ingress's runtime state: experiments and its batching knobs.
         replica_user: the replicas' runtime batching knobs.
 
@@ -160,10 +142,6 @@ def serve_config(
     options = options or ServeConfigOptions()
     user = user or IngressUserConfig()
     replica_user = replica_user or ReplicaUserConfig()
-    per_node = _max_replicas_per_node(app, options)
-    if per_node is not None and "max_replicas_per_node" in type(app.replica).model_fields:
-        # args and the deployment override say the same thing
-        app = app.model_copy(update={"replica": app.replica.model_copy(update={"max_replicas_per_node": per_node})})
     if options.request_timeout_s <= app.ingress.request_timeout_s:
         raise ValueError(
             f"Got {options.request_timeout_s:g} for request_timeout_s with the ingress's request_timeout_s="
@@ -180,11 +158,12 @@ def serve_config(
         "num_replicas": app.replica.num_replicas,
         "max_ongoing_requests": app.replica.max_ongoing_requests,
         "max_queued_requests": app.replica.max_queued_requests,
+        "health_check_period_s": app.replica.health_check_period_s,
         "ray_actor_options": {"num_cpus": app.replica.num_cpus},
         "user_config": replica_user.model_dump(mode="json", exclude_none=True),
     }
-    if per_node is not None:
-        replica["max_replicas_per_node"] = per_node
+    if app.replica.max_replicas_per_node is not None:
+        replica["max_replicas_per_node"] = app.replica.max_replicas_per_node
     ingress = {
         "name": INGRESS_DEPLOYMENT,
         "num_replicas": app.ingress.num_replicas,

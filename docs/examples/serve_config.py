@@ -13,20 +13,17 @@ from serve_apps.config import AppConfig, ArmConfig, ExperimentConfig, IngressUse
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
 
 # The app, as every replica will see it: the state dir is the volume mounted in the pods.
-app = AppConfig(home="/srv/visionfleet", default_model="demo", replica=ReplicaConfig(num_replicas=4, num_cpus=1))
+# Four replicas, at most two per node: Serve spreads them over at least two nodes.
+replica = ReplicaConfig(num_replicas=4, num_cpus=1, max_replicas_per_node=2)
+app = AppConfig(home="/srv/visionfleet", default_model="demo", replica=replica)
 # An A/B test that starts with the deployment (re-applying the file only reconfigures).
 experiment = ExperimentConfig(
     name="int8-vs-fp32",
     model="demo",
     arms=[ArmConfig(name="control", model="demo:1", weight=90), ArmConfig(name="treatment", model="demo:2", weight=10)],
 )
-doc = serve_config(
-    app,
-    ServeConfigOptions(port=8000, max_replicas_per_node=2),  # 4 replicas over at least 2 nodes
-    user=IngressUserConfig(experiments=[experiment]),
-)
-# `args` parse back to the AppConfig (the spreading knob included, where AppConfig has it)
-print("args:", app_config_from_serve_config(doc).replica)
+doc = serve_config(app, ServeConfigOptions(host="0.0.0.0", port=8000), user=IngressUserConfig(experiments=[experiment]))
+assert app_config_from_serve_config(doc) == app  # `args` parse back to the same AppConfig
 (out / "serve.yaml").write_text(to_yaml(doc))
 
 manifest = rayservice_manifest(doc, RayServiceOptions(image="registry.example.com/visionfleet:0.1.0", workers=2,

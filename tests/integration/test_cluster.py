@@ -89,10 +89,10 @@ def test_serve_deploy_to_a_local_multinode_cluster(tmp_path: Path, trained, sett
         assert _get(f"{info.dashboard_url}/api/serve/applications/")[0] == 401
 
         port = free_port()
-        app_cfg = AppConfig(home=str(home), default_model="tiny",
-                            replica=ReplicaConfig(num_replicas=2, num_cpus=0.25, ort_threads=1))
+        spread = ReplicaConfig(num_replicas=2, num_cpus=0.25, ort_threads=1, max_replicas_per_node=1)
+        app_cfg = AppConfig(home=str(home), default_model="tiny", replica=spread)
         # one machine, several nodes: only one proxy can own the port (HeadOnly)
-        doc = serve_config(app_cfg, ServeConfigOptions(host="127.0.0.1", port=port, max_replicas_per_node=1,
+        doc = serve_config(app_cfg, ServeConfigOptions(host="127.0.0.1", port=port,
                                                        proxy_location=ProxyLocation.HEAD_ONLY))
         cfg = tmp_path / "serve.yaml"
         cfg.write_text(to_yaml(doc))

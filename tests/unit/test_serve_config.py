@@ -64,9 +64,8 @@ def _deployments(doc: dict) -> dict[str, dict]:
 def test_generated_config_validates_with_rays_schema_and_carries_the_app() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    opts = ServeConfigOptions(host="0.0.0.0", port=8123, request_timeout_s=45, max_replicas_per_node=1,
-                              proxy_location=ProxyLocation.HEAD_ONLY)
-    doc = serve_config(_app(), opts)
+    opts = ServeConfigOptions(host="0.0.0.0", port=8123, request_timeout_s=45, proxy_location=ProxyLocation.HEAD_ONLY)
+    doc = serve_config(_app(max_replicas_per_node=1, health_check_period_s=5), opts)
     schema = ServeDeploySchema.model_validate(doc)  # Ray's own check, as `serve deploy` runs it
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 8123
     assert schema.http_options.request_timeout_s == 45
@@ -79,6 +78,7 @@ def test_generated_config_validates_with_rays_schema_and_carries_the_app() -> No
     assert set(deps) == {"Ingress", "ModelReplica"}
     assert deps["ModelReplica"].num_replicas == 3 and deps["ModelReplica"].max_replicas_per_node == 1
     assert deps["ModelReplica"].ray_actor_options.num_cpus == 0.5
+    assert deps["ModelReplica"].health_check_period_s == 5
     assert deps["Ingress"].ray_actor_options.num_cpus == 0.25
     # the deployment names are the ones the app registers
     from serve_apps.app import APP_NAME
@@ -88,19 +88,17 @@ def test_generated_config_validates_with_rays_schema_and_carries_the_app() -> No
     assert app.name == APP_NAME and Ingress.name == "Ingress" and ModelReplica.name == "ModelReplica"
 
 
-def test_args_parse_back_to_the_same_app_config_through_yaml() -> None:
-    app = _app()
+@pytest.mark.parametrize("replica", [{}, {"max_replicas_per_node": 2}])
+def test_args_parse_back_to_the_same_app_config_through_yaml(replica: dict) -> None:
+    app = _app(**replica)
     doc = serve_config(app)
     back = yaml.safe_load(to_yaml(doc))
     assert back == doc
     assert app_config_from_serve_config(back) == app
     # exactly what app_builder does with the args
     assert AppConfig.model_validate(back["applications"][0]["args"]) == app
-    if "max_replicas_per_node" in ReplicaConfig.model_fields:
-        # the spreading knob lands in args as well as in the deployment override
-        spread = app_config_from_serve_config(serve_config(app, ServeConfigOptions(max_replicas_per_node=2)))
-        assert spread.replica.max_replicas_per_node == 2
-        assert spread.model_copy(update={"replica": app.replica}) == app
+    # the deployment override says what args say
+    assert _deployments(back)["ModelReplica"].get("max_replicas_per_node") == replica.get("max_replicas_per_node")
 
 
 def test_experiments_and_batching_knobs_go_to_the_deployments_user_config() -> None:
@@ -156,8 +154,7 @@ def test_documents_that_rays_schema_or_our_models_refuse_are_reported() -> None:
 
 
 def test_rayservice_manifest_embeds_the_same_config_with_head_and_worker_groups() -> None:
-    doc = serve_config(_app(), ServeConfigOptions(max_replicas_per_node=1),
-                       user=IngressUserConfig(experiments=[_experiment()]))
+    doc = serve_config(_app(max_replicas_per_node=1), user=IngressUserConfig(experiments=[_experiment()]))
     opts = RayServiceOptions(image="registry.example.com/vf:1", pvc="vf-state", workers=3, max_workers=5,
                              worker_cpus=2, worker_memory="4Gi", head_cpus=1, head_memory="2Gi", name="vf")
     m = rayservice_manifest(doc, opts)
@@ -204,7 +201,7 @@ def test_rayservice_manifest_embeds_the_same_config_with_head_and_worker_groups(
     ],
 )
 def test_bad_manifest_options_give_clear_errors(opts: dict, needle: str) -> None:
-    doc = serve_config(_app(), ServeConfigOptions(max_replicas_per_node=1))
+    doc = serve_config(_app(max_replicas_per_node=1))
     with pytest.raises(ValueError, match=needle):
         rayservice_manifest(doc, options_from(RayServiceOptions, **{"image": "vf:1", **opts}))
 

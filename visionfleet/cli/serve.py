@@ -242,9 +242,6 @@ def config(
     if kuberay and not image:
         raise ValueError("Got --kuberay without --image; expected the container image the pods run")
     s = settings()
-    # Where the app's own config carries the spreading knob, args and deployment agree.
-    per_node = ({"max_replicas_per_node": max_replicas_per_node}
-                if max_replicas_per_node is not None and "max_replicas_per_node" in ReplicaConfig.model_fields else {})
     experiments = []
     for path in experiment or []:
         try:
@@ -260,12 +257,11 @@ def config(
         max_pixels=s.max_pixels,
         replica=options_from(ReplicaConfig, num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads,
                              max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
-                             **per_node),
+                             max_replicas_per_node=max_replicas_per_node),
         ingress=options_from(IngressConfig, num_cpus=ingress_cpus),
     )
     options = options_from(ServeConfigOptions, host=host, port=port, request_timeout_s=request_timeout,
-                           proxy_location=proxy_location, max_replicas_per_node=max_replicas_per_node,
-                           wandb_mode=wandb)
+                           proxy_location=proxy_location, wandb_mode=wandb)
     doc = serve_config(app_cfg, options, user=IngressUserConfig(experiments=experiments))
     if kuberay:
         from cluster.kuberay import RayServiceOptions, manifest_yaml, rayservice_manifest
