@@ -245,9 +245,13 @@ def connect(settings: Settings, *, log_to_driver: bool = False):
     _quiet_driver_logs()
     if ray.is_initialized():
         return info
-    # Only the token path: Ray reads RAY_AUTH_MODE once at import and switches to token
-    # mode by itself when it finds a token (setting the mode now would not be seen).
-    os.environ["RAY_AUTH_TOKEN_PATH"] = auth_env(settings)["RAY_AUTH_TOKEN_PATH"]
+    # Ray reads RAY_AUTH_MODE when it is imported; re-read its config the way Ray's own
+    # _enable_token_auth does, so this driver speaks token auth to the head.
+    os.environ.update(auth_env(settings))
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
     ray.init(
         address=info.address,
         namespace=RAY_NAMESPACE,
