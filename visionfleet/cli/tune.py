@@ -1,0 +1,199 @@
+"""`visionfleet tune`: compression sweeps under a latency budget (run, report, list).
+
+`tune run` is `python -m tune.sweep` on an embedded Ray (or the cluster in
+``$RAY_ADDRESS`` / ``--address``); the sweep's code lives in ``tune/``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from visionfleet.cli._common import cli_errors, err, out, print_json, progress, settings
+
+app = typer.Typer(help="Search pruning x quantization x input size under a latency budget (Ray Tune + Optuna).",
+                  no_args_is_help=True)
+
+
+@app.command("run")
+@cli_errors
+def run(
+    model: Annotated[str, typer.Option(help="parent model NAME[:VERSION|@ALIAS]")],
+    latency_budget_ms: Annotated[Optional[float], typer.Option(help="p95 latency budget at batch 1 (ms)")] = None,
+    budget_fraction: Annotated[
+        Optional[float], typer.Option(help="budget = this x the parent's measured FP32 p95 (e.g. 0.3)")
+    ] = None,
+    target: Annotated[str, typer.Option(help="x86-cpu|arm64-cpu|android|ios|jetson: threads and budgets")] = "x86-cpu",
+    trials: Annotated[int, typer.Option(help="trials (distinct configs) to run")] = 24,
+    space: Annotated[Optional[str], typer.Option(help="YAML/JSON file with the space; flags below override it")] = None,
+    prune: Annotated[Optional[str], typer.Option(help="MAC shares to remove, e.g. 0,0.25,0.5,0.75")] = None,
+    quantize: Annotated[
+        Optional[str], typer.Option(help="schemes, e.g. none,int8-dynamic,int8-static:nncf,int8-static:ort:entropy")
+    ] = None,
+    input_sizes: Annotated[Optional[str], typer.Option(help="square sizes in px (default: parent's, 3/4, 1/2)")] = None,
+    threads: Annotated[Optional[str], typer.Option(help="ONNX Runtime thread counts (default: the target's)")] = None,
+    providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers (default CPUExecutionProvider)")] = None,
+    calibration: Annotated[Optional[int], typer.Option(help="calibration images for int8-static (default 256)")] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option(help="fine-tune epochs after pruning/resizing (default 2)")] = None,
+    finetune_limit: Annotated[Optional[int], typer.Option(help="fine-tune on the first N training images (default 2000)")] = None,
+    prune_round_to: Annotated[Optional[int], typer.Option(help="pruned channel counts are multiples of this (default 8)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="dataset (default: the parent's lineage.dataset)")] = None,
+    holdout_limit: Annotated[Optional[int], typer.Option(help="measure top-1 on the first N holdout images")] = None,
+    seed: Annotated[int, typer.Option(help="seeds TPE, calibration and fine-tunes")] = 0,
+    latency_queries: Annotated[int, typer.Option(help="batch-1 queries per latency block")] = 100,
+    latency_repeats: Annotated[int, typer.Option(help="latency blocks (p95 of the quietest block)")] = 5,
+    probe_queries: Annotated[int, typer.Option(help="queries of the early latency probe")] = 20,
+    require_precision: Annotated[bool, typer.Option(help="only the target's precision is feasible")] = False,
+    peak_memory: Annotated[bool, typer.Option(help="measure peak memory per trial (a fresh process)")] = True,
+    wandb: Annotated[bool, typer.Option(help="log every trial to W&B (offline unless configured)")] = True,
+    register: Annotated[bool, typer.Option(help="register the best feasible config as @candidate")] = True,
+    sweep_id: Annotated[Optional[str], typer.Option(help="folder name under <state>/tune (default: generated)")] = None,
+    trial_cpus: Annotated[float, typer.Option(help="Ray CPUs reserved per trial")] = 1.0,
+    address: Annotated[Optional[str], typer.Option(help="Ray address (default: $RAY_ADDRESS, else embedded)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the sweep summary as JSON")] = False,
+) -> None:
+    """Run a sweep: every trial builds a variant, measures p95 latency and holdout top-1; over budget never wins.
+
+    Writes the Pareto front (table, PNG, JSON) under <state>/tune/SWEEP_ID/, registers
+    the best feasible config as a new @candidate version and writes
+    <state>/tune/best/MODEL--TARGET.json for the retraining pipeline. Exits 3 when no
+    config met the budget.
+    """
+    from tune.sweep import NO_FEASIBLE_EXIT, build_config, connect_ray, prepare, run_sweep
+
+    s = settings().ensure()
+    cfg = build_config(
+        model, target=target, latency_budget_ms=latency_budget_ms, budget_fraction=budget_fraction, trials=trials,
+        space_file=space, prune=prune, quantize=quantize, input_sizes=input_sizes, threads=threads,
+        providers=providers, calibration=calibration, finetune_epochs=finetune_epochs, finetune_limit=finetune_limit,
+        prune_round_to=prune_round_to, dataset=data, holdout_limit=holdout_limit, seed=seed, require_precision=require_precision,
+        peak_memory=peak_memory, wandb=wandb, register_candidate=register, sweep_id=sweep_id, trial_cpus=trial_cpus,
+        latency_queries=latency_queries, latency_repeats=latency_repeats, probe_queries=probe_queries,
+    )
+    plan = prepare(cfg, s)  # unknown model/version, bad space: refused before Ray starts
+    err.print(f"sweep [bold]{plan.sweep_id}[/]: {plan.parent_ref}, {len(plan.space)} configs, "
+              f"{min(trials, len(plan.space))} trials, target {cfg.target}")
+    with err.status("starting Ray"):
+        connect_ray(s, address)
+    with progress() as p:
+        task = p.add_task("trials", total=min(trials, len(plan.space)), info="")
+
+        def on_event(stage: str, message: str) -> None:
+            if stage == "trial-done":
+                p.advance(task)
+                p.console.print(f"  {message}")
+            elif stage == "trial":
+                p.update(task, info=message[:70])
+            else:
+                p.console.print(f"[bold]{stage}[/] {message}")
+
+        result = run_sweep(plan, on_event=on_event)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        _print_summary(result.summary, result.files, table=_table(result.trials, result.constraints, result.best))
+    if not result.feasible:
+        err.print(f"[bold red]no feasible config:[/] {result.summary['no_feasible_reason']}")
+        raise typer.Exit(NO_FEASIBLE_EXIT)
+
+
+@app.command("report")
+@cli_errors
+def report(
+    sweep_id: Annotated[str, typer.Argument(help="a sweep id (see `visionfleet tune list`)")],
+    all_trials: Annotated[bool, typer.Option("--all", help="every trial, not only the Pareto front")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="summary, front and trials as JSON")] = False,
+) -> None:
+    """Show a sweep: budget, trial counts, the Pareto front (accuracy vs p95) and the best feasible config."""
+    from tune.report import load_report
+
+    r = load_report(settings().home, sweep_id)
+    if as_json:
+        print_json(r.to_dict())
+        return
+    best = r.best
+    rows = r.trials if all_trials else r.front
+    _print_summary(r.summary, r.summary.get("files", {}), table=_table(rows, r.constraints, best, sort=True))
+
+
+@app.command("list")
+@cli_errors
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="print the sweeps as JSON")] = False,
+) -> None:
+    """List the sweeps of this state dir, oldest first, with their best feasible config."""
+    from rich.table import Table
+
+    from tune.report import list_sweeps
+
+    sweeps = list_sweeps(settings().home)
+    if as_json:
+        print_json(sweeps)
+        return
+    if not sweeps:
+        err.print("no sweeps yet: run `visionfleet tune run --model NAME:VERSION ...`")
+        return
+    t = Table("sweep", "model", "target", "budget ms", "trials", "best", "top-1", "p95 ms", "registered")
+    for s in sweeps:
+        t.add_row(
+            s["sweep"], s["model"], s["target"], _num(s["budget_ms"], ".3g"), str(s["trials"]), s["best"] or "none feasible",
+            _num(None if s["top1"] is None else 100 * s["top1"], ".2f"), _num(s["p95_ms"], ".3f"), s.get("registered") or "-",
+        )
+    out.print(t)
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _table(rows: list, constraints: Any, best: Any, sort: bool = False):
+    from rich.table import Table
+
+    from tune.pareto import checks, is_feasible, pareto_front
+
+    if not sort:
+        rows = pareto_front(rows)
+    else:
+        rows = sorted(rows, key=lambda t: (t.p95_ms is None, t.p95_ms or 0.0))
+    t = Table("", "prune", "quantize", "px", "threads", "top-1 %", "p95 ms", "p50 ms", "MB", "feasible")
+    for r in rows:
+        c = r.config
+        if r.status != "complete":
+            verdict = r.status
+        else:
+            failed = [x.name for x in checks(r, constraints) if x.ok is False]
+            verdict = "yes" if is_feasible(r, constraints) else "no: " + ", ".join(failed)
+        t.add_row(
+            "best" if best is not None and r.key == best.key else "", f"{c['prune']:g}", c["quantize"],
+            str(c["input_size"]), str(c["threads"]), _num(None if r.top1 is None else 100 * r.top1, ".2f"),
+            _num(r.p95_ms, ".3f"), _num(r.p50_ms, ".3f"), _num(r.size_mb, ".2f"), verdict,
+        )
+    return t
+
+
+def _print_summary(s: dict, files: dict, *, table: Any) -> None:
+    c = s.get("constraints", {})
+    b = s.get("baseline", {})
+    out.print(f"sweep [bold]{s.get('sweep')}[/]: {s.get('model')} on {s.get('target')}, "
+              f"budget p95 <= {c.get('latency_ms', float('nan')):.3g} ms ({s.get('budget_source')})")
+    if b:
+        out.print(f"parent (FP32, {b.get('input_size')} px): top-1 {100 * b.get('top1', 0):.2f}%, "
+                  f"p95 {b.get('p95_ms', float('nan')):.3f} ms")
+    out.print(f"{s.get('trials')} trials ({s.get('unique_configs')} distinct of {s.get('space_points')} configs): "
+              f"{s.get('complete')} measured, {s.get('stopped_early')} stopped early, {s.get('errors')} failed, "
+              f"{s.get('feasible')} feasible; {s.get('wall_s', 0):.0f} s")
+    out.print(table)
+    best = s.get("best")
+    if best:
+        out.print(f"best feasible: [bold]{best['key']}[/]: top-1 {100 * best['top1']:.2f}%, p95 {best['p95_ms']:.3f} ms, "
+                  f"{best['size_mb']:.2f} MB")
+        if s.get("registered"):
+            out.print(f"registered as {s['registered']} (@candidate)")
+        if s.get("best_file"):
+            out.print(f"best config for retraining: {s['best_file']}")
+    else:
+        out.print(f"no feasible config: {s.get('no_feasible_reason')}")
+    for name in ("front_png", "front_md", "front_json"):
+        if name in files:
+            out.print(f"{name.replace('_', ' ')}: {files[name]}")
