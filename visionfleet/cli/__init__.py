@@ -81,6 +81,10 @@ app.add_typer(_loop.retrain_app, name="retrain")
 app.add_typer(_loop.report_app)
 app.add_typer(_scenario.app, name="scenario")
 
+from visionfleet.cli import tune as _tune  # noqa: E402
+
+app.add_typer(_tune.app, name="tune")
+
 from visionfleet.cli import cluster as _cluster  # noqa: E402
 
 app.add_typer(_cluster.app, name="cluster")
