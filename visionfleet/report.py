@@ -121,7 +121,7 @@ def write_loop_report(home: Path, out: Path, *, model: str | None = None, window
     t0 = float(min([*ev["ts"].astype(float), *[e["at"] for e in timeline]]))
     versions = sorted({(m, int(v)) for m, v in zip(ev["model"], ev["version"])})
 
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(13, 7.5), sharex=True)
     for m, v in versions:
         sel = (ev["model"] == m) & (ev["version"].astype(int) == v)
         t = ev["ts"][sel].astype(float) - t0
@@ -139,10 +139,11 @@ def write_loop_report(home: Path, out: Path, *, model: str | None = None, window
                 ax.axvline(e["at"] - t0, color=color, linestyle="--", linewidth=1)
     handles = [plt.Line2D([], [], color=c, linestyle="--", label=lbl) for c, lbl in _MARKERS.values()]
     axes[0].set_ylabel(f"confidence (rolling {window})")
-    axes[0].legend(loc="lower left", fontsize=8)
+    axes[0].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     axes[1].set_ylabel(f"accuracy of labeled (rolling {window})")
     axes[1].set_xlabel("seconds")
-    axes[1].legend(handles=axes[1].get_legend_handles_labels()[0] + handles, loc="lower left", fontsize=8)
+    axes[1].legend(handles=axes[1].get_legend_handles_labels()[0] + handles, loc="center left",
+                   bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.suptitle("Confidence and accuracy per version, with drift, retrain and promotion markers")
     plot = _png(fig)
     plt.close(fig)
