@@ -539,7 +539,8 @@ def run_sweep(plan: SweepPlan, *, on_event: Event = _no_event) -> SweepResult:
     (plan.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     # 2. baseline: the parent on the target's threads, on a worker like the trials
-    on_event("baseline", f"measuring {plan.parent_ref} (FP32, {space.native_size} px, {max(space.threads)} threads)")
+    on_event("baseline", f"measuring {plan.parent_ref} (FP32, {space.native_size} px, "
+                        f"{profile(cfg.target).threads} threads)")
     probe_ctx = _context(plan, Constraints(latency_ms=1.0))
     baseline = ray.get(
         ray.remote(num_cpus=cfg.trial_cpus)(measure_baseline).remote(
@@ -885,7 +886,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prune", help="comma-separated MAC shares to remove, e.g. 0,0.25,0.5,0.75")
     p.add_argument("--quantize", help="comma-separated schemes, e.g. none,int8-dynamic,int8-static:nncf,int8-static:ort:entropy")
     p.add_argument("--input-sizes", help="comma-separated square sizes in px (default: parent's, 3/4, 1/2)")
-    p.add_argument("--threads", help="comma-separated ONNX Runtime thread counts (default: the target's)")
+    p.add_argument("--threads", help="comma-separated ONNX Runtime thread counts (default: 1 and the target's)")
     p.add_argument("--providers", help="comma-separated ONNX Runtime providers (default CPUExecutionProvider)")
     p.add_argument("--calibration", type=int, help="calibration images for int8-static (default 256)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs after pruning / resizing (default 2)")

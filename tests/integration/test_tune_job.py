@@ -119,7 +119,7 @@ def test_sweep_runs_as_a_ray_job_and_registers_a_candidate(job_head, trained, se
     assert (summary["trials"], summary["unique_configs"], summary["ray_trials"]) == (3, 3, 3)
     # 1000 ms asked, but the x86-cpu profile's own p95 budget (50 ms) is tighter and wins
     assert summary["constraints"]["latency_ms"] == 50.0 and summary["feasible"] >= 1
-    assert summary["space_points"] == 12 and summary["baseline"]["ref"] == "tiny:1"
+    assert summary["space_points"] == 24 and summary["baseline"]["ref"] == "tiny:1"
     for name in ("front.json", "front.md", "trials.json", "config.json"):
         assert (out / name).is_file(), name
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,16 +15,16 @@ from visionfleet.settings import Settings
 BEST_KEYS = {"quantize", "engine", "calibration", "method", "per_channel", "prune", "input_size", "threads"}
 
 
-def test_default_space_for_the_demo_model_has_84_distinct_points() -> None:
+def test_default_space_for_the_demo_model_has_168_distinct_points() -> None:
     space = SpaceConfig().build(native_size=64, default_threads=2)
     points = space.points()
-    assert len(space) == len(points) == 84 >= 60
-    assert len({p.key for p in points}) == 84
-    assert space.input_sizes == (64, 48, 32) and space.threads == (2,)
+    assert len(space) == len(points) == 168 >= 60
+    assert len({p.key for p in points}) == 168
+    assert space.input_sizes == (64, 48, 32) and space.threads == (1, 2)  # one thread and the target's
     assert space.prune == (0.0, 0.3, 0.5, 0.7)
     assert [s.name for s in space.schemes] == list(DEFAULT_SCHEMES)
-    # the identity point (the parent itself) is part of the space, exactly once
-    assert sum(p.is_identity(64) for p in points) == 1
+    # the identity point (the parent itself) is part of the space, once per thread count
+    assert sum(p.is_identity(64) for p in points) == 2
     # 2 resolution changes, 3 pruned networks per size, 6 quantizations per network
     assert space.builds() == {"resized": 2, "pruned": 9, "quantized": 72}
 
@@ -34,8 +34,8 @@ def test_points_group_expensive_builds_and_round_trip_through_tune() -> None:
         native_size=48, default_threads=4
     )
     points = space.points()
-    assert [p.input_size for p in points] == [48] * 4 + [32] * 4  # one resolution after the other
-    assert all(p.threads == 4 for p in points)  # the target's threads by default
+    assert [p.input_size for p in points] == [48] * 8 + [32] * 8  # one resolution after the other
+    assert [p.threads for p in points[:2]] == [1, 4]  # one thread and the target's by default
     choices = space.choices()
     for p in points:
         d = p.to_dict()
@@ -53,7 +53,7 @@ def test_the_searcher_sees_ordered_fields_as_indexes() -> None:
     assert dims["quantize"][0] == "choice" and dims["provider"] == ("choice", ["CPUExecutionProvider"])
     p = space.decode({"size_idx": 2, "prune_idx": 1, "threads_idx": 0, "quantize": "none",
                       "provider": "CPUExecutionProvider"})
-    assert (p.input_size, p.prune, p.threads) == (64, 0.5, 2)
+    assert (p.input_size, p.prune, p.threads) == (64, 0.5, 1)
     with pytest.raises(ValueError, match="search_dims"):
         space.decode({"size_idx": 3, "prune_idx": 0, "threads_idx": 0, "quantize": "none", "provider": "x"})
     with pytest.raises(ValueError, match="outside this space"):
