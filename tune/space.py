@@ -322,8 +322,9 @@ class SpaceConfig(BaseModel):
             schemes=tuple(parse_scheme(s) for s in self.quantize),
             input_sizes=tuple(self.input_sizes or default_input_sizes(native_size)),
             # One thread is worth trying on any target: for small models at batch 1 the
-            # intra-op thread pool costs more than it brings (on the demo model at 48 px,
-            # p95 0.067 ms on 1 thread against 0.12 ms on 2, on this project's 2-core box).
+            # intra-op thread pool costs more than it brings (the demo model at 48 px, FP32:
+            # p95 0.12 ms on 1 thread against 0.20 ms on 2 on this project's loaded 2-core
+            # box; 17 of the 18 feasible configs of bench/results/tune-grid-demo-run1.json use 1).
             threads=tuple(self.threads or sorted({1, default_threads})),
             providers=tuple(self.providers),
             native_size=native_size,
