@@ -128,8 +128,10 @@ def _best_under_bound(url: str, make: Callable, levels: list[int], duration: flo
 class Servers:
     """Start every system; stop them all at the end."""
 
-    def __init__(self, home: Path, demo: str, heavy: str, ports: dict[str, int], threads: int) -> None:
+    def __init__(self, home: Path, demo: str, heavy: str, ports: dict[str, int], threads: int,
+                 ingress_mode: str = "proxy") -> None:
         self.home, self.demo, self.heavy, self.ports, self.threads = home, demo, heavy, ports, threads
+        self.ingress_mode = ingress_mode
         self.procs: list[subprocess.Popen] = []
 
     def start(self, with_bentoml: bool) -> None:
@@ -142,7 +144,7 @@ class Servers:
         from visionfleet.settings import Settings
 
         s = Settings.from_env(self.home)
-        init_embedded(s)
+        init_embedded(s, ingress_mode=self.ingress_mode)
         serve.start(http_options={"host": "127.0.0.1", "port": self.ports["visionfleet"]})
         deploy(AppConfig(home=str(self.home), default_model=self.demo.split(":")[0], telemetry=True,
                          admin_token="bench", replica=ReplicaConfig(ort_threads=self.threads, num_cpus=0.5)),
@@ -200,6 +202,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-bentoml", action="store_true")
+    ap.add_argument("--ingress-mode", choices=("proxy", "haproxy"), default="proxy",
+                    help="how HTTP reaches the ingress: Serve's proxy actor, or HAProxy + direct ingress")
+    ap.add_argument("--only", default="", help="comma-separated comparisons to run (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results" / f"serve_bench-{_dt.date.today()}.json")
     args = ap.parse_args()
     home = args.home.resolve()
@@ -216,13 +221,17 @@ def main() -> None:
     heavy = _heavy_model(home)
     ports = {k: free_port() for k in ("visionfleet", "fastapi", "fastapi_heavy", "bentoml", "bentoml_heavy")}
     with_bentoml = not args.no_bentoml and (ROOT / "bench/.venv-bentoml/bin/bentoml").exists()
-    servers = Servers(home, demo, heavy, ports, args.threads)
+    servers = Servers(home, demo, heavy, ports, args.threads, args.ingress_mode)
     servers.start(with_bentoml)
     vf = f"http://127.0.0.1:{ports['visionfleet']}"
     img64, img96 = _image(64), _image(96)
     raw = lambda data: (lambda i: (data, {"Content-Type": "application/octet-stream"}))  # noqa: E731
     results: dict[str, Any] = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.uname()._asdict(),
-                               "cpus": os.cpu_count(), "models": {"demo": demo, "heavy": heavy}, "pairs": args.pairs}
+                               "cpus": os.cpu_count(), "models": {"demo": demo, "heavy": heavy}, "pairs": args.pairs,
+                               "ingress_mode": args.ingress_mode, "duration_s": args.duration,
+                               "load_avg_start": os.getloadavg()}
+    only = set(filter(None, args.only.split(",")))
+    want = lambda key: not only or key in only  # noqa: E731
     try:
         # warm every path once
         for url, data in ((f"{vf}/v1/predict", img64), (f"{vf}/v1/predict?model={heavy}", img96), (f"{vf}/empty", img64)):
@@ -242,10 +251,11 @@ def main() -> None:
         d = args.duration
         # 1. heavy model through visionfleet vs the raw ONNX Runtime Offline ceiling
         heavy_dir = home / "registry" / heavy.split(":")[0] / heavy.split(":")[1]
-        results["heavy_vs_ceiling"] = pairs(
-            lambda: closed_loop(f"{vf}/v1/predict?model={heavy}", raw(img96), 16, d).throughput,
-            lambda: _ceiling(heavy_dir, 16, d, args.threads),
-        )
+        if want("heavy_vs_ceiling"):
+            results["heavy_vs_ceiling"] = pairs(
+                lambda: closed_loop(f"{vf}/v1/predict?model={heavy}", raw(img96), 16, d).throughput,
+                lambda: _ceiling(heavy_dir, 16, d, args.threads),
+            )
         # 2. batching on vs off at concurrency 16, demo model
         def with_batching(on: bool) -> float:
             size = 16 if on else 1
@@ -253,22 +263,27 @@ def main() -> None:
                            ingress_max_batch_size=size, ingress_batch_wait_timeout_s=0.002 if on else 0.0)
             return closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput
 
-        results["batching_on_vs_off"] = pairs(lambda: with_batching(True), lambda: with_batching(False))
-        with_batching(True)
+        if want("batching_on_vs_off"):
+            results["batching_on_vs_off"] = pairs(lambda: with_batching(True), lambda: with_batching(False))
+            with_batching(True)
         # 3. demo model vs the empty app (framework floor), concurrency 16
-        results["demo_vs_empty"] = pairs(
-            lambda: closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput,
-            lambda: closed_loop(f"{vf}/empty", raw(img64), 16, d).throughput,
-        )
+        if want("demo_vs_empty"):
+            results["demo_vs_empty"] = pairs(
+                lambda: closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput,
+                lambda: closed_loop(f"{vf}/empty", raw(img64), 16, d).throughput,
+            )
         # 4. visionfleet vs plain FastAPI, demo model, concurrency 16
-        results["vs_fastapi_demo"] = pairs(
-            lambda: closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput,
-            lambda: closed_loop(f"http://127.0.0.1:{ports['fastapi']}/v1/predict", raw(img64), 16, d).throughput,
-        )
+        if want("vs_fastapi_demo"):
+            results["vs_fastapi_demo"] = pairs(
+                lambda: closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput,
+                lambda: closed_loop(f"http://127.0.0.1:{ports['fastapi']}/v1/predict", raw(img64), 16, d).throughput,
+            )
         # 5. visionfleet vs BentoML: best throughput with p99 <= 100 ms over a concurrency sweep
-        if with_bentoml:
+        if with_bentoml and (want("vs_bentoml_demo") or want("vs_bentoml_heavy")):
             levels = [1, 4, 8, 16, 32]
             for label, model_q, port_key, data in (("demo", "", "bentoml", img64), ("heavy", f"?model={heavy}", "bentoml_heavy", img96)):
+                if not want(f"vs_bentoml_{label}"):
+                    continue
                 sweeps: dict[str, list] = {"visionfleet": [], "bentoml": []}
 
                 def vf_best(model_q=model_q, data=data, sweeps=sweeps) -> float:
@@ -285,7 +300,8 @@ def main() -> None:
                 res["sweeps"] = sweeps
                 results[f"vs_bentoml_{label}"] = res
         # 6. the v2 binary route, heavy model, for reference
-        results["v2_binary_heavy"] = closed_loop(f"{vf}/v2/models/heavy/infer", _v2_binary(96), 16, d).__dict__
+        if want("v2_binary_heavy"):
+            results["v2_binary_heavy"] = closed_loop(f"{vf}/v2/models/heavy/infer", _v2_binary(96), 16, d).__dict__
     finally:
         servers.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +314,7 @@ def main() -> None:
             a = statistics.median(results[key]["a"])
             b = statistics.median(results[key]["b"])
             print(f"{key:<34} {r['median']:>8.3f} {r['min']:>8.3f} {r['max']:>8.3f}   {a:>10.1f} {b:>14.1f}")
+    print(f"ingress mode: {args.ingress_mode}; load average at start {results['load_avg_start'][0]:.1f}")
     print(f"json: {args.out}")
 
 

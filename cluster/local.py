@@ -33,6 +33,8 @@ __all__ = [
     "init_embedded",
     "runtime_env",
     "auth_env",
+    "ingress_mode_env",
+    "INGRESS_MODES",
     "RAY_NAMESPACE",
 ]
 
@@ -52,6 +54,7 @@ class HeadInfo:
     pid: int | None = None  # pid of the GCS server, for liveness checks
     http_host: str | None = None
     http_port: int | None = None
+    ingress_mode: str = "proxy"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -108,6 +111,29 @@ def auth_env(settings: Settings) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
+INGRESS_MODES = ("proxy", "haproxy")
+
+
+def ingress_mode_env(mode: str) -> dict[str, str]:
+    """Environment that selects how HTTP reaches the ingress, cluster-wide.
+
+    ``proxy`` (default): Ray Serve's HTTP proxy actor forwards each request to an
+    ingress replica. ``haproxy``: Serve's direct ingress — each ingress replica serves
+    HTTP itself and HAProxy (bundled with Ray) balances the public port across them;
+    no Python proxy hop, about half the CPU per request on a 2-core box
+    (docs/performance.md). Ray marks direct ingress as a limited, newer mode.
+    """
+    if mode not in INGRESS_MODES:
+        raise ValueError(f"Got {mode!r} for the ingress mode; expected one of {', '.join(INGRESS_MODES)}")
+    if mode == "proxy":
+        return {}
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
 def _head_path(settings: Settings) -> Path:
     return settings.ray_dir / _HEAD_FILE
 
@@ -142,12 +168,20 @@ def head_alive(info: HeadInfo) -> bool:
         return False
 
 
-def start_head(settings: Settings, *, num_cpus: int | None = None, port: int | None = None) -> HeadInfo:
+def start_head(
+    settings: Settings, *, num_cpus: int | None = None, port: int | None = None, ingress_mode: str = "proxy"
+) -> HeadInfo:
     """Start (or join) the persistent local head for this state dir."""
     settings.ensure()
     settings.ray_dir.mkdir(parents=True, exist_ok=True)
+    ingress_mode_env(ingress_mode)  # validate
     existing = read_head(settings)
     if existing and head_alive(existing):
+        if existing.ingress_mode != ingress_mode:
+            raise RuntimeError(
+                f"The running head uses the {existing.ingress_mode!r} ingress mode, not {ingress_mode!r}; "
+                "stop it first (visionfleet serve down) to change modes"
+            )
         return existing
     port = port or free_port()
     temp_dir = _temp_dir(settings)
@@ -165,7 +199,8 @@ def start_head(settings: Settings, *, num_cpus: int | None = None, port: int | N
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    env = {**os.environ, **settings.runtime_env_vars(), **auth_env(settings), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **settings.runtime_env_vars(), **auth_env(settings), **ingress_mode_env(ingress_mode),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -174,6 +209,7 @@ def start_head(settings: Settings, *, num_cpus: int | None = None, port: int | N
         temp_dir=str(temp_dir),
         num_cpus=ncpu,
         started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+        ingress_mode=ingress_mode,
     )
     gcs = [p for p in _cluster_processes(str(temp_dir)) if "gcs_server" in " ".join(p.cmdline())]
     info.pid = gcs[0].pid if gcs else None
@@ -263,7 +299,12 @@ def connect(settings: Settings, *, log_to_driver: bool = False):
 
 
 def init_embedded(
-    settings: Settings, *, num_cpus: int | None = None, log_to_driver: bool = False, metrics_port: int | None = None
+    settings: Settings,
+    *,
+    num_cpus: int | None = None,
+    log_to_driver: bool = False,
+    metrics_port: int | None = None,
+    ingress_mode: str = "proxy",
 ) -> None:
     """Start an in-process local Ray (or reuse the one already started).
 
@@ -277,9 +318,14 @@ def init_embedded(
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_AUTH_TOKEN_PATH"] = auth_env(settings)["RAY_AUTH_TOKEN_PATH"]  # see connect()
+    os.environ.update(ingress_mode_env(ingress_mode))  # read by the Serve processes this starts
     for k, v in runtime_env(settings)["env_vars"].items():
         os.environ.setdefault(k, v)  # the driver itself reads the same settings
     ray.init(
+        # "local": always a new in-process cluster. With no address Ray would join whatever
+        # `ray start` head it finds in /tmp/ray/ray_current_cluster (another user's, another
+        # state dir's) and then refuse num_cpus.
+        address="local",
         num_cpus=num_cpus,
         namespace=RAY_NAMESPACE,
         runtime_env=runtime_env(settings),

@@ -25,6 +25,7 @@ def up(
     num_cpus: Annotated[int, typer.Option(help="CPUs the head offers (0: all)")] = 0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /healthz")] = 180.0,
     retrain: Annotated[bool, typer.Option(help="start the retraining controller for --model")] = True,
+    ingress_mode: Annotated[str, typer.Option(help="proxy (Serve's HTTP proxy) or haproxy (direct ingress: less CPU per request)")] = "proxy",
 ) -> None:
     """Start (or join) the local head, deploy the app and wait until /healthz answers 200."""
     from ray import serve
@@ -49,8 +50,11 @@ def up(
             batch_wait_timeout_s=batch_wait_ms / 1000,
         ),
     )
+    from cluster.local import ingress_mode_env
+
+    ingress_mode_env(ingress_mode)  # validate before anything starts
     with err.status("starting the local Ray head"):
-        info = start_head(s, num_cpus=num_cpus or None)
+        info = start_head(s, num_cpus=num_cpus or None, ingress_mode=ingress_mode)
         connect(s)
     with err.status(f"deploying on http://{host}:{port}"):
         # The proxy's own timeout bounds time spent queued before the ingress sees a request.
