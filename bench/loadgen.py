@@ -112,13 +112,16 @@ async def _closed(url: str, make: Callable[[int], tuple[bytes, dict]], concurren
     return _summary("closed", concurrency, lat, statuses, duration)
 
 
-async def _open(url: str, make: Callable[[int], tuple[bytes, dict]], rate: float, duration: float, seed: int) -> LoadResult:
+async def _open(url: str, make: Callable[[int], tuple[bytes, dict]], rate: float, duration: float, seed: int,
+                max_connections: int = 512) -> LoadResult:
     import httpx
 
     rng = np.random.default_rng(seed)
     lat: list[float] = []
     statuses: list[int] = []
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    # Requests beyond max_connections wait for a free connection in the client (the wait
+    # counts in their latency): a real client's connection pool, and no connection churn.
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         t0 = time.perf_counter()
         tasks = []
@@ -144,8 +147,9 @@ def closed_loop(url: str, make: Callable[[int], tuple[bytes, dict]], concurrency
     return asyncio.run(_closed(url, make, concurrency, duration, warmup))
 
 
-def open_loop(url: str, make: Callable[[int], tuple[bytes, dict]], rate: float, duration: float = 10.0, seed: int = 0) -> LoadResult:
-    return asyncio.run(_open(url, make, rate, duration, seed))
+def open_loop(url: str, make: Callable[[int], tuple[bytes, dict]], rate: float, duration: float = 10.0, seed: int = 0,
+              max_connections: int = 512) -> LoadResult:
+    return asyncio.run(_open(url, make, rate, duration, seed, max_connections))
 
 
 HEADER = f"{'mode':>6} {'level':>7} {'reqs':>7} {'errors':>6} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
