@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/visionfleet demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu" tests
+	$(BIN)/python -m pytest -m "not slow and not gpu" tests --durations=25
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
