@@ -32,7 +32,7 @@ def run(
         Optional[str], typer.Option(help="schemes, e.g. none,int8-dynamic,int8-static:nncf,int8-static:ort:entropy")
     ] = None,
     input_sizes: Annotated[Optional[str], typer.Option(help="square sizes in px (default: parent's, 3/4, 1/2)")] = None,
-    threads: Annotated[Optional[str], typer.Option(help="ONNX Runtime thread counts (default: the target's)")] = None,
+    threads: Annotated[Optional[str], typer.Option(help="ONNX Runtime thread counts (default: 1 and the target's)")] = None,
     providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers (default CPUExecutionProvider)")] = None,
     calibration: Annotated[Optional[int], typer.Option(help="calibration images for int8-static (default 256)")] = None,
     finetune_epochs: Annotated[Optional[int], typer.Option(help="fine-tune epochs after pruning/resizing (default 2)")] = None,
