@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--holdout-limit", type=int, default=None)
     ap.add_argument("--server", action="store_true", help="also run the Server scenario (slow)")
     ap.add_argument("--p99-bound", type=float, default=100.0, help="Server p99 bound in ms")
+    ap.add_argument("--round-to", type=int, default=8, help="pruned channel counts are multiples of this")
+    ap.add_argument("--build-only", action="store_true", help="build (cache) the variants and stop")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (default bench/results/optimization-NAME)")
     args = ap.parse_args()
     if args.rounds < 5:
@@ -116,8 +118,11 @@ def main() -> None:
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         finetune_limit=args.finetune_limit,
+        round_to=args.round_to,
         quantize=QuantizeConfig(mode="int8-static", engine="nncf", calibration=args.calibration),
     )
+    if args.build_only:
+        return
     pct = round(args.prune * 100)
     files = {
         "ort-fp32": parent_dir / card.model_file,

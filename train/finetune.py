@@ -91,11 +91,14 @@ def finetune(
     std: Sequence[float],
     config: FinetuneConfig = FinetuneConfig(),
     on_step: Callable[[int, int, float], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (float NCHW -> logits) in place on uint8 NHWC images.
 
-    ``on_step(step, total, loss)`` is called after every step. Returns the mean loss of
-    the last epoch, the step count and the seconds taken.
+    ``on_step(step, total, loss)`` is called after every step; when ``stop()`` returns
+    True training ends after the current step (a time budget). Returns the mean loss of
+    the last (possibly partial) epoch, the step count, whether it stopped early and the
+    seconds taken.
     """
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"Got {len(images)} images and {len(labels)} labels; expected the same, non-zero count")
@@ -117,10 +120,14 @@ def finetune(
     t0 = time.perf_counter()
     step = 0
     last_epoch_loss = float("nan")
+    stopped = False
     for _epoch in range(config.epochs):
+        if stopped:
+            break
         model.train()
         perm = torch.randperm(len(x))
         loss_sum = 0.0
+        done = 0
         for i in range(steps_per_epoch):
             idx = perm[i * batch : (i + 1) * batch]
             xb = (x[idx].float() - m) / s
@@ -134,11 +141,18 @@ def finetune(
             value = float(loss.detach())
             loss_sum += value
             step += 1
+            done += 1
             if on_step:
                 on_step(step, total, value)
-        last_epoch_loss = loss_sum / steps_per_epoch
+            if stop is not None and stop():
+                stopped = True
+                break
+        last_epoch_loss = loss_sum / max(done, 1)
     model.eval()
-    return {"train_loss": last_epoch_loss, "steps": step, "seconds": time.perf_counter() - t0, **config.to_dict()}
+    return {
+        "train_loss": last_epoch_loss, "steps": step, "stopped_early": stopped,
+        "seconds": time.perf_counter() - t0, **config.to_dict(),
+    }
 
 
 def predict_probs(
