@@ -45,8 +45,10 @@ class ControllerConfig(BaseModel):
     min_labels: int = Field(default=200, ge=1, description="new labeled samples needed to retrain")
     epochs: int = Field(default=5, ge=1)
     lr: float = Field(default=0.05, gt=0)
+    batch_size: int = Field(default=128, ge=1, le=4096, description="retraining batch size (global)")
     new_data_share: float = Field(default=0.4, gt=0, lt=1, description="share of each retraining epoch from new labels")
     base_limit: Optional[int] = Field(default=None, ge=1, description="use only the first N base training images")
+    max_base_drop: float = Field(default=0.01, ge=0, le=1, description="top-1 the candidate may lose on the base holdout")
     compress: bool = True
     target: str = "x86-cpu"
     canary_share: float = Field(default=0.2, gt=0, lt=1, description="traffic share of the candidate in the canary")
@@ -181,9 +183,11 @@ class RetrainingController:
         try:
             self._stage = "retraining"
             started = time.time()
-            cfg = RetrainConfig(model=self.cfg.model, epochs=self.cfg.epochs, lr=self.cfg.lr, compress=self.cfg.compress,
+            cfg = RetrainConfig(model=self.cfg.model, epochs=self.cfg.epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size,
+                                compress=self.cfg.compress,
                                 target=self.cfg.target, min_new_labels=min(self.cfg.min_labels, 100), wandb=self.cfg.wandb,
-                                new_data_share=self.cfg.new_data_share, base_limit=self.cfg.base_limit)
+                                new_data_share=self.cfg.new_data_share, base_limit=self.cfg.base_limit,
+                                max_base_drop=self.cfg.max_base_drop)
             self._event("retrain_started", reason=reason)
             try:
                 res = retrain(self.settings, cfg, reason=reason, log=lambda step, e: self._event(f"step:{step}", **e))

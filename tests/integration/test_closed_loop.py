@@ -58,12 +58,36 @@ def test_window_metrics_reach_prometheus_and_wandb(serve_url, settings, metrics_
     assert 'model_version="1"' in text
 
 
+# v1 of the loop: the demo model as `make demo` trains it (shipped in tests/data, 1.3 MB;
+# 0.964 top-1), because no model a CI-sized run can train on this hard data is good
+# enough for the gate and the canary to be decided by a real difference rather than by
+# noise (a 10-class model trained for a minute here scores ~28%).
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "demo64.pt"
+
+
+@pytest.fixture(scope="module")
+def loop_v1(settings) -> Path:
+    """The shipped checkpoint, its base dataset regenerated here (same generator, fresh samples)."""
+    import torch
+
+    from visionfleet.datasets.store import synthesize
+
+    ds = settings.datasets_dir / "loopbase"
+    synthesize(ds, n_train=1000, n_holdout=200, size=64, seed=7)
+    blob = torch.load(SHIPPED, weights_only=True)
+    blob["dataset"] = str(ds)
+    path = settings.home / "loop-v1.pt"
+    torch.save(blob, path)
+    return path
+
+
 def _send(c: httpx.Client, i: int, drifted: bool, truth: dict, failures: list) -> None:
-    img, y = render_sample(91, i, 48)
+    img, y = render_sample(91, i, 64)
+    name = CLASSES[y]
     if drifted:
         img = apply_drift(img, Drift(brightness=-70, contrast=0.6, blur=1.5, color_cast=(30, 10, -30)), np.random.default_rng(i))
     rid = f"loop-{i}"
-    truth[rid] = CLASSES[y]
+    truth[rid] = name
     try:
         r = c.post("/v1/predict?model=loopm", content=encode_image(img, "png"),
                    headers={"Content-Type": "image/png", "X-Request-Id": rid})
@@ -77,7 +101,7 @@ def _send(c: httpx.Client, i: int, drifted: bool, truth: dict, failures: list) -
         failures.append(("http", 0, repr(exc)))
 
 
-def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, ab_model, ray_session) -> None:
+def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, loop_v1, ray_session) -> None:
     import ray
 
     from serve_apps.telemetry import SINK_NAME
@@ -87,31 +111,38 @@ def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, 
     from visionfleet.registry import Registry
 
     reg = Registry(settings.registry_dir)
-    ab_dir = reg.local_dir("abm", ab_model[0])  # the systematically wrong model, with torch weights
-    parity, _ = load_arrays(settings.datasets_dir / "ab", "holdout", (48, 48), limit=16)
-    v1 = register_checkpoint(ab_dir / "model.pt", reg, "loopm", parity_images=parity, run_id="loop-v1")
+    parity, _ = load_arrays(settings.datasets_dir / "loopbase", "holdout", (64, 64), limit=16)
+    v1 = register_checkpoint(loop_v1, reg, "loopm", parity_images=parity, run_id="loop-v1")
     assert reg.aliases("loopm")["production"] == v1.version
     sink = ray.get_actor(SINK_NAME, namespace="visionfleet")
     ray.get(sink.configure.remote({"reference_size": 40, "window_size": 40, "min_samples": 30, "psi": 0.25}, None))
     ctl = get_or_create_controller(str(settings.home), ControllerConfig(
         model="loopm", interval_s=1.0, debounce=2, min_samples=30, min_labels=30, cooldown_s=3600,
-        epochs=1, lr=0.05, compress=True, canary_share=0.5, canary_min_samples=15, base_limit=800, wandb=False))
+        epochs=2, lr=0.01, batch_size=64, compress=True, canary_share=0.5, canary_min_samples=15, base_limit=800,
+        # ~40 new labels and 800 base images in a CI-sized run: a smaller share of drifted
+        # images per epoch, and 5 pt of room on the 200-image base holdout (the default is
+        # 1 pt; measured here: 0.945 vs 0.97, as BatchNorm statistics follow the drift)
+        new_data_share=0.25, max_base_drop=0.05, wandb=False))
     truth: dict[str, str] = {}
     failures: list = []
     stop = threading.Event()
     sent = {"n": 0}
 
+    lock = threading.Lock()
+
     def traffic() -> None:
         with httpx.Client(base_url=serve_url, timeout=60) as c:
-            i = 0
             while not stop.is_set():
+                with lock:
+                    i = sent["n"]
+                    sent["n"] += 1
                 _send(c, i, drifted=i >= 60, truth=truth, failures=failures)
-                i += 1
-                sent["n"] = i
                 time.sleep(0.05)
 
-    t = threading.Thread(target=traffic)
-    t.start()
+    # three clients: labels reach the canary's sequential test three times as fast
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
     try:
         deadline = time.monotonic() + 420
         outcome = None
@@ -122,7 +153,8 @@ def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, 
             time.sleep(1)
     finally:
         stop.set()
-        t.join()
+        for t in threads:
+            t.join()
         ray.get(ctl.stop.remote())
     kinds = [e["kind"] for e in read_timeline(settings.home) if e.get("model") == "loopm"]
     if outcome is None:

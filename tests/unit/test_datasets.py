@@ -71,6 +71,22 @@ def test_synthesize_writes_parquet_splits(tmp_path: Path) -> None:
         synthesize(out, n_train=1, n_holdout=1)
 
 
+def test_synthesize_a_subset_of_classes(tmp_path: Path) -> None:
+    subset = ["stripes", "circle", "cross"]
+    info = synthesize(tmp_path / "s", n_train=30, n_holdout=9, size=32, seed=4, classes=subset)
+    assert info.labels == subset and info.params["classes"] == subset
+    rows = read_split(tmp_path / "s", "train").to_pylist()
+    assert [r["label"] for r in rows] == [0, 1, 2] * 10  # balanced, label i is subset[i]
+    assert all(r["label_name"] == subset[r["label"]] for r in rows)
+    # the pixels are the generator's own sample of that class
+    first = decode_image(rows[1]["image"])
+    assert np.array_equal(first, render_sample(4, 1, 32, label=CLASSES.index("circle"))[0])
+    for bad in (["circle"], ["circle", "circle"], ["circle", "dragon"]):
+        with pytest.raises(ValueError, match="distinct names"):
+            synthesize(tmp_path / "bad", n_train=3, n_holdout=0, classes=bad)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 def test_synthesize_with_jpeg_drift(tmp_path: Path) -> None:
     info = synthesize(tmp_path / "d", n_train=5, n_holdout=0, size=32, drift=Drift(jpeg_quality=30, brightness=-20))
     assert info.params["format"] == "jpeg"

@@ -164,14 +164,23 @@ def synthesize(
     name: str | None = None,
     progress: Progress | None = None,
     index_offset: int = 0,
+    classes: "list[str] | tuple[str, ...] | None" = None,
 ) -> DatasetInfo:
     """Generate the procedural dataset into ``out`` (train and holdout splits).
 
     Train and holdout use disjoint sample indices of the same seed, so they never share
     an image. ``index_offset`` shifts both, to draw fresh samples from the same seed.
+    ``classes`` keeps only those classes (balanced, in that order: label ``i`` is
+    ``classes[i]``) for a smaller, easier task; the default is all ten.
     """
     from visionfleet.datasets.synth import CLASSES, Drift, SynthConfig, generate
 
+    subset = list(classes) if classes else None
+    if subset is not None:
+        unknown = [c for c in subset if c not in CLASSES]
+        if unknown or len(set(subset)) != len(subset) or len(subset) < 2:
+            raise ValueError(f"Got classes {subset}; expected 2 or more distinct names from {', '.join(CLASSES)}")
+    names = subset or list(CLASSES)
     drift = drift or Drift()
     fmt = ImageFormat(image_format)
     if drift.jpeg_quality is not None:
@@ -190,14 +199,16 @@ def synthesize(
             continue
         with DatasetWriter(out, split) as w:
             cfg = SynthConfig(n=n, size=size, seed=seed, drift=drift, image_format=fmt.value)
-            for idx, img, label in generate(cfg, start=start):
+            fixed = None if subset is None else [CLASSES.index(subset[(start + k) % len(subset)]) for k in range(n)]
+            for idx, img, label in generate(cfg, start=start, labels=fixed):
                 data = encode_image(img, fmt, quality)
+                name_ = CLASSES[label]
                 w.write(
                     {
                         "id": f"synth-{seed}-{idx}",
                         "image": data,
-                        "label": label,
-                        "label_name": CLASSES[label],
+                        "label": names.index(name_),
+                        "label_name": name_,
                         "source": "synth",
                         "width": size,
                         "height": size,
@@ -211,7 +222,7 @@ def synthesize(
         start += n
     info = DatasetInfo(
         name=name or out.name,
-        labels=list(CLASSES),
+        labels=names,
         splits=splits,
         source="synth",
         params={
@@ -220,6 +231,7 @@ def synthesize(
             "index_offset": index_offset,
             "format": fmt.value,
             "drift": drift.to_dict(),
+            **({"classes": subset} if subset else {}),
         },
     )
     _write_manifest(out, info)
