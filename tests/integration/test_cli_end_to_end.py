@@ -48,6 +48,13 @@ def test_serve_up_predict_status_down(tmp_path: Path, trained, settings) -> None
         status = json.loads(st.stdout)
         assert status["head"]["alive"] and status["healthz"]["status"] == 200
         assert status["app"]["visionfleet"]["status"] == "RUNNING"
+        # telemetry paused and resumed in place; predictions keep flowing in between
+        for state in ("off", "on"):
+            t = _run(vf, "serve", "telemetry", state, home=home)
+            assert t.returncode == 0 and f"telemetry {state}" in t.stdout, t.stderr
+            again = _run(vf, "predict", str(image), "--url", f"http://127.0.0.1:{port}", "--json", home=home)
+            assert again.returncode == 0 and json.loads(again.stdout)["model"] == "tiny", again.stderr
+        assert _run(vf, "serve", "telemetry", "maybe", home=home).returncode == 2
     finally:
         down = _run(vf, "serve", "down", home=home)
     assert down.returncode == 0, down.stderr

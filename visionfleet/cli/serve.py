@@ -188,6 +188,23 @@ def batching(
         out.print(f"batching: ingress {doc['ingress']}, replica {doc['replica']}")
 
 
+@app.command("telemetry")
+@cli_errors
+def telemetry(
+    state: Annotated[str, typer.Argument(help="on or off")],
+) -> None:
+    """Pause or resume telemetry (events, lake, monitoring, sampling) in place, no restart."""
+    from cluster.local import connect
+    from serve_apps.deploy import apply_telemetry
+
+    if state not in ("on", "off"):
+        raise ValueError(f"Got {state!r}; expected on or off")
+    s = settings()
+    connect(s)
+    apply_telemetry(s.home, state == "on")
+    out.print(f"telemetry {state}")
+
+
 # `serve config` (issue 9, clusters): the Serve config file for `serve deploy` and KubeRay.
 from pathlib import Path  # noqa: E402
 
