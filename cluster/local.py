@@ -33,6 +33,7 @@ __all__ = [
     "init_embedded",
     "runtime_env",
     "auth_env",
+    "init_token_auth_driver",
     "ingress_mode_env",
     "INGRESS_MODES",
     "RAY_NAMESPACE",
@@ -281,21 +282,29 @@ def connect(settings: Settings, *, log_to_driver: bool = False):
     _quiet_driver_logs()
     if ray.is_initialized():
         return info
-    # Ray reads RAY_AUTH_MODE when it is imported; re-read its config the way Ray's own
-    # _enable_token_auth does, so this driver speaks token auth to the head.
     os.environ.update(auth_env(settings))
+    init_token_auth_driver(info.address, settings, log_to_driver=log_to_driver)
+    return info
+
+
+def init_token_auth_driver(address: str, settings: Settings, *, log_to_driver: bool = False) -> None:
+    """``ray.init(address)`` after the auth variables were put in ``os.environ``.
+
+    Ray reads RAY_AUTH_MODE into its C++ config when it is imported; re-read it now, as
+    Ray's own ``_enable_token_auth`` does, so this driver speaks token auth to the head.
+    """
+    import ray
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     ray.init(
-        address=info.address,
+        address=address,
         namespace=RAY_NAMESPACE,
         runtime_env=runtime_env(settings),
         log_to_driver=log_to_driver,
         logging_level="WARNING",
     )
-    return info
 
 
 def init_embedded(

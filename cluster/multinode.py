@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.local import RAY_NAMESPACE, auth_env, free_port, runtime_env
+from cluster.local import RAY_NAMESPACE, auth_env, free_port, init_token_auth_driver
 from visionfleet.settings import Settings
 
 __all__ = [
@@ -232,19 +232,7 @@ def connect_cluster(settings: Settings, *, log_to_driver: bool = False) -> Clust
     for k in _FOREIGN_ENV:
         os.environ.pop(k, None)
     os.environ.update(client_env(info))
-    # Ray reads RAY_AUTH_MODE into its C++ config when ray is imported; re-read it now,
-    # as Ray's own `_enable_token_auth` does (ray/_private/authentication/authentication_token_setup.py).
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-    ray.init(
-        address=info.gcs_address,
-        namespace=RAY_NAMESPACE,
-        runtime_env=runtime_env(settings),
-        log_to_driver=log_to_driver,
-        logging_level="WARNING",
-    )
+    init_token_auth_driver(info.gcs_address, settings, log_to_driver=log_to_driver)
     return info
 
 
