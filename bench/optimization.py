@@ -11,6 +11,14 @@ it builds, through the same cached ``edge_export.optimize.build_variant`` that
 * ONNX Runtime INT8 (static QDQ, per-channel, MinMax),
 * pruned 50% of the MACs + fine-tuned + NNCF INT8 (and its FP32 intermediate),
 
+With ``--pruned REF`` the pruned model is not built here: REF is a registered FP32 model
+already pruned from this one and fine-tuned (the heavy model's, trained, pruned and
+fine-tuned on a GPU by ``bench/gpu_heavy.py`` and registered by ``bench/train_heavy.py
+--from-parts``, since fine-tuning a 5-GMAC model on 2 cores takes hours); only its NNCF
+INT8 variant is built, the same way.
+
+    VISIONFLEET_HOME=/tmp/a1home .venv/bin/python bench/optimization.py heavy:4 --pruned heavy-p50:1
+
 then measures, in this one process on the same threads:
 
 * Offline throughput at batch 8 and SingleStream latency (p50/p90), every variant once
@@ -69,6 +77,12 @@ def main() -> None:
     ap.add_argument("--server", action="store_true", help="also run the Server scenario (slow)")
     ap.add_argument("--p99-bound", type=float, default=100.0, help="Server p99 bound in ms")
     ap.add_argument("--round-to", type=int, default=8, help="pruned channel counts are multiples of this")
+    ap.add_argument("--pruned", default=None,
+                    help="a registered, already pruned and fine-tuned FP32 descendant NAME:VERSION to use instead of "
+                         "pruning here (its NNCF INT8 variant is built)")
+    ap.add_argument("--stress-holdout", type=Path, default=None,
+                    help="a second dataset folder (e.g. a drifted one) whose holdout every variant is also scored on: "
+                         "when the clean holdout saturates, drops show there")
     ap.add_argument("--build-only", action="store_true", help="build (cache) the variants and stop")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (default bench/results/optimization-NAME)")
     args = ap.parse_args()
@@ -97,12 +111,15 @@ def main() -> None:
     machine_start = M.machine_info(args.threads)
     t_start = time.time()
 
+    if args.pruned:  # checked before anything is built
+        pruned_card, pruned_dir, pruned_fp32, prune_steps = pruned_descendant(reg, args.pruned, card)
+
     # ------------------------------------------------------------------ build variants
-    def build(name: str, **kw: Any):
+    def build(name: str, src_card=card, src_dir=parent_dir, **kw: Any):
         settings = OptimizeSettings(threads=args.threads, **kw)
         t0 = time.time()
         b = build_variant(
-            parent_dir, card, settings, dataset=dataset, cache_dir=cache,
+            src_dir, src_card, settings, dataset=dataset, cache_dir=cache,
             on_event=lambda stage, done, total, info: (
                 log(f"{name}: {stage} {info}") if done in (None, total) or (done or 0) % 50 == 0 else None
             ),
@@ -112,28 +129,36 @@ def main() -> None:
 
     nncf = build("nncf-int8", quantize=QuantizeConfig(mode="int8-static", engine="nncf", calibration=args.calibration))
     ortq = build("ort-int8", quantize=QuantizeConfig(mode="int8-static", engine="ort", calibration=args.calibration))
-    pruned = build(
-        "pruned-int8",
-        prune=args.prune,
-        finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr,
-        finetune_limit=args.finetune_limit,
-        round_to=args.round_to,
-        quantize=QuantizeConfig(mode="int8-static", engine="nncf", calibration=args.calibration),
-    )
+    if args.pruned:
+        pct = round(next(st["mac_reduction_requested"] for st in prune_steps if st.get("op") == "prune") * 100)
+        pruned = build("pruned-int8", src_card=pruned_card, src_dir=pruned_dir,
+                       quantize=QuantizeConfig(mode="int8-static", engine="nncf", calibration=args.calibration))
+        pruned_steps = [*prune_steps, *pruned.steps]
+    else:
+        pruned = build(
+            "pruned-int8",
+            prune=args.prune,
+            finetune_epochs=args.finetune_epochs,
+            finetune_lr=args.finetune_lr,
+            finetune_limit=args.finetune_limit,
+            round_to=args.round_to,
+            quantize=QuantizeConfig(mode="int8-static", engine="nncf", calibration=args.calibration),
+        )
+        pct = round(args.prune * 100)
+        pruned_fp32 = pruned.dir / "model.onnx"  # the fine-tuned export before quantization
+        pruned_steps = pruned.steps
     if args.build_only:
         return
-    pct = round(args.prune * 100)
     files = {
         "ort-fp32": parent_dir / card.model_file,
         "nncf-int8": nncf.model_path,
         "ort-int8": ortq.model_path,
-        f"pruned{pct}-fp32": pruned.dir / "model.onnx",  # the fine-tuned export before quantization
+        f"pruned{pct}-fp32": pruned_fp32,
         f"pruned{pct}-int8": pruned.model_path,
     }
     precision = {"torch-eager": "fp32", "ort-fp32": "fp32", "nncf-int8": "int8", "ort-int8": "int8",
                  f"pruned{pct}-fp32": "fp32", f"pruned{pct}-int8": "int8"}
-    steps = {"nncf-int8": nncf.steps, "ort-int8": ortq.steps, f"pruned{pct}-int8": pruned.steps}
+    steps = {"nncf-int8": nncf.steps, "ort-int8": ortq.steps, f"pruned{pct}-int8": pruned_steps}
 
     # ------------------------------------------------------------------ runners & data
     core, meta = load_model(parent_dir / card.file("torch").name)  # type: ignore[union-attr]
@@ -177,6 +202,15 @@ def main() -> None:
         if rn.name == "torch-eager":
             continue  # same weights as ort-fp32 (export is parity-checked); see ort-fp32
         rows[rn.name]["top1"] = M.holdout_top1(rn, hx, hy)
+    if args.stress_holdout is not None:
+        sx, sy = load_arrays(args.stress_holdout, "holdout", (h, w), card.resize.value, limit=args.holdout_limit)
+        log(f"stress holdout top-1 on {len(sy)} images of {args.stress_holdout.name}")
+        for rn in runners:
+            if rn.name != "torch-eager":
+                rows[rn.name]["stress_top1"] = M.holdout_top1(rn, sx, sy)
+        for row in rows.values():
+            if "stress_top1" in row:
+                row["stress_drop_pt_vs_ort_fp32"] = (rows["ort-fp32"]["stress_top1"] - row["stress_top1"]) * 100
     rows["torch-eager"]["top1"] = rows["ort-fp32"]["top1"]
     rows["torch-eager"]["top1_note"] = "same weights as ort-fp32 (export parity-checked), not re-measured"
 
@@ -216,6 +250,9 @@ def main() -> None:
         "input_size": [h, w],
         "dataset": str(dataset),
         "holdout_n": int(len(hy)),
+        "stress_holdout": None if args.stress_holdout is None else {
+            "dataset": str(args.stress_holdout), "n": int(len(sy)),
+            "params": json.loads((args.stress_holdout / "manifest.json").read_text()).get("params")},
         "parent_metrics": {k: v for k, v in card.metrics.items() if not isinstance(v, dict)},
         "threads": args.threads,
         "batch": args.batch,
@@ -243,6 +280,19 @@ def main() -> None:
     log(f"wrote {out}.json and {out}.png")
 
 
+def pruned_descendant(reg: Any, ref: str, parent: Any) -> tuple[Any, Path, Path, list[dict[str, Any]]]:
+    """``(card, dir, onnx path, lineage steps)`` of a registered pruned FP32 model of ``parent``."""
+    r = reg.resolve(ref)
+    pc = reg.card(r.name, r.version)
+    steps = list(pc.lineage.steps or [])
+    if pc.lineage.parent != parent.ref:
+        raise SystemExit(f"error: {pc.ref}'s parent is {pc.lineage.parent}; expected {parent.ref}")
+    if pc.precision != "fp32" or not any(st.get("op") == "prune" for st in steps):
+        raise SystemExit(f"error: {pc.ref} must be an FP32 model whose lineage has a prune step")
+    d = reg.local_dir(r.name, r.version)
+    return pc, d, d / pc.model_file, steps
+
+
 def print_tables(doc: dict[str, Any]) -> None:
     c = doc["gemm_ceiling"]
     m = doc["machine"]["start"]
@@ -261,6 +311,12 @@ def print_tables(doc: dict[str, Any]) -> None:
               f"{r['single_stream_p50_ms']:6.2f}/{r['single_stream_p90_ms']:6.2f} {r['top1']:7.4f} "
               f"{r['top1_drop_pt_vs_ort_fp32']:+8.2f} {r['size_mb']:7.2f} {r['macs_per_image'] / 1e9:7.3f} "
               f"{r['efficiency']:8.0%}")
+    if doc.get("stress_holdout"):
+        sh = doc["stress_holdout"]
+        print(f"\nstress holdout: {sh['n']} images of {Path(sh['dataset']).name} ({sh['params']})")
+        for r in doc["rows"]:
+            if "stress_top1" in r:
+                print(f"  {r['name']:16} top-1 {r['stress_top1']:.4f}  drop {r['stress_drop_pt_vs_ort_fp32']:+.2f} pt")
     print()
     for t in doc["targets"]:
         verdict = "met" if t["met"] else "MISSED"

@@ -14,6 +14,16 @@ numbers in docs/performance.md say how far it was trained.
 stops after its current step (its cosine schedule unfinished) and later ones are skipped.
 Several one-epoch phases therefore lose less to the budget than one long phase.
 ``--phase-eval-limit 0`` skips the per-phase holdout check, which costs minutes at 96 px.
+
+``--from-parts DIR`` registers a checkpoint that ``bench/gpu_heavy.py`` trained on a GPU
+machine instead of training here: it joins ``DIR/STEM.part0, .part1...``, upcasts the
+FP16-stored weights to FP32, re-scores the model on the whole holdout here (CPU, the
+decoded PNGs of the dataset, not the GPU run's rendered arrays) and registers it with
+the GPU run's training, pruning and fine-tuning steps as lineage:
+
+    VISIONFLEET_HOME=/tmp/a1home .venv/bin/python bench/train_heavy.py --from-parts /tmp/gpu_parts
+    VISIONFLEET_HOME=/tmp/a1home .venv/bin/python bench/train_heavy.py --from-parts /tmp/gpu_parts \
+        --stem pruned.pt --name heavy-p50 --parent heavy:4
 """
 
 from __future__ import annotations
@@ -50,7 +60,14 @@ def main() -> None:
                     help="score the registered model on the first N holdout images (default: all)")
     ap.add_argument("--name", default="heavy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from-parts", type=Path, default=None,
+                    help="register the checkpoint bench/gpu_heavy.py wrote (DIR/STEM.part0, .part1...) instead of training")
+    ap.add_argument("--stem", default="heavy.pt", help="checkpoint name in --from-parts (heavy.pt or pruned.pt)")
+    ap.add_argument("--parent", default=None, help="parent NAME:VERSION for the card's lineage (the pruned model's)")
     args = ap.parse_args()
+    if args.from_parts is not None:
+        register_parts(args)
+        return
 
     import torch
 
@@ -132,6 +149,95 @@ def main() -> None:
         description="ResNet-18-style, CIFAR stem, 96 px: the issue-3 benchmark model",
     )
     print(json.dumps({"registered": card.ref, "holdout_top1": metrics["top1"], "holdout_n": metrics["n"], "phases": log}))
+
+
+def _dataset(args: argparse.Namespace, s, size: int = 96) -> Path:
+    from visionfleet.datasets.store import synthesize
+
+    ds = s.datasets_dir / args.dataset
+    if not (ds / "manifest.json").exists():
+        t0 = time.time()
+        synthesize(ds, n_train=args.n_train, n_holdout=args.n_holdout, size=size, seed=args.seed)
+        print(f"dataset {ds} in {time.time() - t0:.0f}s", file=sys.stderr)
+    return ds
+
+
+def join_parts(folder: Path, stem: str) -> bytes:
+    """The bytes of ``stem`` split by ``bench/gpu_heavy.py`` into ``stem.part0, .part1...``.
+
+    Checked against the size and SHA-256 that the GPU run wrote to ``gpu_heavy.json``
+    beside the parts, so a missing or damaged part is an error, not a corrupt model.
+    """
+    import hashlib
+
+    parts = sorted(folder.glob(f"{stem}.part*"), key=lambda p: int(p.suffix[len(".part"):]))
+    if not parts:
+        raise SystemExit(f"error: no {stem}.part0 in {folder}")
+    numbers = [int(p.suffix[len(".part"):]) for p in parts]
+    if numbers != list(range(len(parts))):
+        raise SystemExit(f"error: parts of {stem} in {folder} are {numbers}; expected 0..{len(parts) - 1}")
+    data = b"".join(p.read_bytes() for p in parts)
+    report = folder / "gpu_heavy.json"
+    if not report.is_file():
+        raise SystemExit(f"error: no gpu_heavy.json in {folder}; it holds the parts' size and checksum")
+    want = json.loads(report.read_text()).get("parts", {}).get(stem)
+    if want is None:
+        raise SystemExit(f"error: {report} does not list {stem}")
+    if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+        raise SystemExit(f"error: {stem} in {folder} is incomplete or damaged: {len(data)} bytes from "
+                         f"{len(parts)} parts, expected {want['bytes']} bytes from {len(want['parts'])} parts")
+    return data
+
+
+def register_parts(args: argparse.Namespace) -> None:
+    import io
+
+    import torch
+
+    from train.finetune import evaluate
+    from train.loop import load_checkpoint
+    from train.pipeline import register_checkpoint
+    from visionfleet.datasets.store import load_arrays, read_info
+    from visionfleet.registry import Registry
+    from visionfleet.settings import Settings
+
+    s = Settings.from_env().ensure()
+    blob = torch.load(io.BytesIO(join_parts(args.from_parts, args.stem)), map_location="cpu", weights_only=True)
+    size = tuple(int(v) for v in blob["input_size"])
+    ds = _dataset(args, s, size[0])
+    info = read_info(ds)
+    if list(blob["labels"]) != list(info.labels):
+        raise SystemExit(f"error: the checkpoint's labels {blob['labels']} differ from {ds}'s {info.labels}")
+    blob["state_dict"] = {k: v.float() if v.dtype == torch.float16 else v for k, v in blob["state_dict"].items()}
+    blob["dataset"] = str(ds)
+    ckpt = s.runs_dir / "heavy-gpu" / args.stem
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, ckpt)
+    model, _ = load_checkpoint(ckpt)
+    hx, hy = load_arrays(ds, "holdout", size, blob["resize"], limit=args.holdout_limit)
+    t0 = time.time()
+    metrics = evaluate(model, hx, hy, mean=blob["mean"], std=blob["std"], num_classes=len(info.labels),
+                       threads=args.threads)
+    metrics["per_class"] = {info.labels[int(k)]: v for k, v in metrics["per_class"].items()}
+    print(f"holdout top-1 here (CPU, {len(hy)} images): {metrics['top1']:.4f} in {time.time() - t0:.0f}s", file=sys.stderr)
+    blob["metrics"] = json.dumps(metrics)
+    torch.save(blob, ckpt)
+    gpu = {k: json.loads(blob[k]) for k in ("gpu_train", "gpu_prune", "gpu_finetune") if k in blob}
+    note = "bench/gpu_heavy.py on a GPU machine; weights carried back in FP16, upcast to FP32 here"
+    steps = [{"op": "train", "run": "bench/gpu_heavy.py", "note": note, **gpu["gpu_train"]}]
+    if "gpu_prune" in gpu:
+        steps.append({"op": "prune", "tool": "torch-pruning", **gpu["gpu_prune"]})
+    if "gpu_finetune" in gpu:
+        steps.append({"op": "finetune", **gpu["gpu_finetune"]})
+    parity, _ = load_arrays(ds, "holdout", size, blob["resize"], limit=32)
+    card = register_checkpoint(
+        ckpt, Registry(s.registry_dir), args.name, parity_images=parity, run_id="bench-gpu-heavy",
+        parent=args.parent, steps=steps,
+        description=f"ResNet-18-style, CIFAR stem, {size[0]} px (issue-3 benchmark model), trained on a GPU"
+        + (", pruned 50% of the MACs and fine-tuned" if "gpu_prune" in gpu else ""),
+    )
+    print(json.dumps({"registered": card.ref, "holdout_top1": metrics["top1"], "holdout_n": metrics["n"],
+                      "gpu_holdout_top1": (gpu.get("gpu_finetune") or gpu["gpu_train"]).get("top1_holdout_device_fp32")}))
 
 
 if __name__ == "__main__":

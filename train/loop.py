@@ -145,7 +145,12 @@ def load_checkpoint(path: str | os.PathLike[str]):
     blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     spec = ArchSpec.from_dict(blob["arch"])
     model = build_model(spec)
-    model.load_state_dict(blob["state_dict"])
+    if blob.get("pruned"):  # channel counts come from the tensors' shapes
+        from edge_export.prune import resize_to_state_dict
+
+        resize_to_state_dict(model, blob["state_dict"])
+    else:
+        model.load_state_dict(blob["state_dict"])
     model.eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model, meta
