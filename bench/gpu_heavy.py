@@ -14,7 +14,7 @@ script does the training on a lent GPU machine, in one short run:
    training images from index 14500 on (never in the holdout);
 2. trains ``ArchSpec(resnet, width 64, depths 2-2-2-2, stem_stride 1)`` with the
    training loop's recipe (SGD + Nesterov, warm-up + cosine, label smoothing 0.05, the
-   same flips/turns/translation augmentation, on the device) in bfloat16 autocast for
+   same flips/turns/translation augmentation, ``train.loop._augment``, on the device) in bfloat16 autocast for
    a time budget: a short probe measures the step rate and fixes the schedule's length;
 3. removes 50% of the MACs with ``edge_export.prune.prune_macs`` (torch-pruning, L2,
    channel counts multiples of 8, the ``visionfleet optimize`` defaults) and fine-tunes
@@ -81,33 +81,13 @@ def render(seed: int, start: int, n: int, size: int, workers: int) -> tuple[np.n
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def augment(xb, pad: int):
-    """``train.loop._augment`` with its random draws on the batch's device."""
-    import torch
-    import torch.nn.functional as F
-
-    n, dev = xb.shape[0], xb.device
-    flip = torch.rand(n, device=dev) < 0.5
-    xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-    flip = torch.rand(n, device=dev) < 0.5
-    xb = torch.where(flip[:, None, None, None], xb.flip(2), xb)
-    if xb.shape[2] == xb.shape[3] and float(torch.rand(())) < 0.5:
-        xb = xb.transpose(2, 3)
-    if pad:
-        h, w = xb.shape[2:]
-        padded = F.pad(xb, (pad, pad, pad, pad), mode="reflect")
-        dx, dy = np.random.randint(0, 2 * pad + 1, 2)
-        xb = padded[:, :, dy : dy + h, dx : dx + w]
-    return xb
-
-
 def train_for(model, x, y, *, mean, std, seconds: float, lr: float, batch: int, dev, amp: bool, label: str,
               probe_steps: int = 12) -> dict[str, Any]:
     """SGD for a time budget: probe the step rate, then a warm-up + cosine schedule."""
     import torch
     import torch.nn.functional as F
 
-    from train.loop import warmup_cosine
+    from train.loop import _augment as augment, warmup_cosine
 
     m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     s = torch.tensor(std, device=dev).view(1, 3, 1, 1)
@@ -140,7 +120,7 @@ def train_for(model, x, y, *, mean, std, seconds: float, lr: float, batch: int, 
         opt.step()
         step += 1
         if step % 25 == 0 or step == probe_steps:
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         if step == 3:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -153,7 +133,7 @@ def train_for(model, x, y, *, mean, std, seconds: float, lr: float, batch: int, 
             factor = warmup_cosine(total, warmup_frac=0.05)
             log(f"{label}: {rate:.1f} steps/s x batch {batch} -> {total} steps ({total * batch / n:.1f} epochs)")
         if total and step % max(1, total // 10) == 0:
-            log(f"{label}: step {step}/{total} loss {float(loss):.3f}")
+            log(f"{label}: step {step}/{total} loss {float(loss.detach()):.3f}")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     model.eval()

@@ -195,6 +195,15 @@ class Servers:
             ray.shutdown()
 
 
+def _stats(base: str) -> dict[str, float]:
+    """The ingress's batching counters (GET /v1/stats)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/v1/stats", timeout=30) as r:
+        doc = json.loads(r.read())
+    return {"replica_calls": doc["ingress"]["replica_calls"], "requests": doc["ingress"]["requests"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", type=Path, default=Path(".visionfleet"))
@@ -257,14 +266,26 @@ def main() -> None:
                 lambda: _ceiling(heavy_dir, 16, d, args.threads),
             )
         # 2. batching on vs off at concurrency 16, demo model
+        batch_stats: list[dict[str, Any]] = []
+
         def with_batching(on: bool) -> float:
+            # on: the defaults (adaptive ingress batching, serve_apps.batching: no wait, 2 calls
+            # in flight; replica batch without a wait); off: one request per call everywhere
             size = 16 if on else 1
-            apply_batching(home, replica=ReplicaUserConfig(max_batch_size=size, batch_wait_timeout_s=0.004 if on else 0.0),
-                           ingress_max_batch_size=size, ingress_batch_wait_timeout_s=0.002 if on else 0.0)
-            return closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput
+            apply_batching(home, replica=ReplicaUserConfig(max_batch_size=size, batch_wait_timeout_s=0.0),
+                           ingress_max_batch_size=size, ingress_batch_wait_timeout_s=0.0)
+            before = _stats(vf)
+            tput = closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput
+            if on:
+                after = _stats(vf)
+                calls = after["replica_calls"] - before["replica_calls"]
+                batch_stats.append({"requests_per_replica_call": (after["requests"] - before["requests"]) / calls
+                                    if calls else 0.0})
+            return tput
 
         if want("batching_on_vs_off"):
             results["batching_on_vs_off"] = pairs(lambda: with_batching(True), lambda: with_batching(False))
+            results["batching_on_vs_off"]["batching_on_stats"] = batch_stats
             with_batching(True)
         # 3. demo model vs the empty app (framework floor), concurrency 16
         if want("demo_vs_empty"):

@@ -18,7 +18,9 @@ class ReplicaConfig(BaseModel):
     num_cpus: float = Field(default=0.5, gt=0, le=64, description="CPUs reserved per replica (fractional on small boxes)")
     ort_threads: int = Field(default=2, ge=1, le=64, description="ONNX Runtime intra-op threads per session")
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="@serve.batch max_batch_size")
-    batch_wait_timeout_s: float = Field(default=0.004, ge=0, le=1, description="@serve.batch wait for a batch to fill")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, le=1,
+        description="@serve.batch wait for a batch to fill (0: none; the ingress already sends batches, see serve_apps.batching)")
     max_models_per_replica: int = Field(default=4, ge=1, le=64, description="LRU size of @serve.multiplexed")
     max_ongoing_requests: int = Field(default=64, ge=1, le=10_000, description="requests in flight per replica")
     max_queued_requests: int = Field(default=256, ge=-1, le=100_000,
@@ -42,7 +44,11 @@ class IngressConfig(BaseModel):
     max_batch_items: int = Field(default=64, ge=1, le=4096, description="images per /v1/predict/batch request")
     alias_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="how long an alias lookup is cached")
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="requests the ingress groups into one replica call")
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="wait for that group to fill")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, le=1,
+        description="extra wait for a group to fill (0: a batch leaves as soon as a slot is free; serve_apps.batching)")
+    max_concurrent_batches: int = Field(default=2, ge=1, le=64,
+                                        description="replica calls in flight per ingress replica when batching")
     retry_backoff_s: list[float] = Field(default=[0.05, 0.2, 0.5], description="waits between retries when a replica dies")
     retry_after_s: int = Field(default=1, ge=0, le=3600, description="Retry-After of a 503")
     max_in_flight: int = Field(default=192, ge=1, le=100_000,
@@ -205,3 +211,4 @@ class IngressUserConfig(BaseModel):
     telemetry: bool | None = Field(default=None, description="pause (False) or resume telemetry without a restart")
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=1)
+    max_concurrent_batches: int | None = Field(default=None, ge=1, le=64)

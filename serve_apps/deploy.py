@@ -97,20 +97,21 @@ def apply_batching(
     replica: ReplicaUserConfig | None = None,
     ingress_max_batch_size: int | None = None,
     ingress_batch_wait_timeout_s: float | None = None,
+    ingress_max_concurrent_batches: int | None = None,
 ) -> dict[str, Any]:
     """Change batching knobs of the running app in place (reconfigure, no restart)."""
     st = load_state(home)
     user = st["user_config"]
-    if ingress_max_batch_size is not None or ingress_batch_wait_timeout_s is not None:
-        user = user.model_copy(update={
-            k: v for k, v in (("max_batch_size", ingress_max_batch_size), ("batch_wait_timeout_s", ingress_batch_wait_timeout_s))
-            if v is not None
-        })
+    knobs = (("max_batch_size", ingress_max_batch_size), ("batch_wait_timeout_s", ingress_batch_wait_timeout_s),
+             ("max_concurrent_batches", ingress_max_concurrent_batches))
+    if any(v is not None for _, v in knobs):
+        user = user.model_copy(update={k: v for k, v in knobs if v is not None})
     rep = st["replica_user_config"]
     if replica is not None:
         rep = rep.model_copy(update={k: v for k, v in replica.model_dump().items() if v is not None})
     deploy(st["app"], user, st["http"], replica_user_cfg=rep, version=st["version"])
-    return {"ingress": {"max_batch_size": user.max_batch_size, "batch_wait_timeout_s": user.batch_wait_timeout_s},
+    return {"ingress": {"max_batch_size": user.max_batch_size, "batch_wait_timeout_s": user.batch_wait_timeout_s,
+                        "max_concurrent_batches": user.max_concurrent_batches},
             "replica": rep.model_dump()}
 
 

@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.api import api
+from serve_apps.batching import AdaptiveBatcher
 from serve_apps.config import AppConfig, IngressUserConfig
 from serve_apps.inputs import ApiError, parse_batch, parse_predict, read_body, request_id_from, status_for_image_error
 from serve_apps.replica import ReplicaOutput
@@ -147,8 +148,12 @@ class Ingress:
         self._ingress_batches = 0
         self._ingress_batched = 0
         self.in_flight = 0  # inference requests inside this replica (admission control in serve_apps.api)
-        self._batched.set_max_batch_size(self.cfg.ingress.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.cfg.ingress.batch_wait_timeout_s)
+        self._batcher = AdaptiveBatcher(
+            self._replica_batch,
+            max_batch_size=self.cfg.ingress.max_batch_size,
+            batch_wait_timeout_s=self.cfg.ingress.batch_wait_timeout_s,
+            max_concurrent=self.cfg.ingress.max_concurrent_batches,
+        )
 
     def reconfigure(self, user_config: dict) -> None:
         """Experiments and batch knobs, applied in place (Serve calls this, no restart)."""
@@ -171,9 +176,11 @@ class Ingress:
         if uc.telemetry is not None:
             self._telemetry_on = uc.telemetry and self.telemetry is not None
         if uc.max_batch_size is not None:
-            self._batched.set_max_batch_size(uc.max_batch_size)
+            self._batcher.set_max_batch_size(uc.max_batch_size)
         if uc.batch_wait_timeout_s is not None:
-            self._batched.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
+            self._batcher.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
+        if uc.max_concurrent_batches is not None:
+            self._batcher.set_max_concurrent(uc.max_concurrent_batches)
 
     # ------------------------------------------------------------------ helpers
     async def body(self, request: Request) -> bytes:
@@ -202,36 +209,27 @@ class Ingress:
         futures = [loop.run_in_executor(self._decode_pool, self._decode, b, card) for b in images]
         return list(await asyncio.gather(*futures, return_exceptions=per_item))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, model_ids: "list[str]", arrays: "list[np.ndarray]") -> "list[Any]":
-        """Group concurrent requests by version: one replica call per version per batch."""
-        groups: dict[str, list[int]] = {}
-        for i, mid in enumerate(model_ids):
-            groups.setdefault(mid, []).append(i)
-        self._ingress_batches += len(groups)
-        self._ingress_batched += len(model_ids)
-        results: list[Any] = [None] * len(arrays)
+    async def _replica_batch(self, mid: str, arrays: "list[np.ndarray]") -> "list[Any]":
+        """One replica call for the requests the batcher grouped under one model version.
 
-        async def run(mid: str, idx: "list[int]") -> None:
-            batch = np.concatenate([arrays[i] for i in idx]) if len(idx) > 1 else arrays[idx[0]]
-            self._m["batch"].observe(len(idx), tags={"model": mid})
-            try:
-                out: ReplicaOutput = await self._call_replica(mid, batch)
-            except ApiError as exc:
-                for i in idx:
-                    results[i] = exc
-                return
-            if out.error is not None:
-                for i in idx:
-                    results[i] = ApiError(out.status, out.error)
-                return
-            start = 0
-            for i in idx:
-                k = len(arrays[i])
-                results[i] = [o[start : start + k] for o in out.outputs]
-                start += k
-
-        await asyncio.gather(*(run(mid, idx) for mid, idx in groups.items()))
+        Returns per request its outputs, or the ApiError that request gets.
+        """
+        self._ingress_batches += 1
+        self._ingress_batched += len(arrays)
+        batch = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        self._m["batch"].observe(len(arrays), tags={"model": mid})
+        try:
+            out: ReplicaOutput = await self._call_replica(mid, batch)
+        except ApiError as exc:
+            return [exc] * len(arrays)
+        if out.error is not None:
+            return [ApiError(out.status, out.error)] * len(arrays)
+        results: list[Any] = []
+        start = 0
+        for a in arrays:
+            k = len(a)
+            results.append([o[start : start + k] for o in out.outputs])
+            start += k
         return results
 
     def count_rejected(self, reason: str) -> None:
@@ -266,7 +264,7 @@ class Ingress:
         raise ApiError(503, "model replica unavailable; retry later", {"Retry-After": str(self.cfg.ingress.retry_after_s)})
 
     async def infer(self, resolved: ResolvedModel, batch: np.ndarray) -> "list[np.ndarray]":
-        out = await self._batched(f"{resolved.name}:{resolved.version}", batch)
+        out = await self._batcher.submit(f"{resolved.name}:{resolved.version}", batch)
         if isinstance(out, ApiError):
             raise out
         return out
@@ -400,8 +398,10 @@ class Ingress:
                 "replica_calls": self._ingress_batches,
                 "requests": self._ingress_batched,
                 "avg_requests_per_call": self._ingress_batched / self._ingress_batches if self._ingress_batches else 0.0,
-                "max_batch_size": self._batched._get_max_batch_size(),
-                "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
+                "max_batch_size": self._batcher.max_batch_size,
+                "batch_wait_timeout_s": self._batcher.batch_wait_timeout_s,
+                "max_concurrent_batches": self._batcher.max_concurrent,
+                "queued": self._batcher.queued,
             },
             "replica": replica,
             "telemetry": None if self.telemetry is None else {"sent": self.telemetry.sent, "dropped": self.telemetry.dropped},

@@ -127,7 +127,7 @@ class ModelReplica:
             "batch_wait_timeout_s": self._infer._get_batch_wait_timeout_s(),
         }
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
     async def _infer(self, requests: list[np.ndarray]) -> list[ReplicaOutput]:
         model_id = serve.get_multiplexed_model_id()  # one id per batch: Serve splits batches by id
         try:

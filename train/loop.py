@@ -162,9 +162,9 @@ def _augment(xb, pad: int):
     import torch.nn.functional as F
 
     n = xb.shape[0]
-    flip = torch.rand(n) < 0.5
+    flip = torch.rand(n, device=xb.device) < 0.5  # on the batch's device (a GPU too: bench/gpu_heavy.py)
     xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-    flip = torch.rand(n) < 0.5
+    flip = torch.rand(n, device=xb.device) < 0.5
     xb = torch.where(flip[:, None, None, None], xb.flip(2), xb)
     if xb.shape[2] == xb.shape[3] and torch.rand(()) < 0.5:
         xb = xb.transpose(2, 3)  # with the flips above, any of the 8 dihedral turns

@@ -43,6 +43,15 @@ def test_batches_form_and_knobs_change_in_place(serve_url, settings) -> None:
         assert set(_burst(serve_url, 48, 16)) == {200}
         s2 = c.get("/v1/stats").json()
         assert s2["ingress"]["requests"] - s1["ingress"]["requests"] == s2["ingress"]["replica_calls"] - s1["ingress"]["replica_calls"]
-        apply_batching(settings.home, replica=ReplicaUserConfig(max_batch_size=16, batch_wait_timeout_s=0.004),
-                       ingress_max_batch_size=16, ingress_batch_wait_timeout_s=0.002)
-        assert c.get("/v1/stats").json()["ingress"]["max_batch_size"] == 16
+        # an explicit wait and more calls in flight, then back to the defaults
+        doc = apply_batching(settings.home, replica=ReplicaUserConfig(max_batch_size=16, batch_wait_timeout_s=0.004),
+                             ingress_max_batch_size=16, ingress_batch_wait_timeout_s=0.002,
+                             ingress_max_concurrent_batches=3)
+        assert doc["ingress"]["max_concurrent_batches"] == 3
+        s3 = c.get("/v1/stats").json()["ingress"]
+        assert (s3["max_batch_size"], s3["batch_wait_timeout_s"], s3["max_concurrent_batches"]) == (16, 0.002, 3)
+        assert set(_burst(serve_url, 48, 16)) == {200}
+        apply_batching(settings.home, replica=ReplicaUserConfig(max_batch_size=16, batch_wait_timeout_s=0.0),
+                       ingress_max_batch_size=16, ingress_batch_wait_timeout_s=0.0, ingress_max_concurrent_batches=2)
+        s4 = c.get("/v1/stats").json()["ingress"]
+        assert (s4["max_batch_size"], s4["batch_wait_timeout_s"], s4["max_concurrent_batches"]) == (16, 0.0, 2)

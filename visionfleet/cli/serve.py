@@ -21,7 +21,8 @@ def up(
     replica_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 0.5,
     ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
-    batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a batch to fill")] = 4.0,
+    batch_wait_ms: Annotated[float, typer.Option(
+        help="replica batching: wait for a batch to fill (0: no wait; the ingress already batches adaptively)")] = 0.0,
     num_cpus: Annotated[int, typer.Option(help="CPUs the head offers (0: all)")] = 0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /healthz")] = 180.0,
     retrain: Annotated[bool, typer.Option(help="start the retraining controller for --model")] = True,
@@ -165,6 +166,8 @@ def batching(
     wait_ms: Annotated[Optional[float], typer.Option(help="replica: wait for a batch to fill (ms)")] = None,
     ingress_max_batch_size: Annotated[Optional[int], typer.Option(help="ingress: requests per replica call")] = None,
     ingress_wait_ms: Annotated[Optional[float], typer.Option(help="ingress: wait for a group to fill (ms)")] = None,
+    ingress_max_concurrent: Annotated[Optional[int], typer.Option(
+        help="ingress: replica calls in flight while batching (a batch leaves when one is free)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the new settings as JSON")] = False,
 ) -> None:
     """Change dynamic-batching knobs of the running app in place (no restart)."""
@@ -172,8 +175,9 @@ def batching(
     from serve_apps.config import ReplicaUserConfig
     from serve_apps.deploy import apply_batching
 
-    if all(v is None for v in (max_batch_size, wait_ms, ingress_max_batch_size, ingress_wait_ms)):
-        raise ValueError("give at least one of --max-batch-size, --wait-ms, --ingress-max-batch-size, --ingress-wait-ms")
+    if all(v is None for v in (max_batch_size, wait_ms, ingress_max_batch_size, ingress_wait_ms, ingress_max_concurrent)):
+        raise ValueError("give at least one of --max-batch-size, --wait-ms, --ingress-max-batch-size, --ingress-wait-ms, "
+                         "--ingress-max-concurrent")
     s = settings()
     connect(s)
     doc = apply_batching(
@@ -181,6 +185,7 @@ def batching(
         replica=ReplicaUserConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=None if wait_ms is None else wait_ms / 1000),
         ingress_max_batch_size=ingress_max_batch_size,
         ingress_batch_wait_timeout_s=None if ingress_wait_ms is None else ingress_wait_ms / 1000,
+        ingress_max_concurrent_batches=ingress_max_concurrent,
     )
     if as_json:
         print_json(doc)
@@ -223,7 +228,8 @@ def config(
     ingress_cpus: Annotated[float, typer.Option(help="CPUs per ingress replica")] = 0.25,
     ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
-    batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a batch to fill")] = 4.0,
+    batch_wait_ms: Annotated[float, typer.Option(
+        help="replica batching: wait for a batch to fill (0: no wait; the ingress already batches adaptively)")] = 0.0,
     max_replicas_per_node: Annotated[Optional[int], typer.Option(help="spread replicas: at most N per node")] = None,
     request_timeout: Annotated[float, typer.Option(help="Serve's HTTP timeout, s (above the ingress's)")] = 60.0,
     proxy_location: Annotated[str, typer.Option(help="EveryNode, HeadOnly (one machine), Disabled")] = "EveryNode",
