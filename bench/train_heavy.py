@@ -74,16 +74,12 @@ def main() -> None:
     from train.finetune import FinetuneConfig, channel_stats, evaluate, finetune, save_checkpoint
     from train.models import ArchSpec, build_model
     from train.pipeline import register_checkpoint
-    from visionfleet.datasets.store import load_arrays, read_info, synthesize
+    from visionfleet.datasets.store import load_arrays, read_info
     from visionfleet.registry import Registry
     from visionfleet.settings import Settings
 
     s = Settings.from_env().ensure()
-    ds = s.datasets_dir / args.dataset
-    if not (ds / "manifest.json").exists():
-        t0 = time.time()
-        synthesize(ds, n_train=args.n_train, n_holdout=args.n_holdout, size=96, seed=args.seed)
-        print(f"dataset {ds} in {time.time() - t0:.0f}s", file=sys.stderr)
+    ds = _dataset(args, s)
     info = read_info(ds)
     spec = ArchSpec.from_dict({**HEAVY_ARCH, "num_classes": len(info.labels)})
     torch.manual_seed(args.seed)

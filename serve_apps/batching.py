@@ -50,6 +50,7 @@ class AdaptiveBatcher:
         self._in_flight = 0
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # running batches (asyncio keeps only weak references)
         self.calls = 0  # fn calls made
         self.items = 0  # items carried by them
 
@@ -92,7 +93,7 @@ class AdaptiveBatcher:
         self._queue.append((key, item, fut))
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
-            self._loop_task = loop.create_task(self._dispatch_loop())
+            self._loop_task = loop.create_task(self._dispatch_loop(self._wake))
         self._wake.set()  # type: ignore[union-attr]
         return await fut
 
@@ -105,9 +106,7 @@ class AdaptiveBatcher:
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
             return [exc] * len(items)
 
-    async def _dispatch_loop(self) -> None:
-        wake = self._wake
-        assert wake is not None
+    async def _dispatch_loop(self, wake: asyncio.Event) -> None:
         while True:
             while not self._queue:
                 wake.clear()
@@ -146,7 +145,8 @@ class AdaptiveBatcher:
             self.calls += 1
             self.items += len(entries)
             task = asyncio.get_running_loop().create_task(self._run(key, entries))
-            task.add_done_callback(lambda _t: None)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self, key: Hashable, entries: list[tuple[Any, asyncio.Future]]) -> None:
         results: list[Any] | None = None

@@ -40,7 +40,7 @@ def test_gpu_run_writes_split_fp16_checkpoints_and_a_report(handoff):
     _root, parts, _env = handoff
     report = json.loads((parts / "gpu_heavy.json").read_text())
     assert report["device"] == "cpu"  # no GPU here: the same code ran on the CPU
-    assert report["data"] == {**report["data"], "train": 64, "extra": 32, "holdout": 32}
+    assert (report["data"]["train"], report["data"]["extra"], report["data"]["holdout"]) == (64, 32, 32)
     assert report["train"]["steps"] > 0 and report["finetune"]["steps"] > 0
     assert 0.5 <= report["prune"]["mac_reduction"] < 0.9
     for stem in ("heavy.pt", "pruned.pt"):
