@@ -185,7 +185,7 @@ def serve_config(
                 "import_path": IMPORT_PATH,
                 "runtime_env": _runtime_env(app, options),
                 "args": app.model_dump(mode="json"),
-                "deployments": [ingress, replica],
+                "deployments": [ingress, replica] if app.ingress.inference_in == "replicas" else [ingress],
             }
         ],
     }

@@ -51,7 +51,8 @@ def build_app(
     replica_user_config: ReplicaUserConfig | None = None,
     version: str | None = None,
 ) -> Application:
-    """Bind the model replicas and pass their handle to the ingress.
+    """Bind the model replicas and pass their handle to the ingress (or ``None`` when the
+    ingress runs the models itself, ``IngressConfig.inference_in == "ingress"``).
 
     ``user_config`` is the ingress's runtime state (experiments, batch knobs); changing
     only it on a redeploy reconfigures the running replicas in place. ``version``
@@ -63,15 +64,10 @@ def build_app(
     version = version or code_version(config)
     # `version` is an internal option of Deployment.options (the public `serve deploy`
     # path derives it from the config file); see code_version() for why it matters.
-    replica = ModelReplica.options(version=version, _internal=True).options(
-        user_config=(replica_user_config or ReplicaUserConfig()).model_dump(mode="json", exclude_none=True),
-        num_replicas=config.replica.num_replicas,
-        max_ongoing_requests=config.replica.max_ongoing_requests,
-        max_queued_requests=config.replica.max_queued_requests,
-        health_check_period_s=config.replica.health_check_period_s,
-        **({"max_replicas_per_node": config.replica.max_replicas_per_node} if config.replica.max_replicas_per_node else {}),
-        ray_actor_options={"num_cpus": config.replica.num_cpus, "runtime_env": {"env_vars": env}},
-    ).bind(cfg)
+    if config.ingress.inference_in == "ingress":  # the ingress runs the models itself: no replicas to bind
+        replica = None
+    else:
+        replica = _bind_replica(config, cfg, env, version, replica_user_config)
     return Ingress.options(version=version, _internal=True).options(
         user_config=(user_config or IngressUserConfig()).model_dump(mode="json"),
         num_replicas=config.ingress.num_replicas,
@@ -82,6 +78,18 @@ def build_app(
         backpressure_config={"status_code": 503, "retry_after_s": config.ingress.retry_after_s},
         ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(cfg, replica)
+
+
+def _bind_replica(config: AppConfig, cfg: dict, env: dict, version: str, replica_user_config: ReplicaUserConfig | None):
+    return ModelReplica.options(version=version, _internal=True).options(
+        user_config=(replica_user_config or ReplicaUserConfig()).model_dump(mode="json", exclude_none=True),
+        num_replicas=config.replica.num_replicas,
+        max_ongoing_requests=config.replica.max_ongoing_requests,
+        max_queued_requests=config.replica.max_queued_requests,
+        health_check_period_s=config.replica.health_check_period_s,
+        **({"max_replicas_per_node": config.replica.max_replicas_per_node} if config.replica.max_replicas_per_node else {}),
+        ray_actor_options={"num_cpus": config.replica.num_cpus, "runtime_env": {"env_vars": env}},
+    ).bind(cfg)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -47,8 +47,13 @@ class IngressConfig(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.0, ge=0, le=1,
         description="extra wait for a group to fill (0: a batch leaves as soon as a slot is free; serve_apps.batching)")
-    max_concurrent_batches: int = Field(default=2, ge=1, le=64,
-                                        description="replica calls in flight per ingress replica when batching")
+    max_concurrent_batches: int | None = Field(
+        default=None, ge=1, le=64,
+        description="batches in flight per ingress replica when batching (default: 2 with replicas, 1 in the ingress)")
+    inference_in: Literal["replicas", "ingress"] = Field(
+        default="replicas",
+        description="where models run: ModelReplica deployments (a Ray handle call per batch) or inside the ingress "
+                    "(no hop: the fastest on a small box; the ingress replicas then hold the sessions)")
     retry_backoff_s: list[float] = Field(default=[0.05, 0.2, 0.5], description="waits between retries when a replica dies")
     retry_after_s: int = Field(default=1, ge=0, le=3600, description="Retry-After of a 503")
     max_in_flight: int = Field(default=192, ge=1, le=100_000,

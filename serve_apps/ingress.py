@@ -28,7 +28,7 @@ from serve_apps.api import api
 from serve_apps.batching import AdaptiveBatcher
 from serve_apps.config import AppConfig, IngressUserConfig
 from serve_apps.inputs import ApiError, parse_batch, parse_predict, read_body, request_id_from, status_for_image_error
-from serve_apps.replica import ReplicaOutput
+from serve_apps.runner import LocalModels, ReplicaOutput
 from serve_apps.routing import CompiledExperiment, Route, choose_route, compile_experiment
 from visionfleet.imaging import ImageError, ResizeInfo, load_for_model
 from visionfleet.inference import classification_result, confidence_stats
@@ -126,7 +126,7 @@ def _metrics():
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict, replica: DeploymentHandle) -> None:
+    def __init__(self, config: dict, replica: "DeploymentHandle | None") -> None:
         self.cfg = AppConfig.model_validate(config)
         self.registry = Registry(f"{self.cfg.home}/registry", cache_dir=f"{self.cfg.home}/cache/registry")
         self.cards = _CardCache(self.registry, self.cfg.ingress.alias_ttl_s)
@@ -148,11 +148,23 @@ class Ingress:
         self._ingress_batches = 0
         self._ingress_batched = 0
         self.in_flight = 0  # inference requests inside this replica (admission control in serve_apps.api)
+        # Models run in ModelReplica deployments (a Ray handle call per batch) or here, in
+        # this process (no hop; one ONNX Runtime worker thread, which releases the GIL).
+        self._local: LocalModels | None = None
+        if self.cfg.ingress.inference_in == "ingress":
+            from visionfleet.inference import RuntimeOptions
+
+            self._local = LocalModels(self.registry, RuntimeOptions(threads=self.cfg.replica.ort_threads),
+                                      self.cfg.replica.max_models_per_replica)
+            self._ort_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._local_runs = self._local_images = 0
         self._batcher = AdaptiveBatcher(
             self._replica_batch,
             max_batch_size=self.cfg.ingress.max_batch_size,
             batch_wait_timeout_s=self.cfg.ingress.batch_wait_timeout_s,
-            max_concurrent=self.cfg.ingress.max_concurrent_batches,
+            # one worker thread runs the local sessions: a second batch in flight would only
+            # wait in its queue instead of growing in ours
+            max_concurrent=self.cfg.ingress.max_concurrent_batches or (1 if self._local is not None else 2),
         )
 
     def reconfigure(self, user_config: dict) -> None:
@@ -219,7 +231,13 @@ class Ingress:
         batch = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
         self._m["batch"].observe(len(arrays), tags={"model": mid})
         try:
-            out: ReplicaOutput = await self._call_replica(mid, batch)
+            if self._local is not None:
+                out = await self._local.run(mid, batch, self._ort_pool)
+                if out.error is None:
+                    self._local_runs += 1
+                    self._local_images += len(batch)
+            else:
+                out = await self._call_replica(mid, batch)
         except ApiError as exc:
             return [exc] * len(arrays)
         if out.error is not None:
@@ -389,12 +407,18 @@ class Ingress:
     @api.get("/v1/stats")
     async def stats(self) -> dict:
         """Batching and telemetry figures of this ingress replica and one model replica."""
-        try:
-            replica = await self.replica.stats.remote()
-        except Exception as exc:  # noqa: BLE001 - report, do not fail
-            replica = {"error": repr(exc)}
+        if self._local is not None:
+            replica = {"inference_in": "ingress", "batches": self._local_runs, "images": self._local_images,
+                       "avg_batch_images": self._local_images / self._local_runs if self._local_runs else 0.0,
+                       "loaded": self._local.loaded, "loads": self._local.loads, "evictions": self._local.evictions}
+        else:
+            try:
+                replica = await self.replica.stats.remote()
+            except Exception as exc:  # noqa: BLE001 - report, do not fail
+                replica = {"error": repr(exc)}
         return {
             "ingress": {
+                "inference_in": self.cfg.ingress.inference_in,
                 "replica_calls": self._ingress_batches,
                 "requests": self._ingress_batched,
                 "avg_requests_per_call": self._ingress_batched / self._ingress_batches if self._ingress_batches else 0.0,

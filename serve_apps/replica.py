@@ -1,47 +1,25 @@
 """ModelReplica: runs any registered version, multiplexed by ``NAME:VERSION``, batched.
 
-A thin shell (STYLE 4): loading is ``visionfleet.inference.load_model_dir``, the batch
-contract is list in / list out with errors kept per request (STYLE 6). Batches are
+A thin shell (STYLE 4): loading and the batch contract (list in / list out, errors kept
+per request, STYLE 6) live in ``serve_apps.runner``, shared with the ingress. Batches are
 split by multiplexed model id by Serve itself, so one batch is one version.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from serve_apps.config import AppConfig, ReplicaUserConfig
-from visionfleet.inference import LoadedModel, RuntimeOptions, load_model_dir
+from serve_apps.runner import ReplicaError, ReplicaOutput, load_for_serving, run_requests
+from visionfleet.inference import LoadedModel, RuntimeOptions
 from visionfleet.registry import NotFound, Registry
-from visionfleet.spec import Task
 
 __all__ = ["ModelReplica", "ReplicaOutput", "ReplicaError"]
-
-
-class ReplicaError(Exception):
-    """An error that belongs to one request; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class ReplicaOutput:
-    """One request's result: the model outputs for its images, or its error."""
-
-    outputs: list[np.ndarray] | None
-    error: str | None = None
-    status: int = 200
-    batch_size: int = 0
-    infer_ms: float = 0.0
-    providers: tuple[str, ...] = ()
 
 
 @serve.deployment(name="ModelReplica")
@@ -96,20 +74,8 @@ class ModelReplica:
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_model(self, model_id: str) -> LoadedModel:
-        name, _, version = model_id.partition(":")
-        if not version.isdigit():
-            raise ReplicaError(f"bad model id {model_id!r}; expected NAME:VERSION", 400)
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(None, self._registry.local_dir, name, int(version))
-        model = await loop.run_in_executor(None, load_model_dir, path, self._runtime)
-        if model.card.task is Task.DETECTION:
-            from visionfleet.detection import DETECTION_OUTPUTS
-
-            missing = set(DETECTION_OUTPUTS) - set(model.output_names)
-            if missing:
-                raise ReplicaError(f"detection model {model_id} lacks outputs {sorted(missing)}", 500)
-            model.output_names = list(DETECTION_OUTPUTS)  # the order the ingress reads
-        return model
+        return await loop.run_in_executor(None, load_for_serving, self._registry, self._runtime, model_id)
 
     async def predict(self, images: np.ndarray) -> ReplicaOutput:
         """Run one request's images (uint8 [k, H, W, 3] at the model's size)."""
@@ -136,42 +102,12 @@ class ModelReplica:
             return [ReplicaOutput(None, str(exc), 404) for _ in requests]
         except ReplicaError as exc:
             return [ReplicaOutput(None, str(exc), exc.status) for _ in requests]
-        h, w = model.card.input_size
-        good = [i for i, r in enumerate(requests) if _valid(r, h, w)]
-        results: list[ReplicaOutput] = [
-            ReplicaOutput(None, f"expected uint8 images [k, {h}, {w}, 3] for {model_id}", 400) for _ in requests
-        ]
-        if not good:
-            return results
-        batch = np.concatenate([requests[i] for i in good]) if len(good) > 1 else requests[good[0]]
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._pool, model.run, batch)
-        infer_ms = (time.perf_counter() - t0) * 1000
-        self._batches += 1
-        self._batched_requests += len(good)
-        self._batched_images += len(batch)
-        self._m_batch.observe(len(good), tags={"model": model_id})
-        self._m_images.observe(len(batch), tags={"model": model_id})
-        providers = tuple(model.providers)
-        start = 0
-        for i in good:
-            k = len(requests[i])
-            results[i] = ReplicaOutput(
-                [o[start : start + k] for o in outputs],
-                batch_size=len(good),
-                infer_ms=infer_ms,
-                providers=providers,
-            )
-            start += k
+        results, images = await run_requests(model, model_id, requests, self._pool)
+        if images:
+            good = sum(1 for r in results if r.error is None)
+            self._batches += 1
+            self._batched_requests += good
+            self._batched_images += images
+            self._m_batch.observe(good, tags={"model": model_id})
+            self._m_images.observe(images, tags={"model": model_id})
         return results
-
-
-def _valid(arr: object, h: int, w: int) -> bool:
-    return (
-        isinstance(arr, np.ndarray)
-        and arr.dtype == np.uint8
-        and arr.ndim == 4
-        and arr.shape[0] >= 1
-        and arr.shape[1:] == (h, w, 3)
-    )

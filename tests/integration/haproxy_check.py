@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def main() -> None:
     from websockets.sync.client import connect
 
     from cluster.local import free_port, init_embedded, wait_http
-    from serve_apps.config import AppConfig
+    from serve_apps.config import AppConfig, IngressConfig
     from serve_apps.deploy import deploy
     from visionfleet.datasets.synth import render_sample
     from visionfleet.imaging import encode_image
@@ -63,6 +64,22 @@ def main() -> None:
             ws.send(json.dumps({"type": "close"}))
             summary = json.loads(ws.recv(timeout=60))
             out["stream"] = [ready["type"], answer["type"], summary["frames"]]
+        # the fastest layout: the same app redeployed with the models inside the ingress
+        deploy(AppConfig(home=str(home), default_model=model, admin_token="hp", ingress=IngressConfig(inference_in="ingress")),
+               http={"host": "127.0.0.1", "port": port})
+        with httpx.Client(base_url=url, timeout=60) as c:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # the old ingress replica drains, the new one takes over
+                stats = c.get("/v1/stats")
+                if stats.status_code == 200 and stats.json()["ingress"].get("inference_in") == "ingress":
+                    break
+                time.sleep(0.5)
+            r = c.post("/v1/predict", content=img, headers={"Content-Type": "image/png"})
+            r2 = c.post(f"/v2/models/{model}/infer", content=body, headers={"Content-Type": "application/json"})
+            stats = c.get("/v1/stats").json()
+            out["in_ingress"] = {"predict": [r.status_code, r.json().get("label")], "v2": r2.status_code,
+                                 "inference_in": stats["ingress"]["inference_in"], "loaded": stats["replica"].get("loaded"),
+                                 "deployments": sorted(serve.status().applications["visionfleet"].deployments)}
         import psutil
 
         # this Ray's processes only (started by this driver), not other Rays on the machine

@@ -27,6 +27,8 @@ def up(
     timeout: Annotated[float, typer.Option(help="seconds to wait for /healthz")] = 180.0,
     retrain: Annotated[bool, typer.Option(help="start the retraining controller for --model")] = True,
     ingress_mode: Annotated[str, typer.Option(help="proxy (Serve's HTTP proxy) or haproxy (direct ingress: less CPU per request)")] = "proxy",
+    inference_in: Annotated[str, typer.Option(
+        help="where models run: replicas (ModelReplica deployments) or ingress (in the ingress process: no hop)")] = "replicas",
 ) -> None:
     """Start (or join) the local head, deploy the app and wait until /healthz answers 200."""
     from ray import serve
@@ -50,6 +52,7 @@ def up(
             max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_ms / 1000,
         ),
+        ingress=_ingress_config(inference_in, replica_cpus),
     )
     from cluster.local import ingress_mode_env
 
@@ -226,6 +229,8 @@ def config(
     replicas: Annotated[int, typer.Option(help="ModelReplica replicas")] = 1,
     replica_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 0.5,
     ingress_cpus: Annotated[float, typer.Option(help="CPUs per ingress replica")] = 0.25,
+    inference_in: Annotated[str, typer.Option(
+        help="where models run: replicas (ModelReplica deployments) or ingress (in the ingress process: no hop)")] = "replicas",
     ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(
@@ -285,7 +290,7 @@ def config(
         replica=options_from(ReplicaConfig, num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads,
                              max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
                              max_replicas_per_node=max_replicas_per_node),
-        ingress=options_from(IngressConfig, num_cpus=ingress_cpus),
+        ingress=options_from(IngressConfig, num_cpus=ingress_cpus, inference_in=_inference_in(inference_in)),
     )
     options = options_from(ServeConfigOptions, host=host, port=port, request_timeout_s=request_timeout,
                            proxy_location=proxy_location, wandb_mode=wandb)
@@ -311,3 +316,18 @@ def config(
     what = "RayService manifest" if kuberay else "Serve config"
     hint = "kubectl apply -f" if kuberay else 'eval "$(visionfleet cluster env)"; serve deploy'
     err.print(f"wrote the {what} to {out_file} ({hint} {out_file})")
+
+
+def _inference_in(value: str) -> str:
+    if value not in ("replicas", "ingress"):
+        raise ValueError(f"Got {value!r} for --inference-in; expected replicas or ingress")
+    return value
+
+
+def _ingress_config(inference_in: str, replica_cpus: float):
+    """The ingress of `serve up`: running the models itself, it reserves the replica's CPUs."""
+    from serve_apps.config import IngressConfig
+
+    if _inference_in(inference_in) == "ingress":
+        return IngressConfig(inference_in="ingress", num_cpus=replica_cpus)
+    return IngressConfig()
