@@ -283,6 +283,11 @@ def test_serve_config_command_prints_yaml_and_a_manifest(home: Path, tmp_path: P
     assert _deployments(doc)["ModelReplica"]["max_replicas_per_node"] == 1
     assert IngressUserConfig.model_validate(_deployments(doc)["Ingress"]["user_config"]).experiments == [_experiment()]
 
+    r = runner.invoke(app, ["serve", "config", "--inference-in", "ingress", "--home", HOME], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = yaml.safe_load(r.stdout)
+    assert set(_deployments(doc)) == {"Ingress"} and app_config_from_serve_config(doc).ingress.inference_in == "ingress"
+
     out = tmp_path / "rs.yaml"
     r = runner.invoke(app, ["serve", "config", "--kuberay", "--image", "vf:1", "--pvc", "vf-state", "--workers", "2",
                             "--replicas", "2", "--max-replicas-per-node", "1", "--home", HOME, "--admin-token",
@@ -301,6 +306,8 @@ def test_serve_config_command_prints_yaml_and_a_manifest(home: Path, tmp_path: P
         (("serve", "config", "--port", "0"), "for port"),
         (("serve", "config", "--kuberay", "--image", "vf:1", "--workers", "1", "--replicas", "3",
           "--max-replicas-per-node", "1"), "at most 1 replicas"),
+        (("serve", "config", "--inference-in", "gpu"), "--inference-in"),
+        (("serve", "up", "--inference-in", "gpu"), "--inference-in"),
         (("cluster", "up", "--worker-cpus", "0.5"), "whole number"),
         (("cluster", "up", "--workers", "-1"), "workers"),
     ],
