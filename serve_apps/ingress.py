@@ -157,7 +157,6 @@ class Ingress:
             self._local = LocalModels(self.registry, RuntimeOptions(threads=self.cfg.replica.ort_threads),
                                       self.cfg.replica.max_models_per_replica)
             self._ort_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        self._local_runs = self._local_images = 0
         self._batcher = AdaptiveBatcher(
             self._replica_batch,
             max_batch_size=self.cfg.ingress.max_batch_size,
@@ -233,9 +232,6 @@ class Ingress:
         try:
             if self._local is not None:
                 out = await self._local.run(mid, batch, self._ort_pool)
-                if out.error is None:
-                    self._local_runs += 1
-                    self._local_images += len(batch)
             else:
                 out = await self._call_replica(mid, batch)
         except ApiError as exc:
@@ -408,9 +404,10 @@ class Ingress:
     async def stats(self) -> dict:
         """Batching and telemetry figures of this ingress replica and one model replica."""
         if self._local is not None:
-            replica = {"inference_in": "ingress", "batches": self._local_runs, "images": self._local_images,
-                       "avg_batch_images": self._local_images / self._local_runs if self._local_runs else 0.0,
-                       "loaded": self._local.loaded, "loads": self._local.loads, "evictions": self._local.evictions}
+            m = self._local
+            replica = {"inference_in": "ingress", "batches": m.runs, "images": m.images,
+                       "avg_batch_images": m.images / m.runs if m.runs else 0.0,
+                       "loaded": m.loaded, "loads": m.loads, "evictions": m.evictions}
         else:
             try:
                 replica = await self.replica.stats.remote()

@@ -109,6 +109,8 @@ class LocalModels:
         self._loading: dict[str, asyncio.Future] = {}
         self.loads = 0
         self.evictions = 0
+        self.runs = 0  # successful ONNX Runtime calls
+        self.images = 0  # images they carried
 
     @property
     def loaded(self) -> list[str]:
@@ -149,5 +151,8 @@ class LocalModels:
             return ReplicaOutput(None, str(exc), 404)
         except ReplicaError as exc:
             return ReplicaOutput(None, str(exc), exc.status)
-        (out,), _ = await run_requests(model, model_id, [batch], pool)
+        (out,), images = await run_requests(model, model_id, [batch], pool)
+        if images:
+            self.runs += 1
+            self.images += images
         return out

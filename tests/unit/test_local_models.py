@@ -65,6 +65,7 @@ def test_run_matches_onnx_runtime_and_errors_are_per_request(registry, pool) -> 
         wrong = await models.run("toy:2", np.zeros((1, SIZE + 1, SIZE, 3), np.uint8), pool)
         assert wrong.status == 400 and f"[k, {SIZE}, {SIZE}, 3]" in wrong.error
         assert models.loaded == ["toy:2"]  # failed loads are not cached
+        assert (models.runs, models.images) == (1, 3)  # only the successful call counts
 
     asyncio.run(go())
 
