@@ -30,6 +30,7 @@ __all__ = [
     "read_head",
     "head_alive",
     "connect",
+    "connect_ray",
     "init_embedded",
     "runtime_env",
     "auth_env",
@@ -39,7 +40,9 @@ __all__ = [
     "RAY_NAMESPACE",
 ]
 
-RAY_NAMESPACE = "visionfleet"
+from visionfleet.names import RAY_NAMESPACE  # noqa: E402  (re-exported)
+# Set by Ray's job supervisor in a submitted job's driver (`ray job submit`).
+_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _HEAD_FILE = "head.json"
 # AF_UNIX socket paths are limited to 107 bytes; Ray puts sockets ~60 bytes deep
 # under its temp dir, so a long state dir gets a short temp dir in /tmp instead.
@@ -351,6 +354,34 @@ def init_embedded(
         logging_level="WARNING",
         **({"_metrics_export_port": metrics_port} if metrics_port else {}),
     )
+
+
+def connect_ray(settings: Settings, address: str | None = None, *, join_head: bool = True) -> None:
+    """The one way a job driver (tune sweep, batch inference) reaches Ray.
+
+    Joins ``address`` / ``$RAY_ADDRESS`` (set by ``ray job submit``); else this state
+    dir's running head when ``join_head``; else starts an embedded local Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Under `ray job submit` the job's own runtime_env reaches every task and actor,
+        # and Ray refuses a driver runtime_env that sets the same variables again.
+        submitted = _SUBMITTED_JOB_ENV in os.environ
+        for k, v in runtime_env(settings)["env_vars"].items():
+            os.environ.setdefault(k, v)  # the driver itself reads the same settings
+        _quiet_driver_logs()
+        ray.init(address=address, namespace=RAY_NAMESPACE, runtime_env=None if submitted else runtime_env(settings),
+                 log_to_driver=False, logging_level="WARNING")
+        return
+    head = read_head(settings) if join_head else None
+    if head is not None and head_alive(head):
+        connect(settings)
+    else:
+        init_embedded(settings)
 
 
 def wait_http(url: str, timeout: float = 120.0, interval: float = 0.5) -> bool:

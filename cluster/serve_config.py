@@ -42,12 +42,9 @@ __all__ = [
     "options_from",
 ]
 
-# Names the Serve app registers (serve_apps.app.APP_NAME and the @serve.deployment
-# names); spelled out here so generating a config does not import Ray Serve's runtime.
-APP_NAME = "visionfleet"
-IMPORT_PATH = "serve_apps.app:app_builder"
-INGRESS_DEPLOYMENT = "Ingress"
-REPLICA_DEPLOYMENT = "ModelReplica"
+# Names the Serve app registers, from the core: generating a config imports no Ray Serve runtime.
+from visionfleet.names import APP_IMPORT_PATH as IMPORT_PATH  # noqa: E402
+from visionfleet.names import APP_NAME, INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT  # noqa: E402
 
 
 class ProxyLocation(str, Enum):

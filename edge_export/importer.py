@@ -81,11 +81,7 @@ __all__ = [
     "MIN_OPSET",
 ]
 
-# The contract's tensor names; equal to edge_export.onnx_export's (a test checks), kept
-# here so that importing an ONNX model does not import torch.
-INPUT_NAME = "images"
-OUTPUT_NAME = "probs"
-DETECTION_OUTPUTS = ("boxes", "scores", "classes")
+from visionfleet.names import DETECTION_OUTPUTS, INPUT_NAME, OUTPUT_NAME  # noqa: E402  (the contract's names)
 # NonMaxSuppression, Range, CumSum, ScatterND, GatherND and TopK's K input all exist
 # from opset 11; every op the wrapper adds is valid from there up to the newest opset.
 MIN_OPSET = 11

@@ -34,8 +34,7 @@ __all__ = [
     "OUTPUT_NAME",
 ]
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "probs"
+from visionfleet.names import INPUT_NAME, OUTPUT_NAME  # noqa: E402  (re-exported)
 DEFAULT_OPSET = 18
 
 

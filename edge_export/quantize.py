@@ -55,7 +55,7 @@ __all__ = [
     "quantize",
 ]
 
-INPUT_NAME = "images"  # the contract's input name (edge_export.onnx_export.INPUT_NAME)
+from visionfleet.names import INPUT_NAME  # noqa: E402
 
 
 class QuantizeMode(str, enum.Enum):

@@ -15,7 +15,7 @@ from serve_apps.replica import ModelReplica
 
 __all__ = ["build_app", "app_builder", "APP_NAME"]
 
-APP_NAME = "visionfleet"
+from visionfleet.names import APP_NAME  # noqa: E402  (re-exported)
 
 
 @lru_cache(maxsize=1)

@@ -31,7 +31,7 @@ __all__ = ["TelemetrySink", "TelemetryClient", "SINK_NAME", "get_or_create_sink"
 
 logger = logging.getLogger("ray.serve")
 
-SINK_NAME = "visionfleet-telemetry"
+from visionfleet.names import SINK_NAME  # noqa: E402  (re-exported)
 _MAX_REMEMBERED = 200_000  # events kept in memory for joining labels and de-duplication
 _MAX_PENDING_LABELS = 100_000
 

@@ -110,7 +110,7 @@ class RetrainingController:
     def _sink(self):
         import ray
 
-        from serve_apps.telemetry import SINK_NAME
+        from visionfleet.names import SINK_NAME
 
         return ray.get_actor(SINK_NAME, namespace=self.namespace)
 

@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.local import connect_ray
 from tune.pareto import COMPLETE, ERROR, STOPPED, Constraints, TrialRecord, best_feasible, checks, is_feasible, pareto_front
 from tune.space import Point, Space, SpaceConfig
 from tune.trial import FinetunePlan, LatencyPlan, TrialContext
@@ -71,8 +72,6 @@ __all__ = [
 
 NO_FEASIBLE_EXIT = 3  # exit status of the entrypoint and `visionfleet tune run` when nothing is feasible
 _SWEEP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Set by Ray's job supervisor in a submitted job's driver (see serve_apps/batch_infer.py).
-_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 Event = Callable[[str, str], None]
 
@@ -763,27 +762,6 @@ def _write_best(plan: SweepPlan, point: Point, best: TrialRecord, registered: st
 # ------------------------------------------------------------------------ entrypoint
 
 
-def connect_ray(settings: Settings, address: str | None = None) -> None:
-    """Join ``address`` / ``$RAY_ADDRESS`` (set by ``ray job submit``), else start an embedded Ray."""
-    import ray
-
-    from cluster.local import RAY_NAMESPACE, init_embedded, runtime_env
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Under `ray job submit` the job's runtime_env already reaches every trial; Ray
-        # refuses a driver runtime_env that sets the same variables again.
-        submitted = _SUBMITTED_JOB_ENV in os.environ
-        for k, v in runtime_env(settings)["env_vars"].items():
-            os.environ.setdefault(k, v)
-        ray.init(address=address, namespace=RAY_NAMESPACE, runtime_env=None if submitted else runtime_env(settings),
-                 log_to_driver=False, logging_level="WARNING")
-        return
-    init_embedded(settings)
-
-
 def build_config(
     model: str,
     *,
@@ -945,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    connect_ray(settings, args.address)
+    connect_ray(settings, args.address, join_head=False)
     result = run_sweep(plan, on_event=_print_event)
     print(json.dumps(result.to_dict(), indent=2, default=str))
     if not result.feasible:

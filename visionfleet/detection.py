@@ -23,8 +23,7 @@ from visionfleet.imaging import ResizeInfo
 
 __all__ = ["DETECTION_OUTPUTS", "detection_result", "detection_confidence_stats"]
 
-# Output names of a registered detection model, in this order.
-DETECTION_OUTPUTS = ("boxes", "scores", "classes")
+from visionfleet.names import DETECTION_OUTPUTS  # noqa: E402  (output names of a registered detection model, in order)
 
 
 def _one_image(arr: np.ndarray, trailing: tuple[int, ...], what: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Offline inference building blocks: many inputs in, one flat result row per input out.
 
-Shared by the Ray Data batch job (``serve_apps/batch_infer.py``) and the video runner
+Shared by the Ray Data batch job (``cluster/jobs/batch_infer.py``) and the video runner
 (``visionfleet/video.py``), so both preprocess exactly like the server
 (:func:`visionfleet.imaging.load_for_model` with the card's size and resize mode) and
 write the same columns. Pure numpy; ``pyarrow`` is imported inside the functions that

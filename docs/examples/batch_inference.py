@@ -8,7 +8,7 @@ import sys
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from serve_apps.batch_infer import BatchJobConfig, connect_ray, run_batch_job
+from cluster.jobs.batch_infer import BatchJobConfig, connect_ray, run_batch_job
 from visionfleet.settings import Settings
 
 model, source, out = sys.argv[1:4]

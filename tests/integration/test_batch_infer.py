@@ -91,7 +91,7 @@ def test_folder_job_from_the_cli_matches_the_server(
 
 
 def test_parquet_dataset_job_matches_onnx_runtime_by_hand(ray_session, trained, settings, tmp_path: Path) -> None:
-    from serve_apps.batch_infer import BatchJobConfig, run_batch_job
+    from cluster.jobs.batch_infer import BatchJobConfig, run_batch_job
 
     out = tmp_path / "holdout-results"
     cfg = BatchJobConfig(model="tiny:1", input=str(trained.dataset), split="holdout", out=str(out), batch_size=40)
@@ -130,7 +130,7 @@ def test_job_entrypoint_runs_as_a_separate_driver_from_any_directory(
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     r = subprocess.run(
-        [sys.executable, "-m", "serve_apps.batch_infer", "--model", "tiny@production",
+        [sys.executable, "-m", "cluster.jobs.batch_infer", "--model", "tiny@production",
          "--input", str(tmp_path / "data.parquet"),
          "--out", str(tmp_path / "out"), "--batch-size", "8", "--max-actors", "1"],
         capture_output=True, text=True, cwd=elsewhere, env=_driver_env(settings), timeout=300,

@@ -12,7 +12,7 @@ MODEL = "edgesim"
 
 
 def test_small_fleet_simulation(settings, serve_url, trained, tmp_path) -> None:
-    from serve_apps.fleet_sim import SimConfig, run_simulation
+    from bench.fleet_sim import SimConfig, run_simulation
 
     register_copies(settings, trained, MODEL)
     cfg = SimConfig(model=f"{MODEL}:1", update=f"{MODEL}:2", devices=3, duration_s=44, outages=1, outage_s=5,

@@ -139,7 +139,7 @@ def test_agent_takes_the_update_infers_offline_and_syncs_exactly_once(settings, 
 
 def test_sigkill_and_network_cuts_during_sync_lose_and_duplicate_nothing(settings, serve_url, published, tmp_path) -> None:
     """Small version (4 kills, 2 cuts); tests/slow runs the full campaign."""
-    from serve_apps.fleet_sim import TcpProxy
+    from bench.fleet_sim import TcpProxy
     from urllib.parse import urlparse
 
     device = f"itkill-{random.randrange(10**6)}"

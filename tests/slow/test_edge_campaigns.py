@@ -148,7 +148,7 @@ def test_sigkill_at_24_points_of_a_sync_with_network_cuts(tmp_path: Path, server
 
     import pyarrow.parquet as pq
 
-    from serve_apps.fleet_sim import TcpProxy
+    from bench.fleet_sim import TcpProxy
     from visionfleet.datasets.synth import render_sample
     from visionfleet.imaging import encode_image
 

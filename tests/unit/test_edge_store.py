@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def archives(tmp_path_factory: pytest.TempPathFactory):
     """Archives of toy:1 and toy:2 for x86-cpu, and of a signed-looking but broken toy:2."""
     from edge_export.bundle import export_bundle, pack_bundle
-    from serve_apps.fleet_sim import make_broken_bundle
+    from bench.fleet_sim import make_broken_bundle
 
     root = tmp_path_factory.mktemp("store")
     reg, _ = toy_registry(root, versions=2)

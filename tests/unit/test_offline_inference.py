@@ -359,7 +359,7 @@ def test_decode_and_predictor_without_ray_give_one_row_per_input(
 ) -> None:
     import pyarrow as pa
 
-    from serve_apps.batch_infer import OrtPredictor, _decode
+    from cluster.jobs.batch_infer import OrtPredictor, _decode
 
     folder = _images_folder(tmp_path / "imgs")
     paths = sorted(p for p in folder.rglob("*") if p.suffix in {".jpg", ".png"})
@@ -389,7 +389,7 @@ def test_decode_and_predictor_without_ray_give_one_row_per_input(
 def test_the_predictor_refuses_a_worker_without_an_absolute_state_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow as pa
 
-    from serve_apps.batch_infer import OrtPredictor
+    from cluster.jobs.batch_infer import OrtPredictor
 
     monkeypatch.setenv("VISIONFLEET_HOME", "relative/home")
     with pytest.raises(RuntimeError, match="runtime_env"):
@@ -397,7 +397,7 @@ def test_the_predictor_refuses_a_worker_without_an_absolute_state_dir(monkeypatc
 
 
 def test_resolve_input_kinds_and_errors(home: Path, tmp_path: Path, videos: dict[str, Path]) -> None:
-    from serve_apps.batch_infer import BatchJobConfig, InputKind, resolve_input
+    from cluster.jobs.batch_infer import BatchJobConfig, InputKind, resolve_input
     from visionfleet.datasets.store import synthesize
 
     def cfg(src: Path | str, **kw) -> BatchJobConfig:
@@ -446,7 +446,7 @@ def test_resolve_input_kinds_and_errors(home: Path, tmp_path: Path, videos: dict
     ],
 )
 def test_bad_job_config_is_refused(kw: dict, needle: str) -> None:
-    from serve_apps.batch_infer import BatchJobConfig
+    from cluster.jobs.batch_infer import BatchJobConfig
 
     base = {"model": "m", "input": "x", "out": "y"}
     with pytest.raises(ValueError, match=needle):
@@ -455,7 +455,7 @@ def test_bad_job_config_is_refused(kw: dict, needle: str) -> None:
 
 def test_job_entrypoint_reports_bad_input_with_exit_2(home: Path, tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "serve_apps.batch_infer", "--model", "demo:1",
+        [sys.executable, "-m", "cluster.jobs.batch_infer", "--model", "demo:1",
          "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
@@ -481,7 +481,7 @@ def test_cli_runs_a_video_and_prints_json(registered: Registry, videos: dict[str
 def test_cli_bad_arguments_exit_2_with_a_message_before_any_work(
     registered: Registry, videos: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import serve_apps.batch_infer as bi
+    import cluster.jobs.batch_infer as bi
 
     started: list[bool] = []
     monkeypatch.setattr(bi, "connect_ray", lambda *a, **k: started.append(True))
@@ -570,7 +570,7 @@ def test_a_detection_model_gives_boxes_in_original_pixels_for_frames_and_files(h
     import pyarrow as pa
 
     from edge_export import importer as imp
-    from serve_apps.batch_infer import OrtPredictor, _decode
+    from cluster.jobs.batch_infer import OrtPredictor, _decode
 
     src = tmp_path / "head.onnx"
     onnx.save(_constant_detector(100), str(src))

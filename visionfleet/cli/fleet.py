@@ -64,6 +64,26 @@ def _pick_versions(model: str, update: Optional[str]) -> tuple[str, str]:
     return str(start), f"{start.name}:{newer[-1]}"
 
 
+def _fleet_sim() -> tuple[Any, Any]:
+    """The simulation harness, ``bench/fleet_sim.py`` of a source checkout (it is a test
+    harness, not part of the installed product)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "fleet_sim.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Got no {path}; expected a source checkout of visionfleet (the fleet simulation is a harness in bench/)"
+        )
+    spec = importlib.util.spec_from_file_location("bench.fleet_sim", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    import sys
+
+    sys.modules.setdefault("bench.fleet_sim", module)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.SimConfig, module.run_simulation
+
+
 @app.command()
 @cli_errors
 def simulate(
@@ -88,7 +108,7 @@ def simulate(
     from serve_apps.app import APP_NAME
     from serve_apps.config import AppConfig, ReplicaConfig
     from serve_apps.deploy import deploy
-    from serve_apps.fleet_sim import SimConfig, run_simulation
+    SimConfig, run_simulation = _fleet_sim()
 
     start, upd = _pick_versions(model, update)
     cfg = SimConfig(model=start, update=upd, target=target.value, devices=devices, duration_s=minutes * 60,

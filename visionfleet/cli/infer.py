@@ -1,9 +1,9 @@
 """`visionfleet infer`: run a registered model over a video, a folder of images or a Parquet dataset.
 
 A video runs here, in-process (OpenCV decode, batched ONNX Runtime). A folder or a
-Parquet dataset runs as a Ray Data job (``serve_apps.batch_infer``) on the local Ray,
+Parquet dataset runs as a Ray Data job (``cluster.jobs.batch_infer``) on the local Ray,
 this state dir's head, or ``--address``; the same job is a ``ray job submit``
-entrypoint (``python -m serve_apps.batch_infer``).
+entrypoint (``python -m cluster.jobs.batch_infer``).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def infer(
             )
     else:
         _refuse({"--every": every, "--fps": fps, "--allow-truncated": allow_truncated}, "video input")
-        from serve_apps.batch_infer import BatchJobConfig
+        from cluster.jobs.batch_infer import BatchJobConfig
 
         d = BatchJobConfig.__dataclass_fields__
         cfg = BatchJobConfig(
@@ -176,7 +176,7 @@ def _video(
 
 
 def _job(cfg, address: Optional[str]) -> dict[str, Any]:
-    from serve_apps.batch_infer import check_job, connect_ray, run_batch_job
+    from cluster.jobs.batch_infer import check_job, connect_ray, run_batch_job
 
     s = settings()
     check_job(cfg, s)  # clear errors before Ray starts

@@ -75,7 +75,7 @@ def run(
     err.print(f"sweep [bold]{plan.sweep_id}[/]: {plan.parent_ref}, {len(plan.space)} configs, "
               f"{min(trials, len(plan.space))} trials, target {cfg.target}")
     with err.status("starting Ray"):
-        connect_ray(s, address)
+        connect_ray(s, address, join_head=False)
     with progress() as p:
         task = p.add_task("trials", total=min(trials, len(plan.space)), info="")
 

@@ -18,7 +18,7 @@ which reaches them through ``runtime_env``; on a cluster the state dir, the inpu
 the output must be on storage every node sees (a shared mount or ``s3://``).
 
 Run it from the CLI (``visionfleet infer DIR --model REF --out results.parquet``) or as
-a ``ray job submit`` entrypoint: ``python -m serve_apps.batch_infer --model demo:1
+a ``ray job submit`` entrypoint: ``python -m cluster.jobs.batch_infer --model demo:1
 --input DIR --out results.parquet``.
 """
 
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from visionfleet.datasets.store import IMAGE_SUFFIXES
+from cluster.local import connect_ray
 from visionfleet.imaging import ResizeInfo, sniff_format
 from visionfleet.settings import ENV_HOME, Settings
 from visionfleet.spec import ModelCard, parse_ref
@@ -57,8 +58,6 @@ __all__ = [
 
 _PARQUET_MAGIC = b"PAR1"
 _HEAD_BYTES = 600  # enough to sniff any image format or video container (MPEG-TS: 3 packets)
-# Set by Ray's job supervisor in a submitted job's driver (ray._private.runtime_env.constants).
-_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Ground-truth columns of our dataset schema, copied to the output when both are present.
 _TRUE_LABEL_COLUMNS = ("label", "label_name")
 
@@ -465,7 +464,7 @@ def run_batch_job(cfg: BatchJobConfig, settings: Settings) -> BatchSummary:
 def _parser() -> argparse.ArgumentParser:
     d = BatchJobConfig.__dataclass_fields__
     p = argparse.ArgumentParser(
-        prog="python -m serve_apps.batch_infer",
+        prog="python -m cluster.jobs.batch_infer",
         description="Batch inference on Ray Data (a `ray job submit` entrypoint); prints a JSON summary.",
     )
     p.add_argument("--model", required=True, help="NAME[:VERSION|@ALIAS]")
@@ -485,35 +484,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-cpus", type=float, default=d["decode_cpus"].default)
     p.add_argument("--overwrite", action="store_true")
     return p
-
-
-def connect_ray(settings: Settings, address: str | None) -> None:
-    """Join ``address`` / ``$RAY_ADDRESS`` / this state dir's head, else start an embedded Ray."""
-    import ray
-
-    from cluster.local import RAY_NAMESPACE, connect, head_alive, init_embedded, read_head, runtime_env
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Under `ray job submit` the job's own runtime_env applies, and Ray refuses a driver
-        # runtime_env that sets the same variables; the actors get ours per stage anyway
-        # (see build_dataset), so the driver adds nothing there.
-        submitted = _SUBMITTED_JOB_ENV in os.environ
-        ray.init(
-            address=address,
-            namespace=RAY_NAMESPACE,
-            runtime_env=None if submitted else runtime_env(settings),
-            log_to_driver=False,
-            logging_level="WARNING",
-        )
-        return
-    head = read_head(settings)
-    if head is not None and head_alive(head):
-        connect(settings)
-    else:
-        init_embedded(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Ray jobs that are not deployments (``ray job submit`` entry points)."""
