@@ -66,7 +66,12 @@ __all__ = [
     "finish",
     "best_file",
     "connect_ray",
+    "SweepFlag",
+    "SWEEP_FLAGS",
     "build_config",
+    "config_from_flags",
+    "add_arguments",
+    "flag_values",
     "main",
 ]
 
@@ -86,32 +91,34 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="parent model NAME[:VERSION|@ALIAS]")
-    target: str = Field(default="x86-cpu", description="target profile: threads and budgets")
+    target: str = Field(default="x86-cpu", description="target profile x86-cpu|arm64-cpu|android|ios|jetson: threads and budgets")
     latency_budget_ms: float | None = Field(default=None, description="p95 latency budget at batch 1, in ms")
     budget_fraction: float | None = Field(
         default=None, description="budget as a fraction of the parent's measured FP32 p95 (e.g. 0.3)"
     )
     trials: int = Field(default=24, description="trials (distinct configs) the search may run")
-    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig, description="the search space (tune.space.SpaceConfig)")
     seed: int = Field(default=0, description="seeds TPE, calibration sampling and fine-tunes")
     startup_trials: int | None = Field(default=None, description="random trials before TPE models (default trials/3, at most 8)")
     dataset: str | None = Field(default=None, description="dataset (default: the parent card's lineage.dataset)")
     holdout_limit: int | None = Field(default=None, description="measure top-1 on the first N holdout images")
     latency_queries: int = Field(default=100, description="batch-1 queries per latency block")
-    latency_repeats: int = Field(default=5, description="latency blocks; p95 is the median of the blocks' p95s")
+    latency_repeats: int = Field(
+        default=5, description="latency blocks; p95 is that of the quietest block (the median is kept beside it)"
+    )
     latency_warmup: int = Field(default=10, description="untimed runs before the first block")
     probe_queries: int = Field(default=20, description="queries of the early latency probe")
     hopeless_factor: float = Field(
         default=1.0, description="stop a trial when even its fastest probe query exceeds this x the budget"
     )
-    peak_memory: bool = Field(default=True, description="measure peak memory (a fresh process per trial)")
+    peak_memory: bool = Field(default=True, description="measure peak memory per trial (a fresh process)")
     penalty: float = Field(
         default=0.5, description="searcher objective: top-1 minus this x the relative budget overrun (see tune.pareto.score)"
     )
     require_precision: bool = Field(default=False, description="only the target's precision is feasible")
     trial_cpus: float = Field(default=1.0, description="Ray CPUs reserved per trial")
     wandb: bool = Field(default=True, description="log every trial to W&B (offline unless configured)")
-    wandb_project: str = Field(default="visionfleet")
+    wandb_project: str = Field(default="visionfleet", description="W&B project of the trials")
     register_candidate: bool = Field(default=True, description="register the best feasible config as @candidate")
     write_best: bool = Field(default=True, description="write <state>/tune/best/<model>--<target>.json")
     sweep_id: str | None = Field(default=None, description="folder name under <state>/tune (default: generated)")
@@ -762,61 +769,171 @@ def _write_best(plan: SweepPlan, point: Point, best: TrialRecord, registered: st
 # ------------------------------------------------------------------------ entrypoint
 
 
-def build_config(
-    model: str,
-    *,
-    target: str = "x86-cpu",
-    latency_budget_ms: float | None = None,
-    budget_fraction: float | None = None,
-    trials: int = 24,
-    space_file: str | None = None,
-    prune: str | None = None,
-    quantize: str | None = None,
-    input_sizes: str | None = None,
-    threads: str | None = None,
-    providers: str | None = None,
-    calibration: int | None = None,
-    finetune_epochs: int | None = None,
-    finetune_limit: int | None = None,
-    prune_round_to: int | None = None,
-    dataset: str | None = None,
-    holdout_limit: int | None = None,
-    seed: int = 0,
-    require_precision: bool = False,
-    peak_memory: bool = True,
-    wandb: bool = True,
-    register_candidate: bool = True,
-    sweep_id: str | None = None,
-    trial_cpus: float = 1.0,
-    latency_queries: int = 100,
-    latency_repeats: int = 5,
-    probe_queries: int = 20,
-) -> SweepConfig:
+@dataclass(frozen=True)
+class SweepFlag:
+    """One command-line option of a sweep: a field of :class:`SweepConfig` (or, ``space=True``, of SpaceConfig).
+
+    Its type, default and help are the field's own; this names only what a flag needs
+    beyond them. ``python -m tune.sweep`` (:func:`add_arguments`) and ``visionfleet tune
+    run`` are both generated from :data:`SWEEP_FLAGS`, so the two cannot drift apart.
+    """
+
+    field: str
+    space: bool = False  # a field of the space: given, it overrides the --space file
+    name: str | None = None  # the flag's name where it is not the field's (--register for register_candidate)
+    aliases: tuple[str, ...] = ()  # more spellings of the flag
+    help_text: str | None = None  # only where the field's description does not fit the flag (--space FILE)
+
+    @property
+    def key(self) -> str:
+        """The parameter's Python name: typer's keyword and argparse's ``dest``."""
+        return self.name or self.field
+
+    @property
+    def option(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def info(self) -> Any:
+        return (SpaceConfig if self.space else SweepConfig).model_fields[self.field]
+
+    @property
+    def type(self) -> type:
+        """``bool``, ``int``, ``float`` or ``str`` (a list field is comma-separated text, a nested model a file)."""
+        return _flag_types(self.info.annotation)[0]
+
+    @property
+    def item_type(self) -> type | None:
+        """The item type of a list field (its text is split on commas); None otherwise."""
+        return _flag_types(self.info.annotation)[1]
+
+    @property
+    def file(self) -> bool:
+        """The field is a nested model, given on the command line as a YAML/JSON file of its fields."""
+        a = self.info.annotation
+        return isinstance(a, type) and issubclass(a, BaseModel)
+
+    @property
+    def required(self) -> bool:
+        return self.info.is_required()
+
+    @property
+    def default(self) -> Any:
+        """The flag's value when it is not given: the field's default; None for a space field or a file
+        (the space file, else the space's own default, decides)."""
+        if self.required or self.space or self.file:
+            return None
+        return self.info.get_default(call_default_factory=True)
+
+    @property
+    def help(self) -> str:
+        """The field's description, with "comma-separated" and the field's default where they apply."""
+        notes = ["comma-separated"] if self.item_type is not None else []
+        if not (self.required or self.file or self.type is bool):
+            default = self.info.get_default(call_default_factory=True)
+            if default is not None:
+                notes.append(f"default {_spell(default)}")
+        return "; ".join([self.help_text or self.info.description or "", *notes])
+
+
+def _flag_types(annotation: Any) -> tuple[type, type | None]:
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return str, typing.get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return str, None  # a YAML/JSON file of the model's fields
+    return annotation, None
+
+
+def _spell(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_spell(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# Every option of `python -m tune.sweep` and `visionfleet tune run`, in --help order. The
+# other fields (startup_trials, latency_warmup, hopeless_factor, penalty, wandb_project,
+# write_best, the space's finetune_lr, finetune_batch, resize_finetune) are set from code
+# or, for the space, in the --space file.
+SWEEP_FLAGS: tuple[SweepFlag, ...] = (
+    SweepFlag("model"),
+    SweepFlag("target"),
+    SweepFlag("latency_budget_ms"),
+    SweepFlag("budget_fraction"),
+    SweepFlag("trials"),
+    SweepFlag("space", help_text="YAML/JSON file with the space (prune, quantize, input_sizes, threads, ...); "
+                                 "the flags below override it"),
+    SweepFlag("prune", space=True),
+    SweepFlag("quantize", space=True),
+    SweepFlag("input_sizes", space=True),
+    SweepFlag("threads", space=True),
+    SweepFlag("providers", space=True),
+    SweepFlag("calibration", space=True),
+    SweepFlag("finetune_epochs", space=True),
+    SweepFlag("finetune_limit", space=True),
+    SweepFlag("prune_round_to", space=True),
+    SweepFlag("dataset", aliases=("--data",)),
+    SweepFlag("holdout_limit"),
+    SweepFlag("seed"),
+    SweepFlag("latency_queries"),
+    SweepFlag("latency_repeats"),
+    SweepFlag("probe_queries"),
+    SweepFlag("require_precision"),
+    SweepFlag("peak_memory"),
+    SweepFlag("wandb"),
+    SweepFlag("register_candidate", name="register"),
+    SweepFlag("sweep_id"),
+    SweepFlag("trial_cpus"),
+)
+
+
+def build_config(model: str, *, space_file: str | None = None, **flags: Any) -> SweepConfig:
     """A :class:`SweepConfig` from command-line values: ``space_file`` first, then the flags over it.
 
-    List flags are comma-separated text (``"0,0.25,0.5"``), as the CLI and the job take them.
+    Args:
+        model: the parent model reference.
+        space_file: a YAML/JSON file of space fields (``--space``).
+        **flags: values keyed by field name (the fields of :data:`SWEEP_FLAGS`); None is
+            "not given" (the field's default). List flags are comma-separated text
+            (``"0,0.25,0.5"``), as the CLI and the job take them, or lists.
+
+    Raises:
+        ValueError: one line per invalid value.
+        TypeError: a name that is not a sweep flag.
     """
+    by_field = {f.field: f for f in SWEEP_FLAGS if not (f.required or f.file)}  # model and space_file are named
+    unknown = sorted(set(flags) - set(by_field))
+    if unknown:
+        raise TypeError(f"build_config() got unexpected options {unknown}; expected fields of SWEEP_FLAGS")
     space: dict[str, Any] = _read_space_file(Path(space_file)) if space_file else {}
-    for name, value in (
-        ("prune", _floats(prune, "--prune")), ("quantize", _strings(quantize)),
-        ("input_sizes", _ints(input_sizes, "--input-sizes")), ("threads", _ints(threads, "--threads")),
-        ("providers", _strings(providers)), ("calibration", calibration),
-        ("finetune_epochs", finetune_epochs), ("finetune_limit", finetune_limit), ("prune_round_to", prune_round_to),
-    ):
-        if value is not None:
-            space[name] = value
+    top: dict[str, Any] = {"model": model}
+    for name, value in flags.items():
+        f = by_field[name]
+        if value is None:
+            continue
+        if f.item_type is not None and isinstance(value, str):
+            value = _split(value, f.item_type, f.option)
+        (space if f.space else top)[name] = value
     from pydantic import ValidationError
 
     try:
-        return SweepConfig(
-            model=model, target=target, latency_budget_ms=latency_budget_ms, budget_fraction=budget_fraction,
-            trials=trials, space=SpaceConfig(**space), seed=seed, dataset=dataset, holdout_limit=holdout_limit,
-            peak_memory=peak_memory, require_precision=require_precision, wandb=wandb,
-            register_candidate=register_candidate, sweep_id=sweep_id, trial_cpus=trial_cpus,
-            latency_queries=latency_queries, latency_repeats=latency_repeats, probe_queries=probe_queries,
-        )
+        return SweepConfig(**top, space=SpaceConfig(**space))
     except ValidationError as exc:  # one line per problem, without pydantic's boilerplate
         raise ValueError("; ".join(_error_line(e) for e in exc.errors())) from None
+
+
+def config_from_flags(values: dict[str, Any]) -> SweepConfig:
+    """The :class:`SweepConfig` of parsed flags keyed by :attr:`SweepFlag.key` (typer's keywords).
+
+    Raises:
+        ValueError: one line per invalid value.
+    """
+    fields = {f.field: values[f.key] for f in SWEEP_FLAGS if f.key in values}
+    return build_config(fields.pop("model"), space_file=fields.pop("space", None), **fields)
 
 
 def _error_line(e: dict[str, Any]) -> str:
@@ -836,53 +953,41 @@ def _read_space_file(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _strings(text: str | None) -> list[str] | None:
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _floats(text: str | None, what: str) -> list[float] | None:
+def _split(text: str, item: type, flag: str) -> list[Any]:
+    parts = [t.strip() for t in text.split(",") if t.strip()]
     try:
-        return None if text is None else [float(t) for t in _strings(text) or []]
+        return [item(t) for t in parts]
     except ValueError:
-        raise ValueError(f"Got {text!r} for {what}; expected comma-separated numbers") from None
+        kind = "integers" if item is int else "numbers"
+        raise ValueError(f"Got {text!r} for {flag}; expected comma-separated {kind}") from None
 
 
-def _ints(text: str | None, what: str) -> list[int] | None:
-    try:
-        return None if text is None else [int(t) for t in _strings(text) or []]
-    except ValueError:
-        raise ValueError(f"Got {text!r} for {what}; expected comma-separated integers") from None
+def _negated(f: SweepFlag) -> bool:
+    # argparse spells a flag that is on by default as --no-X (store_true), as the job always has.
+    return f.type is bool and bool(f.default)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", required=True, help="parent model NAME[:VERSION|@ALIAS]")
-    p.add_argument("--target", default="x86-cpu", help="x86-cpu|arm64-cpu|android|ios|jetson (threads and budgets)")
-    p.add_argument("--latency-budget-ms", type=float, help="p95 latency budget at batch 1 (ms)")
-    p.add_argument("--budget-fraction", type=float, help="budget = this x the parent's measured FP32 p95 (e.g. 0.3)")
-    p.add_argument("--trials", type=int, default=24, help="trials (distinct configs) to run")
-    p.add_argument("--space", help="YAML/JSON file with the space (prune, quantize, input_sizes, threads, …)")
-    p.add_argument("--prune", help="comma-separated MAC shares to remove, e.g. 0,0.25,0.5,0.75")
-    p.add_argument("--quantize", help="comma-separated schemes, e.g. none,int8-dynamic,int8-static:nncf,int8-static:ort:entropy")
-    p.add_argument("--input-sizes", help="comma-separated square sizes in px (default: parent's, 3/4, 1/2)")
-    p.add_argument("--threads", help="comma-separated ONNX Runtime thread counts (default: 1 and the target's)")
-    p.add_argument("--providers", help="comma-separated ONNX Runtime providers (default CPUExecutionProvider)")
-    p.add_argument("--calibration", type=int, help="calibration images for int8-static (default 256)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs after pruning / resizing (default 2)")
-    p.add_argument("--finetune-limit", type=int, help="fine-tune on the first N training images (default 2000)")
-    p.add_argument("--prune-round-to", type=int, help="pruned channel counts are multiples of this (default 8)")
-    p.add_argument("--dataset", help="dataset (default: the parent's lineage.dataset)")
-    p.add_argument("--holdout-limit", type=int, help="measure top-1 on the first N holdout images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latency-queries", type=int, default=100, help="batch-1 queries per latency block")
-    p.add_argument("--latency-repeats", type=int, default=5, help="latency blocks (p95 of the quietest block)")
-    p.add_argument("--probe-queries", type=int, default=20, help="queries of the early latency probe")
-    p.add_argument("--require-precision", action="store_true", help="only the target's precision is feasible")
-    p.add_argument("--no-peak-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--no-wandb", action="store_true", help="do not log trials to W&B")
-    p.add_argument("--no-register", action="store_true", help="do not register the best config")
-    p.add_argument("--sweep-id", help="folder name under <state>/tune (default: generated)")
-    p.add_argument("--trial-cpus", type=float, default=1.0, help="Ray CPUs reserved per trial (default 1)")
+    """Add every flag of :data:`SWEEP_FLAGS` to ``p`` (read them back with :func:`flag_values`).
+
+    A boolean that is on by default is ``--no-X`` (``dest`` ``no_X``), one that is off is
+    ``--X``; every other flag's ``dest`` is :attr:`SweepFlag.key`.
+    """
+    for f in SWEEP_FLAGS:
+        text = f.help.replace("%", "%%")  # argparse %-formats help
+        if _negated(f):
+            p.add_argument(f"--no-{f.option[2:]}", dest=f"no_{f.key}", action="store_true", help=f"do not {text}")
+        elif f.type is bool:
+            p.add_argument(f.option, dest=f.key, action="store_true", help=text)
+        else:
+            p.add_argument(f.option, *f.aliases, dest=f.key, type=None if f.type is str else f.type,
+                           default=f.default, required=f.required, help=text)
     return p
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep flags of a namespace parsed with :func:`add_arguments`, keyed by :attr:`SweepFlag.key`."""
+    return {f.key: not getattr(args, f"no_{f.key}") if _negated(f) else getattr(args, f.key) for f in SWEEP_FLAGS}
 
 
 _T0 = time.monotonic()
@@ -908,17 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(args.home)
         os.environ[ENV_HOME] = str(settings.home)  # absolute, for this driver and its workers
-        cfg = build_config(
-            args.model, target=args.target, latency_budget_ms=args.latency_budget_ms,
-            budget_fraction=args.budget_fraction, trials=args.trials, space_file=args.space, prune=args.prune,
-            quantize=args.quantize, input_sizes=args.input_sizes, threads=args.threads, providers=args.providers,
-            calibration=args.calibration, finetune_epochs=args.finetune_epochs, finetune_limit=args.finetune_limit,
-            prune_round_to=args.prune_round_to, dataset=args.dataset, holdout_limit=args.holdout_limit, seed=args.seed,
-            require_precision=args.require_precision, peak_memory=not args.no_peak_memory, wandb=not args.no_wandb,
-            register_candidate=not args.no_register, sweep_id=args.sweep_id, trial_cpus=args.trial_cpus,
-            latency_queries=args.latency_queries, latency_repeats=args.latency_repeats,
-            probe_queries=args.probe_queries,
-        )
+        cfg = config_from_flags(flag_values(args))
         plan = prepare(cfg, settings)  # refuses bad input before Ray starts
     except (ValueError, LookupError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -85,3 +85,81 @@ def test_serve_status_without_head(home: Path) -> None:
     assert r.exit_code == 1 and "no local head" in r.output
     r = invoke("serve", "down")
     assert r.exit_code == 0 and "nothing to stop" in r.output
+
+
+# `visionfleet tune run` and `python -m tune.sweep` are both generated from tune.sweep.SWEEP_FLAGS,
+# whose types, defaults and help are the pydantic fields of SweepConfig / SpaceConfig.
+SWEEP_ARGV = ["--model", "tiny:1", "--trials", "3", "--latency-budget-ms", "1000", "--prune", "0,0.5",
+              "--quantize", "none,int8-dynamic", "--input-sizes", "32,24", "--calibration", "16", "--data", "tiny",
+              "--require-precision", "--no-peak-memory", "--no-wandb", "--no-register", "--trial-cpus", "0.25",
+              "--sweep-id", "it-1", "--latency-repeats", "2"]
+
+
+def _tune_run_command():
+    import typer.main
+
+    from visionfleet.cli import tune
+
+    return typer.main.get_command(tune.app).commands["run"]  # type: ignore[attr-defined]
+
+
+def _job_parser():
+    import argparse
+
+    from tune.sweep import add_arguments
+
+    return add_arguments(argparse.ArgumentParser(prog="python -m tune.sweep"))
+
+
+def test_tune_run_the_job_entrypoint_and_the_config_model_have_the_same_options() -> None:
+    from tune.space import SpaceConfig
+    from tune.sweep import SWEEP_FLAGS, SweepConfig
+
+    # every flag is a field of the models, once; the fields that are not flags are named, so a new field is a decision
+    assert len({(f.space, f.field) for f in SWEEP_FLAGS}) == len(SWEEP_FLAGS) == 27
+    assert all(f.field in (SpaceConfig if f.space else SweepConfig).model_fields for f in SWEEP_FLAGS)
+    assert set(SweepConfig.model_fields) - {f.field for f in SWEEP_FLAGS if not f.space} == {
+        "startup_trials", "latency_warmup", "hopeless_factor", "penalty", "wandb_project", "write_best"}
+    assert set(SpaceConfig.model_fields) - {f.field for f in SWEEP_FLAGS if f.space} == {
+        "finetune_lr", "finetune_batch", "resize_finetune"}
+
+    cli = {p.name: p for p in _tune_run_command().params if p.name not in ("address", "as_json")}
+    job = {a.dest: a for a in _job_parser()._actions if a.dest != "help"}
+    on_by_default = {f.key for f in SWEEP_FLAGS if f.type is bool and f.default}
+    assert set(cli) == {f.key for f in SWEEP_FLAGS}
+    assert set(job) == {f"no_{f.key}" if f.key in on_by_default else f.key for f in SWEEP_FLAGS}
+    # every spelling the job takes works on the CLI too (the CLI adds --X/--no-X for each boolean)
+    job_spellings = {s for a in job.values() for s in a.option_strings}
+    assert job_spellings <= {s for p in cli.values() for s in (*p.opts, *p.secondary_opts)}
+    assert {"--data", "--dataset", "--no-register", "--no-peak-memory", "--require-precision"} <= job_spellings
+    for f in SWEEP_FLAGS:
+        assert cli[f.key].help == f.help and (f.help_text or f.info.description) in f.help
+        action = job[f"no_{f.key}" if f.key in on_by_default else f.key]
+        assert action.help and action.required == cli[f.key].required == f.required
+        if f.type is not bool:
+            assert cli[f.key].default == action.default == f.default
+    assert cli["trials"].default == SweepConfig.model_fields["trials"].default == 24
+    assert "default 256" in cli["calibration"].help  # a space field names the space's default
+
+    r = runner.invoke(app, ["tune", "run", "--help"], env={"COLUMNS": "250"})  # wide: rich elides long names
+    assert r.exit_code == 0, r.output
+    for f in SWEEP_FLAGS:
+        assert f.option in r.output, f.option
+
+
+def test_tune_run_and_the_job_entrypoint_parse_the_same_flags_to_the_same_config() -> None:
+    from tune.sweep import SweepConfig, config_from_flags, flag_values
+
+    def both(argv: list[str]) -> tuple[SweepConfig, SweepConfig]:
+        params = _tune_run_command().make_context("run", list(argv)).params
+        cli = config_from_flags({k: v for k, v in params.items() if k not in ("address", "as_json")})
+        return cli, config_from_flags(flag_values(_job_parser().parse_args(argv)))
+
+    cli, job = both(SWEEP_ARGV)
+    assert cli == job
+    assert (cli.trials, cli.latency_budget_ms, cli.dataset, cli.sweep_id, cli.trial_cpus) == (3, 1000.0, "tiny", "it-1", 0.25)
+    assert cli.space.prune == [0.0, 0.5] and cli.space.input_sizes == [32, 24] and cli.space.calibration == 16
+    assert (cli.require_precision, cli.peak_memory, cli.wandb, cli.register_candidate) == (True, False, False, False)
+    assert cli.latency_repeats == 2
+    cli, job = both(["--model", "tiny:1", "--dataset", "tiny"])
+    assert cli == job == SweepConfig(model="tiny:1", dataset="tiny")  # a flag not given is the field's default

@@ -157,6 +157,8 @@ def test_sweep_config_refuses_bad_input_with_one_clear_line(kwargs: dict, match:
 def test_sweep_config_is_strict() -> None:
     with pytest.raises(ValueError):
         SweepConfig(model="demo:1", budget=4)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="budget"):
+        build_config("demo:1", budget=4)  # not a sweep flag
 
 
 def test_unknown_model_is_refused_before_anything_runs(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+import functools
+import inspect
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -16,68 +18,67 @@ app = typer.Typer(help="Search pruning x quantization x input size under a laten
                   no_args_is_help=True)
 
 
+class _WithSweepFlags:
+    """``fn`` as a typer callback with one option per sweep flag (``tune.sweep.SWEEP_FLAGS``) before its own.
+
+    Type, default and help come from the sweep's pydantic fields, the same source as
+    ``python -m tune.sweep``'s parser, so the two cannot drift apart (tests/unit/test_cli.py).
+    ``fn`` takes the flags as ``**flags``. Typer reads ``__signature__`` when it builds the
+    command, so ``tune`` is imported then, not when this module is.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self.__annotations__ = {}  # typer takes every type from __signature__ (Annotated)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.__wrapped__(**kwargs)
+
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        from tune.sweep import SWEEP_FLAGS
+
+        flags = []
+        for f in SWEEP_FLAGS:
+            decls = (f"{f.option}/--no-{f.option[2:]}",) if f.type is bool else (f.option, *f.aliases)
+            kind = f.type if f.required or f.type is bool else Optional[f.type]
+            option = typer.Option(*decls, help=f.help, show_default=f.type is bool)
+            flags.append(inspect.Parameter(f.key, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option],
+                                           default=inspect.Parameter.empty if f.required else f.default))
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(self.__wrapped__, eval_str=True).parameters.values()
+               if p.kind is not p.VAR_KEYWORD]
+        return inspect.Signature([*flags, *own])
+
+
 @app.command("run")
+@_WithSweepFlags
 @cli_errors
 def run(
-    model: Annotated[str, typer.Option(help="parent model NAME[:VERSION|@ALIAS]")],
-    latency_budget_ms: Annotated[Optional[float], typer.Option(help="p95 latency budget at batch 1 (ms)")] = None,
-    budget_fraction: Annotated[
-        Optional[float], typer.Option(help="budget = this x the parent's measured FP32 p95 (e.g. 0.3)")
-    ] = None,
-    target: Annotated[str, typer.Option(help="x86-cpu|arm64-cpu|android|ios|jetson: threads and budgets")] = "x86-cpu",
-    trials: Annotated[int, typer.Option(help="trials (distinct configs) to run")] = 24,
-    space: Annotated[Optional[str], typer.Option(help="YAML/JSON file with the space; flags below override it")] = None,
-    prune: Annotated[Optional[str], typer.Option(help="MAC shares to remove, e.g. 0,0.25,0.5,0.75")] = None,
-    quantize: Annotated[
-        Optional[str], typer.Option(help="schemes, e.g. none,int8-dynamic,int8-static:nncf,int8-static:ort:entropy")
-    ] = None,
-    input_sizes: Annotated[Optional[str], typer.Option(help="square sizes in px (default: parent's, 3/4, 1/2)")] = None,
-    threads: Annotated[Optional[str], typer.Option(help="ONNX Runtime thread counts (default: 1 and the target's)")] = None,
-    providers: Annotated[Optional[str], typer.Option(help="ONNX Runtime providers (default CPUExecutionProvider)")] = None,
-    calibration: Annotated[Optional[int], typer.Option(help="calibration images for int8-static (default 256)")] = None,
-    finetune_epochs: Annotated[Optional[int], typer.Option(help="fine-tune epochs after pruning/resizing (default 2)")] = None,
-    finetune_limit: Annotated[Optional[int], typer.Option(help="fine-tune on the first N training images (default 2000)")] = None,
-    prune_round_to: Annotated[Optional[int], typer.Option(help="pruned channel counts are multiples of this (default 8)")] = None,
-    data: Annotated[Optional[str], typer.Option(help="dataset (default: the parent's lineage.dataset)")] = None,
-    holdout_limit: Annotated[Optional[int], typer.Option(help="measure top-1 on the first N holdout images")] = None,
-    seed: Annotated[int, typer.Option(help="seeds TPE, calibration and fine-tunes")] = 0,
-    latency_queries: Annotated[int, typer.Option(help="batch-1 queries per latency block")] = 100,
-    latency_repeats: Annotated[int, typer.Option(help="latency blocks (p95 of the quietest block)")] = 5,
-    probe_queries: Annotated[int, typer.Option(help="queries of the early latency probe")] = 20,
-    require_precision: Annotated[bool, typer.Option(help="only the target's precision is feasible")] = False,
-    peak_memory: Annotated[bool, typer.Option(help="measure peak memory per trial (a fresh process)")] = True,
-    wandb: Annotated[bool, typer.Option(help="log every trial to W&B (offline unless configured)")] = True,
-    register: Annotated[bool, typer.Option(help="register the best feasible config as @candidate")] = True,
-    sweep_id: Annotated[Optional[str], typer.Option(help="folder name under <state>/tune (default: generated)")] = None,
-    trial_cpus: Annotated[float, typer.Option(help="Ray CPUs reserved per trial")] = 1.0,
+    *,
     address: Annotated[Optional[str], typer.Option(help="Ray address (default: $RAY_ADDRESS, else embedded)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the sweep summary as JSON")] = False,
+    **flags: Any,
 ) -> None:
     """Run a sweep: every trial builds a variant, measures p95 latency and holdout top-1; over budget never wins.
 
     Writes the Pareto front (table, PNG, JSON) under <state>/tune/SWEEP_ID/, registers
     the best feasible config as a new @candidate version and writes
     <state>/tune/best/MODEL--TARGET.json for the retraining pipeline. Exits 3 when no
-    config met the budget.
+    config met the budget. Every option but --address and --json is also an option of
+    `python -m tune.sweep` (the `ray job submit` entrypoint).
     """
-    from tune.sweep import NO_FEASIBLE_EXIT, build_config, connect_ray, prepare, run_sweep
+    from tune.sweep import NO_FEASIBLE_EXIT, config_from_flags, connect_ray, prepare, run_sweep
 
     s = settings().ensure()
-    cfg = build_config(
-        model, target=target, latency_budget_ms=latency_budget_ms, budget_fraction=budget_fraction, trials=trials,
-        space_file=space, prune=prune, quantize=quantize, input_sizes=input_sizes, threads=threads,
-        providers=providers, calibration=calibration, finetune_epochs=finetune_epochs, finetune_limit=finetune_limit,
-        prune_round_to=prune_round_to, dataset=data, holdout_limit=holdout_limit, seed=seed, require_precision=require_precision,
-        peak_memory=peak_memory, wandb=wandb, register_candidate=register, sweep_id=sweep_id, trial_cpus=trial_cpus,
-        latency_queries=latency_queries, latency_repeats=latency_repeats, probe_queries=probe_queries,
-    )
+    cfg = config_from_flags(flags)
     plan = prepare(cfg, s)  # unknown model/version, bad space: refused before Ray starts
     err.print(f"sweep [bold]{plan.sweep_id}[/]: {plan.parent_ref}, {len(plan.space)} configs, "
-              f"{min(trials, len(plan.space))} trials, target {cfg.target}")
+              f"{min(cfg.trials, len(plan.space))} trials, target {cfg.target}")
     with err.status("starting Ray"):
         connect_ray(s, address, join_head=False)
     with progress() as p:
-        task = p.add_task("trials", total=min(trials, len(plan.space)), info="")
+        task = p.add_task("trials", total=min(cfg.trials, len(plan.space)), info="")
 
         def on_event(stage: str, message: str) -> None:
             if stage == "trial-done":
