@@ -133,8 +133,8 @@ def serve_config(
         A plain dict (``to_yaml`` writes it); ``applications[0]`` is the visionfleet app.
 
     Raises:
-        ValueError: when options contradict the app (timeouts) or Ray's schema refuses
-            the document.
+        ValueError: when options contradict the app (timeouts, ModelReplica settings with
+            the models in the ingress) or Ray's schema refuses the document.
     """
     options = options or ServeConfigOptions()
     user = user or IngressUserConfig()
@@ -145,6 +145,16 @@ def serve_config(
             f"{app.ingress.request_timeout_s:g}; expected more, so the ingress answers a timeout with its JSON 408 "
             "before Serve's proxy cuts the request"
         )
+    if app.ingress.inference_in == "ingress":
+        # The document then has no ModelReplica deployment: its scaling settings would be dropped silently.
+        defaults = type(app.replica).model_fields
+        changed = [f"replica.{k}={getattr(app.replica, k)!r}" for k in ("num_replicas", "max_replicas_per_node")
+                   if getattr(app.replica, k) != defaults[k].default]
+        if changed:
+            raise ValueError(
+                f"Got {', '.join(changed)} with ingress.inference_in='ingress'; expected their defaults "
+                "(the models run in the ingress, so the config has no ModelReplica to scale)"
+            )
     running = [e.model for e in user.experiments if e.status == "running"]
     if len(set(running)) != len(running):
         raise ValueError(

@@ -321,6 +321,43 @@ def test_bad_cluster_arguments_exit_2_before_starting_anything(home: Path, args:
     assert not (home / "ray" / "cluster.json").exists()
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("serve", "config", "--inference-in", "ingress", "--replicas", "3"), "Got --replicas 3 with --inference-in ingress"),
+        (("serve", "config", "--inference-in", "ingress", "--max-replicas-per-node", "1"),
+         "Got --max-replicas-per-node 1 with --inference-in ingress"),
+        (("serve", "config", "--inference-in", "ingress", "--replicas", "2", "--max-replicas-per-node", "1"),
+         "Got --replicas 2, --max-replicas-per-node 1"),
+        (("serve", "up", "--inference-in", "ingress", "--replicas", "2"), "Got --replicas 2 with --inference-in ingress"),
+    ],
+)
+def test_replica_flags_with_models_in_the_ingress_exit_2(home: Path, args: tuple[str, ...], needle: str) -> None:
+    from visionfleet.cli import app
+
+    r = runner.invoke(app, list(args), catch_exceptions=False)
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and "Traceback" not in r.output
+    text = " ".join(r.output.split())  # rich wraps long lines
+    assert needle in text and "--inference-in replicas" in text
+    assert not (home / "ray" / "head.json").exists()  # serve up refused before starting a head
+
+
+def test_replica_flags_at_their_defaults_pass_with_models_in_the_ingress(home: Path) -> None:
+    from visionfleet.cli import app
+
+    r = runner.invoke(app, ["serve", "config", "--inference-in", "ingress", "--replicas", "1", "--home", HOME],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert set(_deployments(yaml.safe_load(r.stdout))) == {"Ingress"}
+
+
+def test_serve_config_refuses_replica_settings_it_would_drop() -> None:
+    app = AppConfig(home=HOME, replica=ReplicaConfig(max_replicas_per_node=2), ingress=IngressConfig(inference_in="ingress"))
+    with pytest.raises(ValueError, match="Got replica.max_replicas_per_node=2 with ingress.inference_in='ingress'"):
+        serve_config(app)
+
+
 def test_cluster_status_without_a_cluster(home: Path) -> None:
     from visionfleet.cli import app
 

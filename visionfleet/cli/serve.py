@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -38,6 +38,7 @@ def up(
     from serve_apps.deploy import deploy
     from visionfleet.auth import admin_token
 
+    _refuse_replica_flags(inference_in, replicas=replicas)
     s = settings().ensure()
     cfg = AppConfig(
         home=str(s.home),
@@ -273,6 +274,7 @@ def config(
         raise ValueError(f"Got {', '.join(given)} without --kuberay; expected them only with --kuberay")
     if kuberay and not image:
         raise ValueError("Got --kuberay without --image; expected the container image the pods run")
+    _refuse_replica_flags(inference_in, replicas=replicas, max_replicas_per_node=max_replicas_per_node)
     s = settings()
     experiments = []
     for path in experiment or []:
@@ -322,6 +324,32 @@ def _inference_in(value: str) -> str:
     if value not in ("replicas", "ingress"):
         raise ValueError(f"Got {value!r} for --inference-in; expected replicas or ingress")
     return value
+
+
+_REPLICA_FIELDS = {"replicas": "num_replicas", "max_replicas_per_node": "max_replicas_per_node"}
+
+
+def _refuse_replica_flags(inference_in: str, **values: Any) -> None:
+    """Refuse ModelReplica scaling flags with ``--inference-in ingress``, where the app deploys no ModelReplica.
+
+    ``values`` are the command's own flags (``replicas``, ``max_replicas_per_node``); one
+    equal to its ``ReplicaConfig`` default is not a request and passes.
+
+    Raises:
+        ValueError: naming the flags, so the CLI exits 2 before anything starts.
+    """
+    from serve_apps.config import ReplicaConfig
+
+    if _inference_in(inference_in) != "ingress":
+        return
+    defaults = {flag: ReplicaConfig.model_fields[field].default for flag, field in _REPLICA_FIELDS.items()}
+    given = [f"--{flag.replace('_', '-')} {v}" for flag, v in values.items() if v != defaults[flag]]
+    if given:
+        names = " and ".join(f"--{flag.replace('_', '-')}" for flag in values)
+        raise ValueError(
+            f"Got {', '.join(given)} with --inference-in ingress; expected {names} only with --inference-in replicas "
+            "(with ingress the models run in the ingress process and there is no ModelReplica to scale)"
+        )
 
 
 def _ingress_config(inference_in: str, replica_cpus: float):
