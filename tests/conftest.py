@@ -14,6 +14,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parents[1]
+# Each tier's folder marks its tests, so `-m integration` / `-m "not slow"` select by tier
+# (a `pytestmark` in a conftest.py applies to no test).
+_TIER_MARKERS = {"integration": REPO / "tests" / "integration", "slow": REPO / "tests" / "slow"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(item.path).resolve()
+        for marker, folder in _TIER_MARKERS.items():
+            if path.is_relative_to(folder) and item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
 
 
 @pytest.fixture

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.integration
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -21,10 +18,12 @@ class Trained:
 
 
 @pytest.fixture(scope="session")
-def vf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vf_home(tmp_path_factory: pytest.TempPathFactory):
+    """The integration tier's state dir, exported as $VISIONFLEET_HOME until the session ends (then restored)."""
     home = tmp_path_factory.mktemp("vfhome")
-    os.environ["VISIONFLEET_HOME"] = str(home)
-    return home
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VISIONFLEET_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(scope="session")
