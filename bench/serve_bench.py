@@ -226,7 +226,6 @@ def main() -> None:
     from cluster.local import free_port
     from loadgen import multipart_body  # noqa: F401
     from serve_apps.deploy import apply_batching
-    from serve_apps.config import ReplicaUserConfig
     from visionfleet.registry import Registry
 
     reg = Registry(home / "registry")
@@ -274,10 +273,8 @@ def main() -> None:
 
         def with_batching(on: bool) -> float:
             # on: the defaults (adaptive ingress batching, serve_apps.batching: no wait, 2 calls
-            # in flight; replica batch without a wait); off: one request per call everywhere
-            size = 16 if on else 1
-            apply_batching(home, replica=ReplicaUserConfig(max_batch_size=size, batch_wait_timeout_s=0.0),
-                           ingress_max_batch_size=size, ingress_batch_wait_timeout_s=0.0)
+            # in flight; the one batcher of every layout); off: one request per call
+            apply_batching(home, max_batch_size=16 if on else 1, batch_wait_timeout_s=0.0)
             before = _stats(vf)
             tput = closed_loop(f"{vf}/v1/predict", raw(img64), 16, d).throughput
             if on:

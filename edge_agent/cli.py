@@ -45,9 +45,10 @@ def predict(
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads")] = 1,
     top_k: Annotated[int, typer.Option(help="classes per result")] = 3,
 ) -> None:
-    """Classify images offline with a local model folder; one JSON line per image."""
-    from visionfleet.imaging import ImageError, load_for_model
-    from visionfleet.inference import RuntimeOptions, classification_result, load_model_dir
+    """Run a local model folder on images offline (classification or detection); one JSON line per image."""
+    from edge_agent.predict import predict_bytes
+    from visionfleet.imaging import ImageError
+    from visionfleet.inference import RuntimeOptions, load_model_dir
 
     try:
         model = load_model_dir(model_dir, RuntimeOptions(threads=threads))
@@ -55,17 +56,14 @@ def predict(
         _fail(str(exc))
     failures = 0
     for path in images:
-        t0 = time.perf_counter()
         try:
-            img, _ = load_for_model(path.read_bytes(), model.card.input_size, model.card.resize)
+            pred = predict_bytes(model, path.read_bytes(), top_k)
         except (OSError, ImageError) as exc:
             failures += 1
             sys.stdout.write(json.dumps({"image": str(path), "error": str(exc)}) + "\n")
             continue
-        probs = model.run(img[None])[0][0]
-        res = classification_result(probs, model.card.labels, top_k)
-        res.update(image=str(path), model=model.card.name, version=model.card.version,
-                   latency_ms=round((time.perf_counter() - t0) * 1000, 3))
+        res = {**pred.result, "image": str(path), "model": model.card.name, "version": model.card.version,
+               "latency_ms": round(pred.latency_ms, 3)}
         sys.stdout.write(json.dumps(res) + "\n")
     if failures:
         raise typer.Exit(1)

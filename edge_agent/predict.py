@@ -1,11 +1,10 @@
-"""One frame in, one prediction out: the same preprocessing and decoding as the server.
+"""One frame in, one prediction out: the server's preprocessing and prediction path.
 
-Decoding and resizing go through :func:`visionfleet.imaging.load_for_model`, outputs
-through :func:`visionfleet.inference.classification_result` /
-:func:`visionfleet.detection.detection_result`, and the telemetry fields through
-:func:`visionfleet.inference.confidence_stats` and
-:func:`visionfleet.telemetry.input_stats` — the code the ingress runs — so a device
-and the server give the same answer for the same image.
+Decoding and resizing go through :func:`visionfleet.imaging.load_for_model` /
+:func:`visionfleet.imaging.resize_image`, outputs through
+:func:`visionfleet.predict.predictions` and the event fields through
+:func:`visionfleet.predict.event_fields` — the code the ingress runs — so a device and
+the server give the same answer, and record the same fields, for the same image.
 """
 
 from __future__ import annotations
@@ -17,24 +16,28 @@ from typing import Any
 import numpy as np
 
 from visionfleet.imaging import ResizeInfo, load_for_model, resize_image
-from visionfleet.inference import LoadedModel, classification_result, confidence_stats
-from visionfleet.spec import Task
-from visionfleet.telemetry import input_stats
+from visionfleet.inference import LoadedModel
+from visionfleet.predict import Prediction, event_fields, predictions
 
-__all__ = ["Prediction", "predict_bytes", "predict_rgb", "run_model"]
+__all__ = ["DevicePrediction", "predict_bytes", "predict_rgb", "run_model"]
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """A prediction and the telemetry fields of its event (names as in ``EVENT_FIELDS``)."""
+class DevicePrediction:
+    """A prediction, the fields of its telemetry event (names as in ``EVENT_FIELDS``) and its latency."""
 
-    result: dict[str, Any]  # the HTTP response's shape: label/score/probs or detections
-    fields: dict[str, Any]  # task, label, class_id, confidence, margin, entropy, detections, width, height, stats
+    prediction: Prediction
+    fields: dict[str, Any]
     latency_ms: float
 
     @property
     def confidence(self) -> float:
-        return float(self.fields.get("confidence") or 0.0)
+        return self.prediction.score
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The HTTP response's shape: label/score/probs or detections."""
+        return self.prediction.response()
 
 
 def run_model(model: LoadedModel, img: np.ndarray) -> list[np.ndarray]:
@@ -42,32 +45,12 @@ def run_model(model: LoadedModel, img: np.ndarray) -> list[np.ndarray]:
     return model.run(img[None])
 
 
-def _finish(model: LoadedModel, img: np.ndarray, info: ResizeInfo, t0: float, top_k: int) -> Prediction:
-    outputs = run_model(model, img)
-    card = model.card
-    fields: dict[str, Any] = {
-        "task": card.task.value,
-        "width": info.original_width,
-        "height": info.original_height,
-        **input_stats(img),
-    }
-    if card.task is Task.CLASSIFICATION:
-        probs = outputs[0][0]
-        result = classification_result(probs, card.labels, top_k)
-        st = confidence_stats(probs)
-        fields.update(label=result["label"], class_id=result["class_id"], confidence=result["score"],
-                      margin=st["margin"], entropy=st["entropy"])
-    else:
-        from visionfleet.detection import detection_confidence_stats, detection_result
-
-        boxes, scores, classes = (o[0] for o in outputs[:3])
-        result = detection_result(boxes, scores, classes, card.labels, info)
-        st = detection_confidence_stats(scores)
-        fields.update(confidence=result["score"], margin=st["margin"], detections=result["count"])
-    return Prediction(result, fields, (time.perf_counter() - t0) * 1000.0)
+def _finish(model: LoadedModel, img: np.ndarray, info: ResizeInfo, t0: float, top_k: int) -> DevicePrediction:
+    (pred,) = predictions(model.card, run_model(model, img), [info], top_k=top_k)
+    return DevicePrediction(pred, event_fields(pred, img), (time.perf_counter() - t0) * 1000.0)
 
 
-def predict_bytes(model: LoadedModel, data: bytes, top_k: int = 5, max_pixels: int = 40_000_000) -> Prediction:
+def predict_bytes(model: LoadedModel, data: bytes, top_k: int = 5, max_pixels: int = 40_000_000) -> DevicePrediction:
     """Decode an encoded image (JPEG, PNG, …), resize it as the card says, run the model.
 
     Raises:
@@ -78,7 +61,7 @@ def predict_bytes(model: LoadedModel, data: bytes, top_k: int = 5, max_pixels: i
     return _finish(model, img, info, t0, top_k)
 
 
-def predict_rgb(model: LoadedModel, rgb: np.ndarray, top_k: int = 5) -> Prediction:
+def predict_rgb(model: LoadedModel, rgb: np.ndarray, top_k: int = 5) -> DevicePrediction:
     """Run a decoded RGB uint8 frame (a video or camera frame)."""
     t0 = time.perf_counter()
     img, info = resize_image(rgb, tuple(model.card.input_size), model.card.resize)

@@ -1,15 +1,17 @@
-"""The FastAPI application of the ingress and its error contract.
+"""The FastAPI application of the ingress: its routers and its error contract.
 
-Route modules (``ingress``, ``routes_admin``, …) register on :data:`api`; handlers
-that are not methods of the ``Ingress`` deployment reach it with :func:`ingress`.
-Every error is ``{"error": "..."}``; nothing a client sends produces a 500.
+:func:`build_api` is called once per ingress replica (Serve's
+``__serve_build_asgi_app__``) with the :class:`~serve_apps.pipeline.PredictionService`
+and the helper actors' handles; each route module is an ``APIRouter`` factory given
+exactly what it needs, so no route reaches the ingress through a global. Every error
+is ``{"error": "..."}``; nothing a client sends produces a 500.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,28 +20,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps.inputs import ApiError
 
-__all__ = ["api", "error_response", "ingress", "require_admin"]
+__all__ = ["build_api", "error_response", "require_admin", "AdmissionControl"]
 
 logger = logging.getLogger("ray.serve")
-
-api = FastAPI(title="visionfleet", version="0.1.0", docs_url="/docs", redoc_url=None)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-@api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.headers)
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -47,7 +44,6 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(400, f"invalid request: {where}: {first.get('msg', 'bad value')}")
 
 
-@api.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error in ingress")
     return error_response(500, f"internal error ({type(exc).__name__})")
@@ -58,12 +54,13 @@ class AdmissionControl:
 
     A pure ASGI middleware (no per-request body buffering). Only inference routes are
     guarded — ``/v1/predict*`` and ``/v2/models/…/infer`` — so health, metadata and admin
-    routes always answer. Limits come from the serving Ingress's config; outside a
-    replica (unit tests) nothing is limited.
+    routes always answer. ``service`` is the replica's PredictionService (its config's
+    limits and its ``in_flight`` count).
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, service: Any) -> None:
         self.app = app
+        self.service = service
 
     @staticmethod
     def _guarded(path: str) -> bool:
@@ -75,11 +72,7 @@ class AdmissionControl:
         if scope["type"] != "http" or not self._guarded(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        try:
-            ing = ingress()
-        except Exception:  # noqa: BLE001 - not inside a replica
-            await self.app(scope, receive, send)
-            return
+        ing = self.service
         cfg = ing.cfg.ingress
         if ing.in_flight >= cfg.max_in_flight:
             ing.count_rejected("ingress_full")
@@ -105,14 +98,29 @@ class AdmissionControl:
             ing.in_flight -= 1
 
 
-api.add_middleware(AdmissionControl)
+def build_api(service: Any, actors: Any, runner_stats: Callable[[], Any]) -> FastAPI:
+    """The ingress's FastAPI app, its routes given what they need.
 
+    Args:
+        service: the replica's :class:`~serve_apps.pipeline.PredictionService`.
+        actors: the helper actors (:class:`serve_apps.ingress.Actors`: the telemetry sink
+            and the experiment coordinator), for feedback and admin routes.
+        runner_stats: async callable giving the model runner's figures (``/v1/stats``).
+    """
+    from serve_apps import routes_admin, routes_edge, routes_predict, routes_stream, routes_v2
 
-def ingress() -> Any:
-    """The ``Ingress`` instance serving this request (for module-level routes)."""
-    from ray import serve
-
-    return serve.get_replica_context().servable_object
+    api = FastAPI(title="visionfleet", version="0.1.0", docs_url="/docs", redoc_url=None)
+    api.add_exception_handler(ApiError, _api_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(Exception, _unexpected)
+    api.add_middleware(AdmissionControl, service=service)
+    api.include_router(routes_predict.router(service, runner_stats))
+    api.include_router(routes_v2.router(service))
+    api.include_router(routes_stream.router(service))
+    api.include_router(routes_admin.router(service.cfg, actors))
+    api.include_router(routes_edge.router(service.cfg))
+    return api
 
 
 def require_admin(request: Request, token: str | None) -> None:

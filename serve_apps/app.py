@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_apps.config import AppConfig, IngressUserConfig, ReplicaUserConfig
+from serve_apps.config import AppConfig, IngressUserConfig
 from serve_apps.ingress import Ingress
 from serve_apps.replica import ModelReplica
 
@@ -48,7 +48,6 @@ def build_app(
     config: AppConfig,
     user_config: IngressUserConfig | None = None,
     *,
-    replica_user_config: ReplicaUserConfig | None = None,
     version: str | None = None,
 ) -> Application:
     """Bind the model replicas and pass their handle to the ingress (or ``None`` when the
@@ -67,7 +66,7 @@ def build_app(
     if config.ingress.inference_in == "ingress":  # the ingress runs the models itself: no replicas to bind
         replica = None
     else:
-        replica = _bind_replica(config, cfg, env, version, replica_user_config)
+        replica = _bind_replica(config, cfg, env, version)
     return Ingress.options(version=version, _internal=True).options(
         user_config=(user_config or IngressUserConfig()).model_dump(mode="json"),
         num_replicas=config.ingress.num_replicas,
@@ -80,9 +79,8 @@ def build_app(
     ).bind(cfg, replica)
 
 
-def _bind_replica(config: AppConfig, cfg: dict, env: dict, version: str, replica_user_config: ReplicaUserConfig | None):
+def _bind_replica(config: AppConfig, cfg: dict, env: dict, version: str):
     return ModelReplica.options(version=version, _internal=True).options(
-        user_config=(replica_user_config or ReplicaUserConfig()).model_dump(mode="json", exclude_none=True),
         num_replicas=config.replica.num_replicas,
         max_ongoing_requests=config.replica.max_ongoing_requests,
         max_queued_requests=config.replica.max_queued_requests,
@@ -96,5 +94,4 @@ def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for ``serve run serve_apps.app:app_builder home=...`` and Serve YAML configs."""
     args = dict(args)
     user = IngressUserConfig.model_validate(args.pop("user_config", {}) or {})
-    replica_user = ReplicaUserConfig.model_validate(args.pop("replica_user_config", {}) or {})
-    return build_app(AppConfig.model_validate(args), user, replica_user_config=replica_user)
+    return build_app(AppConfig.model_validate(args), user)

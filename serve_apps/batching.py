@@ -18,7 +18,11 @@ optional ``batch_wait_timeout_s`` > 0 adds Serve's wait on top, for models where
 bigger batch is worth the latency. ``max_batch_size == 1`` turns batching off: every
 request is sent at once, with no slot limit (the "batching off" of the benchmarks).
 
-Requests are grouped by key (the model id): one call per key per batch.
+Requests are grouped by key (the model id): a batch carries one key, and the
+``max_concurrent`` slots are shared by every key, so the cap on calls in flight holds
+however many versions are served. The batch cap counts ``size(item)`` (the ingress
+passes the number of images a request carries), so many multi-image requests never
+merge into one oversized call; a single item larger than the cap goes alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from typing import Any, Awaitable, Callable, Hashable
 __all__ = ["AdaptiveBatcher"]
 
 BatchFn = Callable[[Hashable, list[Any]], Awaitable[list[Any]]]
+SizeFn = Callable[[Any], int]
+
+
+def _one(_: Any) -> int:
+    return 1
 
 
 class AdaptiveBatcher:
@@ -41,8 +50,9 @@ class AdaptiveBatcher:
     """
 
     def __init__(self, fn: BatchFn, *, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0,
-                 max_concurrent: int = 2) -> None:
+                 max_concurrent: int = 2, size: SizeFn = _one) -> None:
         self._fn = fn
+        self._size = size
         self.set_max_batch_size(max_batch_size)
         self.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.set_max_concurrent(max_concurrent)
@@ -53,6 +63,7 @@ class AdaptiveBatcher:
         self._tasks: set[asyncio.Task] = set()  # running batches (asyncio keeps only weak references)
         self.calls = 0  # fn calls made
         self.items = 0  # items carried by them
+        self.units = 0  # their total size (images, for the ingress)
 
     # ------------------------------------------------------------------ knobs
     def set_max_batch_size(self, n: int) -> None:
@@ -84,6 +95,7 @@ class AdaptiveBatcher:
         if self.max_batch_size == 1:  # batching off: no queue, no slot limit
             self.calls += 1
             self.items += 1
+            self.units += self._size(item)
             (result,) = await self._call(key, [item])
             if isinstance(result, BaseException):
                 raise result
@@ -114,9 +126,9 @@ class AdaptiveBatcher:
             while self._in_flight >= self.max_concurrent:
                 wake.clear()
                 await wake.wait()
-            if self.batch_wait_timeout_s > 0 and len(self._queue) < self.max_batch_size:
+            if self.batch_wait_timeout_s > 0 and self._queued_units() < self.max_batch_size:
                 deadline = time.monotonic() + self.batch_wait_timeout_s
-                while len(self._queue) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                while self._queued_units() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     wake.clear()
                     # asyncio.wait, not wait_for: wait_for on Python 3.11 can hold a
                     # cancelled caller until its timeout when the event fired meanwhile
@@ -127,26 +139,49 @@ class AdaptiveBatcher:
                         break
             self._launch(self._take())
 
-    def _take(self) -> dict[Hashable, list[tuple[Any, asyncio.Future]]]:
-        """Up to max_batch_size queued items, grouped by key (arrival order kept)."""
-        groups: dict[Hashable, list[tuple[Any, asyncio.Future]]] = {}
-        n = 0
-        while self._queue and n < self.max_batch_size:
-            key, item, fut = self._queue.popleft()
+    def _queued_units(self) -> int:
+        return sum(self._size(item) for _, item, _ in self._queue)
+
+    def _take(self) -> tuple[Hashable, list[tuple[Any, asyncio.Future]]] | None:
+        """The next batch: the oldest item's key, and its queued items up to max_batch_size units.
+
+        Items of other keys keep their place in the queue (arrival order kept per key).
+        """
+        key = None
+        taken: list[tuple[Any, asyncio.Future]] = []
+        rest: deque[tuple[Hashable, Any, asyncio.Future]] = deque()
+        units, full = 0, False
+        for entry in self._queue:
+            k, item, fut = entry
             if fut.cancelled():
                 continue
-            groups.setdefault(key, []).append((item, fut))
-            n += 1
-        return groups
+            if key is None:
+                key = k
+            if full or k != key:
+                rest.append(entry)
+                continue
+            n = self._size(item)
+            if taken and units + n > self.max_batch_size:
+                full = True  # the key's later items wait too: its order is kept
+                rest.append(entry)
+                continue
+            taken.append((item, fut))
+            units += n
+            full = units >= self.max_batch_size
+        self._queue = rest
+        return (key, taken) if taken else None
 
-    def _launch(self, groups: dict[Hashable, list[tuple[Any, asyncio.Future]]]) -> None:
-        for key, entries in groups.items():
-            self._in_flight += 1
-            self.calls += 1
-            self.items += len(entries)
-            task = asyncio.get_running_loop().create_task(self._run(key, entries))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _launch(self, batch: tuple[Hashable, list[tuple[Any, asyncio.Future]]] | None) -> None:
+        if batch is None:
+            return
+        key, entries = batch
+        self._in_flight += 1
+        self.calls += 1
+        self.items += len(entries)
+        self.units += sum(self._size(item) for item, _ in entries)
+        task = asyncio.get_running_loop().create_task(self._run(key, entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, key: Hashable, entries: list[tuple[Any, asyncio.Future]]) -> None:
         results: list[Any] | None = None

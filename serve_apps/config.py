@@ -43,7 +43,9 @@ class IngressConfig(BaseModel):
     decode_threads: int = Field(default=2, ge=1, le=64, description="threads decoding images off the event loop")
     max_batch_items: int = Field(default=64, ge=1, le=4096, description="images per /v1/predict/batch request")
     alias_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="how long an alias lookup is cached")
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="requests the ingress groups into one replica call")
+    max_batch_size: int = Field(default=16, ge=1, le=1024,
+                                description="images per model call: the cap of the adaptive batcher, the one batcher of "
+                                            "every layout (a request with more images goes alone)")
     batch_wait_timeout_s: float = Field(
         default=0.0, ge=0, le=1,
         description="extra wait for a group to fill (0: a batch leaves as soon as a slot is free; serve_apps.batching)")

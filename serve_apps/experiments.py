@@ -1,9 +1,12 @@
 """The experiment coordinator: start, re-weight, decide and stop A/B experiments.
 
-It lives in the TelemetrySink actor, next to the per-variant accumulators it reads.
-State changes reach every ingress replica through ``reconfigure(user_config)``
-(``serve_apps.deploy.apply_user_config``), so all replicas route alike and nothing
-restarts. Each experiment has a folder ``<state>/experiments/<name>/`` holding
+:class:`ExperimentCoordinator` is the logic (tested without Ray);
+:class:`CoordinatorActor` is its Ray actor, a detached named actor of its own that
+reads the per-variant accumulators from the TelemetrySink by name. State changes
+reach every ingress replica through the ``apply`` callback it is given — the app's
+composition root (``serve_apps.deploy``) passes one that reconfigures the running
+app — so all replicas route alike and nothing restarts, and nothing here imports
+the deployment code. Each experiment has a folder ``<state>/experiments/<name>/`` holding
 ``experiment.json`` (config, status, decision) and ``timeline.jsonl`` (cumulative
 per-variant snapshots, the input of the report).
 
@@ -28,7 +31,7 @@ from serve_apps.config import ExperimentConfig, IngressUserConfig
 from visionfleet.registry import NotFound, Registry
 from visionfleet.spec import parse_ref
 
-__all__ = ["ExperimentCoordinator", "Conflict"]
+__all__ = ["ExperimentCoordinator", "CoordinatorActor", "Conflict", "get_or_create_coordinator", "get_coordinator"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,7 +88,9 @@ class ExperimentCoordinator:
         self._last_tick: dict[str, float] = {}
         self._bandit_interval = bandit_interval_s
         self._rng = np.random.default_rng()
-        self._wandb_runs: dict[str, Any] = {}
+        from serve_apps.exporters import WandbRuns
+
+        self._wandb = WandbRuns(self.home)
 
     # ------------------------------------------------------------------ store
     def _path(self, name: str) -> Path:
@@ -279,47 +284,23 @@ class ExperimentCoordinator:
 
     def _log_wandb(self, cfg: ExperimentConfig, summaries: dict[str, Any]) -> None:
         """One W&B run per experiment (group ``experiment:<name>``), offline by default."""
-        try:
-            run = self._wandb_runs.get(cfg.name)
-            if run is None:
-                import wandb
-
-                run = wandb.init(
-                    project="visionfleet",
-                    group=f"experiment:{cfg.name}",
-                    name=f"experiment-{cfg.name}",
-                    id=f"exp-{cfg.name}",
-                    dir=str(self.home / "wandb"),
-                    config=cfg.model_dump(mode="json", exclude={"allocation"}),
-                    resume="allow",
-                    reinit="create_new",
-                )
-                self._wandb_runs[cfg.name] = run
-            row: dict[str, Any] = {}
-            for a in cfg.arms:
-                v = summaries[a.name]
-                row[f"{a.name}/requests"] = v.requests
-                row[f"{a.name}/errors"] = v.errors
-                row[f"{a.name}/weight"] = cfg.weights()[a.name]
-                if v.n:
-                    row[f"{a.name}/confidence"] = v.conf_mean
-                if v.labeled:
-                    row[f"{a.name}/accuracy"] = v.accuracy
-                if v.p95_latency_ms is not None:
-                    row[f"{a.name}/p95_latency_ms"] = v.p95_latency_ms
-            run.log(row)
-        except Exception:  # noqa: BLE001 - W&B is a view; it must never stop an experiment
-            logger.exception("W&B logging failed for experiment %s", cfg.name)
+        row: dict[str, Any] = {}
+        for a in cfg.arms:
+            v = summaries[a.name]
+            row[f"{a.name}/requests"] = v.requests
+            row[f"{a.name}/errors"] = v.errors
+            row[f"{a.name}/weight"] = cfg.weights()[a.name]
+            if v.n:
+                row[f"{a.name}/confidence"] = v.conf_mean
+            if v.labeled:
+                row[f"{a.name}/accuracy"] = v.accuracy
+            if v.p95_latency_ms is not None:
+                row[f"{a.name}/p95_latency_ms"] = v.p95_latency_ms
+        self._wandb.log(cfg.name, row, group=f"experiment:{cfg.name}", name=f"experiment-{cfg.name}",
+                        id=f"exp-{cfg.name}", config=cfg.model_dump(mode="json", exclude={"allocation"}))
 
     def _finish_wandb(self, name: str, decision: dict[str, Any]) -> None:
-        run = self._wandb_runs.pop(name, None)
-        if run is None:
-            return
-        try:
-            run.summary.update({"decision": decision.get("action"), "reason": decision.get("reason")})
-            run.finish()
-        except Exception:  # noqa: BLE001
-            logger.exception("W&B finish failed for experiment %s", name)
+        self._wandb.finish(name, {"decision": decision.get("action"), "reason": decision.get("reason")})
 
     def status(self, name: str) -> dict[str, Any]:
         cfg = self.load(name)
@@ -367,3 +348,117 @@ class ExperimentCoordinator:
             except Exception:  # noqa: BLE001 - one bad experiment must not stop the others' looks
                 logger.exception("experiment tick failed for %s", cfg.name)
         return actions
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.names():
+            cfg = self.load(name)
+            out.append({"name": name, "model": cfg.model, "status": cfg.status, "arms": [a.model_dump() for a in cfg.arms],
+                        "started_at": cfg.started_at, "decision": cfg.decision})
+        return out
+
+
+class CoordinatorActor:
+    """The Ray actor around :class:`ExperimentCoordinator`: its own thread ticks the experiments.
+
+    Args:
+        home: the state dir.
+        apply: pushes a new ingress user config to the running app (given by the
+            composition root, ``serve_apps.deploy``).
+        namespace: where the TelemetrySink actor lives.
+        tick_interval_s: seconds between looks.
+    """
+
+    def __init__(self, home: str, apply: Callable[[IngressUserConfig], None], namespace: str | None = None,
+                 tick_interval_s: float = 2.0) -> None:
+        self._namespace = namespace
+        self._sink_handle: Any = None
+        self.coordinator = ExperimentCoordinator(home, summaries=self._summaries, reset=self._reset, apply=apply)
+        self._stop = threading.Event()
+        self._interval = tick_interval_s
+        self._thread = threading.Thread(target=self._loop, name="vf-coordinator-loop", daemon=True)
+        self._thread.start()
+
+    def _sink(self) -> Any:
+        if self._sink_handle is None:
+            import ray
+
+            from visionfleet.names import SINK_NAME
+
+            self._sink_handle = ray.get_actor(SINK_NAME, namespace=self._namespace)
+        return self._sink_handle
+
+    def _summaries(self, name: str, sticky: bool, arms: list[str]) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self._sink().arm_summaries.remote(name, sticky, arms), timeout=60)
+
+    def _reset(self, name: str) -> None:
+        import ray
+
+        ray.get(self._sink().reset_experiment.remote(name), timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.coordinator.tick()
+            except Exception:  # noqa: BLE001 - keep looking; the next tick retries
+                logger.exception("experiment tick failed")
+
+    def start(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.coordinator.start(spec)
+
+    def stop(self, name: str, action: str = "none", reason: str = "stopped by an operator") -> dict[str, Any]:
+        return self.coordinator.stop(name, action, reason)
+
+    def reweight(self, name: str, weights: dict[str, float]) -> dict[str, Any]:
+        return self.coordinator.reweight(name, weights)
+
+    def status(self, name: str) -> dict[str, Any]:
+        import ray
+
+        doc = self.coordinator.status(name)
+        doc["shadow"] = ray.get(self._sink().experiment_summary.remote(name), timeout=60).get("shadow")
+        return doc
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.coordinator.list()
+
+    def adopt(self, spec: dict[str, Any]) -> bool:
+        return self.coordinator.adopt(spec)
+
+    def tick(self) -> list[dict[str, Any]]:
+        return self.coordinator.tick()
+
+    def ping(self) -> str:
+        return "ok"
+
+
+def get_or_create_coordinator(home: str, apply: Callable[[IngressUserConfig], None], namespace: str | None = None):
+    """The detached, named coordinator actor of this cluster (created on first use with ``apply``)."""
+    import ray
+
+    from visionfleet.names import COORDINATOR_NAME
+
+    return ray.remote(CoordinatorActor).options(
+        name=COORDINATOR_NAME,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=8,  # a slow redeploy in one call must not stall status calls
+        max_restarts=-1,
+        runtime_env={"env_vars": {"VISIONFLEET_HOME": home}},
+    ).remote(home, apply, namespace)
+
+
+def get_coordinator(namespace: str | None = None) -> Any:
+    """The running coordinator actor, or None when the app was deployed without one."""
+    import ray
+
+    from visionfleet.names import COORDINATOR_NAME
+
+    try:
+        return ray.get_actor(COORDINATOR_NAME, namespace=namespace)
+    except ValueError:
+        return None

@@ -1,8 +1,11 @@
-"""ModelReplica: runs any registered version, multiplexed by ``NAME:VERSION``, batched.
+"""ModelReplica: runs any registered version, multiplexed by ``NAME:VERSION``.
 
-A thin shell (STYLE 4): loading and the batch contract (list in / list out, errors kept
-per request, STYLE 6) live in ``serve_apps.runner``, shared with the ingress. Batches are
-split by multiplexed model id by Serve itself, so one batch is one version.
+A thin shell (STYLE 4). The ingress's adaptive batcher (``serve_apps.batching``) forms
+the batch, so one call here is one ONNX Runtime run: there is no second batcher
+(``@serve.batch``) stacked behind the first, and no second concatenate/split round.
+Measured on 2 cores, a batcher on each side of the hop was no faster than the
+ingress's alone (docs/performance.md#one-batcher-per-layout). Loading and running
+live in ``serve_apps.runner``, shared with the ingress.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from serve_apps.config import AppConfig, ReplicaUserConfig
-from serve_apps.runner import ReplicaError, ReplicaOutput, load_for_serving, run_requests
+from serve_apps.config import AppConfig
+from serve_apps.runner import ReplicaOutput, failure, load_version, run_batch
 from visionfleet.inference import LoadedModel, RuntimeOptions
-from visionfleet.registry import NotFound, Registry
+from visionfleet.registry import Registry
 
-__all__ = ["ModelReplica", "ReplicaOutput", "ReplicaError"]
+__all__ = ["ModelReplica", "ReplicaOutput"]
 
 
 @serve.deployment(name="ModelReplica")
@@ -29,22 +32,25 @@ class ModelReplica:
         self._registry = Registry(f"{self._cfg.home}/registry", cache_dir=f"{self._cfg.home}/cache/registry")
         self._runtime = RuntimeOptions(threads=self._cfg.replica.ort_threads)
         # ONNX Runtime releases the GIL: one worker thread runs sessions while the
-        # event loop keeps accepting requests, so the next batch fills meanwhile.
+        # event loop keeps accepting calls.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        self._infer.set_max_batch_size(self._cfg.replica.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(self._cfg.replica.batch_wait_timeout_s)
+        self._pool_alive = True
+        # The LRU size comes from the config, so the multiplexed loader is made here (Ray
+        # Serve detects a multiplexed instance attribute at run time). A plain function, not
+        # a bound method: Serve keeps its model cache as an attribute of what it wraps.
+        async def load(model_id: str) -> LoadedModel:
+            model = await asyncio.get_running_loop().run_in_executor(
+                None, load_version, self._registry, self._runtime, model_id)
+            self._loads += 1
+            return model
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=self._cfg.replica.max_models_per_replica)(load)
         self._batches = 0
-        self._batched_requests = 0
-        self._batched_images = 0
+        self._images = 0
+        self._loads = 0  # versions loaded (again after an LRU eviction)
         self._unhealthy: str | None = None
         from ray.serve import metrics
 
-        self._m_batch = metrics.Histogram(
-            "vf_replica_batch_size",
-            "Requests per ONNX Runtime call in the model replica",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
-            tag_keys=("model",),
-        )
         self._m_images = metrics.Histogram(
             "vf_replica_batch_images",
             "Images per ONNX Runtime call in the model replica",
@@ -52,62 +58,42 @@ class ModelReplica:
             tag_keys=("model",),
         )
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Runtime knobs without a restart: ``max_batch_size``, ``batch_wait_timeout_s``."""
-        uc = ReplicaUserConfig.model_validate(user_config or {})
-        if uc.max_batch_size is not None:
-            self._infer.set_max_batch_size(uc.max_batch_size)
-        if uc.batch_wait_timeout_s is not None:
-            self._infer.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
-
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if self._unhealthy is not None:
             raise RuntimeError(f"replica marked unhealthy: {self._unhealthy}")
-        if self._pool._shutdown:  # the ONNX Runtime worker thread is gone
-            raise RuntimeError("inference thread pool is shut down")
+        if not self._pool_alive:
+            raise RuntimeError("the ONNX Runtime worker thread is gone")
 
     async def mark_unhealthy(self, reason: str) -> dict[str, str]:
         """Ask Serve to replace this replica (operators: a corrupt cache, a stuck device)."""
         self._unhealthy = reason or "marked by an operator"
         return {"replica": serve.get_replica_context().replica_tag, "reason": self._unhealthy}
 
-    @serve.multiplexed(max_num_models_per_replica=8)
-    async def get_model(self, model_id: str) -> LoadedModel:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, load_for_serving, self._registry, self._runtime, model_id)
-
-    async def predict(self, images: np.ndarray) -> ReplicaOutput:
-        """Run one request's images (uint8 [k, H, W, 3] at the model's size)."""
-        return await self._infer(images)
+    async def predict(self, batch: np.ndarray) -> ReplicaOutput:
+        """Run one batch the ingress formed (uint8 [k, H, W, 3] at the model's size)."""
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            model = await self._get_model(model_id)
+        except Exception as exc:  # noqa: BLE001 - a load failure is this batch's error
+            return failure(exc, model_id)
+        try:
+            out = await run_batch(model, model_id, batch, self._pool)
+        except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+            self._pool_alive = False
+            return ReplicaOutput(None, f"model replica cannot run models: {exc}", 503)
+        if out.error is None:
+            self._batches += 1
+            self._images += len(batch)
+            self._m_images.observe(len(batch), tags={"model": model_id})
+        return out
 
     async def stats(self) -> dict[str, float]:
-        """Batches formed so far: the average batch size says whether batching works."""
+        """ONNX Runtime calls so far and the images they carried."""
         return {
             "batches": self._batches,
-            "requests": self._batched_requests,
-            "images": self._batched_images,
-            "avg_batch_size": self._batched_requests / self._batches if self._batches else 0.0,
-            "avg_batch_images": self._batched_images / self._batches if self._batches else 0.0,
-            "max_batch_size": self._infer._get_max_batch_size(),
-            "batch_wait_timeout_s": self._infer._get_batch_wait_timeout_s(),
+            "images": self._images,
+            "avg_batch_images": self._images / self._batches if self._batches else 0.0,
+            "loads": self._loads,
+            "max_models": self._cfg.replica.max_models_per_replica,
         }
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # both set from the config in __init__
-    async def _infer(self, requests: list[np.ndarray]) -> list[ReplicaOutput]:
-        model_id = serve.get_multiplexed_model_id()  # one id per batch: Serve splits batches by id
-        try:
-            model = await self.get_model(model_id)
-        except (NotFound, FileNotFoundError) as exc:
-            return [ReplicaOutput(None, str(exc), 404) for _ in requests]
-        except ReplicaError as exc:
-            return [ReplicaOutput(None, str(exc), exc.status) for _ in requests]
-        results, images = await run_requests(model, model_id, requests, self._pool)
-        if images:
-            good = sum(1 for r in results if r.error is None)
-            self._batches += 1
-            self._batched_requests += good
-            self._batched_images += images
-            self._m_batch.observe(good, tags={"model": model_id})
-            self._m_images.observe(images, tags={"model": model_id})
-        return results

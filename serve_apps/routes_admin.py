@@ -3,21 +3,23 @@
 
 ``POST /v1/feedback`` joins ground truth to a past prediction (late labels are normal).
 The experiment routes are admin routes (bearer token): list, start, inspect,
-re-weight and stop experiments. They delegate to the coordinator in the
-TelemetrySink actor, which pushes the change to every ingress replica through
-``reconfigure``.
+re-weight and stop experiments. They delegate to the ExperimentCoordinator actor
+(``serve_apps.experiments``), which pushes the change to every ingress replica
+through ``reconfigure``; feedback, the labeling queue and the monitor go to the
+TelemetrySink actor (``serve_apps.telemetry``).
 """
 
 import asyncio
 from typing import Any, Dict
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_apps.api import api, ingress, require_admin
+from serve_apps.api import require_admin
+from serve_apps.config import AppConfig, ExperimentConfig
 from serve_apps.inputs import ApiError, read_body
 
-__all__: list = []
+__all__ = ["router"]
 
 
 class FeedbackBody(BaseModel):
@@ -53,13 +55,6 @@ async def _json(request: Request, model: type) -> Any:
         raise ApiError(400, f"invalid body: {where}: {first.get('msg', str(exc)[:200])}") from None
 
 
-def _sink() -> Any:
-    ing = ingress()
-    if ing.sink is None:
-        raise ApiError(503, "telemetry is disabled on this server; feedback and experiments need it")
-    return ing.sink
-
-
 async def _call(method: Any, *args: Any) -> Any:
     """Await an actor call and map the coordinator's errors onto HTTP statuses."""
     from serve_apps.experiments import Conflict
@@ -84,62 +79,63 @@ def _msg(exc: BaseException) -> str:
     return text.strip().splitlines()[-1][:500] if text.strip() else type(exc).__name__
 
 
-@api.post("/v1/feedback", status_code=202)
-async def feedback(request: Request) -> Dict[str, Any]:
-    """Ground truth for a past prediction: ``{"request_id": ..., "label": ...}``."""
-    body = await _json(request, FeedbackBody)
-    res = await _call(_sink().feedback, body.request_id, body.label)
-    return {"request_id": body.request_id, "accepted": True, **res}
+def router(cfg: AppConfig, actors: Any) -> APIRouter:
+    """The routes, given the app's config (the admin token) and the helper actors
+    (``actors.sink()`` and ``actors.coordinator()``: handles, or an ApiError 503)."""
+    r = APIRouter()
 
+    def admin(request: Request) -> None:
+        require_admin(request, cfg.admin_token)
 
-@api.get("/v1/experiments")
-async def list_experiments(request: Request) -> Dict[str, Any]:
-    require_admin(request, ingress().cfg.admin_token)
-    return {"experiments": await _call(_sink().exp_list)}
+    @r.post("/v1/feedback", status_code=202)
+    async def feedback(request: Request) -> Dict[str, Any]:
+        """Ground truth for a past prediction: ``{"request_id": ..., "label": ...}``."""
+        body = await _json(request, FeedbackBody)
+        res = await _call(actors.sink().feedback, body.request_id, body.label)
+        return {"request_id": body.request_id, "accepted": True, **res}
 
+    @r.get("/v1/experiments")
+    async def list_experiments(request: Request) -> Dict[str, Any]:
+        admin(request)
+        return {"experiments": await _call(actors.coordinator().list)}
 
-@api.post("/v1/experiments", status_code=201)
-async def start_experiment(request: Request) -> Dict[str, Any]:
-    from serve_apps.config import ExperimentConfig
+    @r.post("/v1/experiments", status_code=201)
+    async def start_experiment(request: Request) -> Dict[str, Any]:
+        admin(request)
+        spec = await _json(request, ExperimentConfig)
+        return await _call(actors.coordinator().start, spec.model_dump(mode="json"))
 
-    require_admin(request, ingress().cfg.admin_token)
-    spec = await _json(request, ExperimentConfig)
-    return await _call(_sink().exp_start, spec.model_dump(mode="json"))
+    @r.get("/v1/experiments/{name}")
+    async def get_experiment(request: Request, name: str) -> Dict[str, Any]:
+        admin(request)
+        return await _call(actors.coordinator().status, name)
 
+    @r.post("/v1/experiments/{name}/stop")
+    async def stop_experiment(request: Request, name: str) -> Dict[str, Any]:
+        admin(request)
+        body = await _json(request, StopBody)
+        return await _call(actors.coordinator().stop, name, body.action, body.reason)
 
-@api.get("/v1/experiments/{name}")
-async def get_experiment(request: Request, name: str) -> Dict[str, Any]:
-    require_admin(request, ingress().cfg.admin_token)
-    return await _call(_sink().exp_status, name)
+    @r.post("/v1/experiments/{name}/weights")
+    async def reweight_experiment(request: Request, name: str) -> Dict[str, Any]:
+        admin(request)
+        body = await _json(request, WeightsBody)
+        return await _call(actors.coordinator().reweight, name, body.weights)
 
+    @r.get("/v1/labeling/pending")
+    async def labeling_pending(request: Request, limit: int = 1000) -> Dict[str, Any]:
+        """Samples waiting for a label (ids and predictions; label them with /v1/feedback)."""
+        admin(request)
+        if not 1 <= limit <= 100_000:
+            raise ApiError(400, "limit must be 1..100000")
+        sink = actors.sink()
+        return {"pending": await _call(sink.labeling_pending, limit), "counts": await _call(sink.labeling_counts)}
 
-@api.post("/v1/experiments/{name}/stop")
-async def stop_experiment(request: Request, name: str) -> Dict[str, Any]:
-    require_admin(request, ingress().cfg.admin_token)
-    body = await _json(request, StopBody)
-    return await _call(_sink().exp_stop, name, body.action, body.reason)
+    @r.get("/v1/monitor")
+    async def monitor(request: Request, model: str = "") -> Dict[str, Any]:
+        """Per-version windows (confidence, low-confidence rate, accuracy where labeled) and drift."""
+        admin(request)
+        sink = actors.sink()
+        return {"versions": await _call(sink.monitor_snapshot, model or None), "telemetry": await _call(sink.stats)}
 
-
-@api.post("/v1/experiments/{name}/weights")
-async def reweight_experiment(request: Request, name: str) -> Dict[str, Any]:
-    require_admin(request, ingress().cfg.admin_token)
-    body = await _json(request, WeightsBody)
-    return await _call(_sink().exp_reweight, name, body.weights)
-
-
-@api.get("/v1/labeling/pending")
-async def labeling_pending(request: Request, limit: int = 1000) -> Dict[str, Any]:
-    """Samples waiting for a label (ids and predictions; label them with /v1/feedback)."""
-    require_admin(request, ingress().cfg.admin_token)
-    if not 1 <= limit <= 100_000:
-        raise ApiError(400, "limit must be 1..100000")
-    sink = _sink()
-    return {"pending": await _call(sink.labeling_pending, limit), "counts": await _call(sink.labeling_counts)}
-
-
-@api.get("/v1/monitor")
-async def monitor(request: Request, model: str = "") -> Dict[str, Any]:
-    """Per-version windows (confidence, low-confidence rate, accuracy where labeled) and drift."""
-    require_admin(request, ingress().cfg.admin_token)
-    sink = _sink()
-    return {"versions": await _call(sink.monitor_snapshot, model or None), "telemetry": await _call(sink.stats)}
+    return r

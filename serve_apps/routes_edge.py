@@ -24,15 +24,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from serve_apps.api import api, ingress, require_admin
+from serve_apps.api import require_admin
+from serve_apps.config import AppConfig
 from serve_apps.inputs import ApiError, read_body
 
-__all__: list = []
+__all__ = ["router"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -160,10 +161,6 @@ def _fleet(home: str) -> Any:
     return db
 
 
-def _home() -> str:
-    return ingress().cfg.home
-
-
 async def _parse(request: Request, model: type, limit: int) -> Any:
     body = await read_body(request.stream(), request.headers.get("content-length"), limit)
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -194,43 +191,6 @@ def _apply_halts(home: str, halts: List[Dict[str, Any]]) -> None:
             logger.warning("edge rollout of %s halted: %s", h["bundle_id"], h["reason"])
 
 
-@api.post("/v1/edge/sync")
-async def edge_sync(request: Request) -> Dict[str, Any]:
-    """A device's batch of records, samples and reports, and its status."""
-    home = _home()
-    body = await _parse(request, SyncBody, ingress().cfg.max_body_bytes)
-    samples = []
-    rejected = []
-    for s in body.samples:
-        try:
-            image = base64.b64decode(s.image, validate=True)
-        except (binascii.Error, ValueError):
-            rejected.append({"kind": "sample", "id": s.id, "error": "image is not valid base64"})
-            continue
-        if not image:
-            rejected.append({"kind": "sample", "id": s.id, "error": "empty image"})
-            continue
-        samples.append({**s.model_dump(exclude={"image"}), "image": image})
-    fleet = _fleet(home)
-    try:
-        res = await run_in_threadpool(
-            fleet.ingest,
-            body.device_id,
-            status=body.status.model_dump() if body.status else None,
-            records=[r.model_dump() for r in body.records],
-            samples=samples,
-            reports=[r.model_dump() for r in body.reports],
-        )
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-    if res.halts:
-        await run_in_threadpool(_apply_halts, home, res.halts)
-    doc = res.to_dict()
-    doc["acked"]["samples"] = doc["acked"]["samples"] + [r["id"] for r in rejected]
-    doc["rejected"] = doc["rejected"] + rejected
-    return doc
-
-
 def _tuf_file(home: str, path: str) -> Path:
     if not _TUF_PATH.match(path) or any(p.startswith(".") for p in path.split("/")):
         raise ApiError(404, "no such repository file")
@@ -252,62 +212,103 @@ def _maybe_refresh(home: str) -> None:
             logger.exception("TUF timestamp refresh failed")
 
 
-@api.get("/tuf/{path:path}")
-async def tuf_file(path: str) -> FileResponse:
-    """A file of the TUF repository (metadata or a bundle), read-only."""
-    home = _home()
-    if path == "metadata/timestamp.json":
-        await run_in_threadpool(_maybe_refresh, home)
-    target = _tuf_file(home, path)
-    mutable = path in ("metadata/timestamp.json", "metadata/root.json")
-    return FileResponse(
-        target,
-        media_type="application/json" if target.suffix == ".json" else "application/octet-stream",
-        # Versioned and hash-named files never change; timestamp.json does.
-        headers={"Cache-Control": "no-cache" if mutable else "public, max-age=31536000, immutable"},
-    )
+def router(cfg: AppConfig) -> APIRouter:
+    """The edge routes, given the app's config (state dir, body limit, admin token)."""
+    r = APIRouter()
+    home = cfg.home
 
-
-@api.get("/v1/edge/fleet")
-async def fleet_status(request: Request) -> Dict[str, Any]:
-    """Devices (version, health, backlog, last seen) and rollouts."""
-    require_admin(request, ingress().cfg.admin_token)
-    return await run_in_threadpool(_fleet(_home()).status)
-
-
-@api.get("/v1/edge/channels")
-async def edge_channels(request: Request) -> Dict[str, Any]:
-    """Published channels with their signed rollout metadata."""
-    from edge_export.tuf_repo import TufRepository, channels
-
-    require_admin(request, ingress().cfg.admin_token)
-    repo = TufRepository(_home())
-    if not repo.exists():
-        return {"channels": []}
-    return {"channels": await run_in_threadpool(channels, repo)}
-
-
-@api.post("/v1/edge/rollouts")
-async def edge_rollout(request: Request) -> Dict[str, Any]:
-    """Change a channel's rollout percentage, or halt / resume it (re-signed in TUF)."""
-    from edge_export.tuf_repo import RepositoryMissing, TufRepository, set_rollout
-
-    require_admin(request, ingress().cfg.admin_token)
-    body = await _parse(request, RolloutBody, 64 * 1024)
-    home = _home()
-
-    def change() -> Dict[str, Any]:
-        doc = set_rollout(TufRepository(home), body.model, body.target, rollout=body.rollout, halted=body.halted,
-                          reason=body.reason)
-        status = "rolling" if not doc.get("halted") else "halted"
-        _fleet(home).set_rollout_status(body.model, body.target, doc["bundle_id"], status, body.reason, doc.get("rollout"))
+    @r.post("/v1/edge/sync")
+    async def edge_sync(request: Request) -> Dict[str, Any]:
+        """A device's batch of records, samples and reports, and its status."""
+        body = await _parse(request, SyncBody, cfg.max_body_bytes)
+        samples = []
+        rejected = []
+        for s in body.samples:
+            try:
+                image = base64.b64decode(s.image, validate=True)
+            except (binascii.Error, ValueError):
+                rejected.append({"kind": "sample", "id": s.id, "error": "image is not valid base64"})
+                continue
+            if not image:
+                rejected.append({"kind": "sample", "id": s.id, "error": "empty image"})
+                continue
+            samples.append({**s.model_dump(exclude={"image"}), "image": image})
+        fleet = _fleet(home)
+        try:
+            res = await run_in_threadpool(
+                fleet.ingest,
+                body.device_id,
+                status=body.status.model_dump() if body.status else None,
+                records=[r.model_dump() for r in body.records],
+                samples=samples,
+                reports=[r.model_dump() for r in body.reports],
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        if res.halts:
+            await run_in_threadpool(_apply_halts, home, res.halts)
+        doc = res.to_dict()
+        doc["acked"]["samples"] = doc["acked"]["samples"] + [r["id"] for r in rejected]
+        doc["rejected"] = doc["rejected"] + rejected
         return doc
 
-    try:
-        return {"channel": await run_in_threadpool(change)}
-    except RepositoryMissing as exc:
-        raise ApiError(404, str(exc)) from None
-    except LookupError as exc:
-        raise ApiError(404, str(exc).strip("'\"")) from None
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+
+    @r.get("/tuf/{path:path}")
+    async def tuf_file(path: str) -> FileResponse:
+        """A file of the TUF repository (metadata or a bundle), read-only."""
+        if path == "metadata/timestamp.json":
+            await run_in_threadpool(_maybe_refresh, home)
+        target = _tuf_file(home, path)
+        mutable = path in ("metadata/timestamp.json", "metadata/root.json")
+        return FileResponse(
+            target,
+            media_type="application/json" if target.suffix == ".json" else "application/octet-stream",
+            # Versioned and hash-named files never change; timestamp.json does.
+            headers={"Cache-Control": "no-cache" if mutable else "public, max-age=31536000, immutable"},
+        )
+
+
+    @r.get("/v1/edge/fleet")
+    async def fleet_status(request: Request) -> Dict[str, Any]:
+        """Devices (version, health, backlog, last seen) and rollouts."""
+        require_admin(request, cfg.admin_token)
+        return await run_in_threadpool(_fleet(home).status)
+
+
+    @r.get("/v1/edge/channels")
+    async def edge_channels(request: Request) -> Dict[str, Any]:
+        """Published channels with their signed rollout metadata."""
+        from edge_export.tuf_repo import TufRepository, channels
+
+        require_admin(request, cfg.admin_token)
+        repo = TufRepository(home)
+        if not repo.exists():
+            return {"channels": []}
+        return {"channels": await run_in_threadpool(channels, repo)}
+
+
+    @r.post("/v1/edge/rollouts")
+    async def edge_rollout(request: Request) -> Dict[str, Any]:
+        """Change a channel's rollout percentage, or halt / resume it (re-signed in TUF)."""
+        from edge_export.tuf_repo import RepositoryMissing, TufRepository, set_rollout
+
+        require_admin(request, cfg.admin_token)
+        body = await _parse(request, RolloutBody, 64 * 1024)
+
+        def change() -> Dict[str, Any]:
+            doc = set_rollout(TufRepository(home), body.model, body.target, rollout=body.rollout, halted=body.halted,
+                              reason=body.reason)
+            status = "rolling" if not doc.get("halted") else "halted"
+            _fleet(home).set_rollout_status(body.model, body.target, doc["bundle_id"], status, body.reason, doc.get("rollout"))
+            return doc
+
+        try:
+            return {"channel": await run_in_threadpool(change)}
+        except RepositoryMissing as exc:
+            raise ApiError(404, str(exc)) from None
+        except LookupError as exc:
+            raise ApiError(404, str(exc).strip("'\"")) from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    return r

@@ -1,9 +1,11 @@
-"""Loading a version for serving and running one batch of requests through it.
+"""Running a registered version for serving: load it by model id, run one batch through it.
 
 Shared by the model replica (``serve_apps.replica``, where ``@serve.multiplexed`` keeps
 the loaded versions) and by the ingress when it runs models itself
 (``IngressConfig.inference_in = "ingress"``, where :class:`LocalModels` keeps them).
-The batch contract is list in / list out with errors kept per request (STYLE 6).
+Loading is :func:`visionfleet.inference.load_model_dir`, the one loader of every room.
+The ingress's adaptive batcher has already formed the batch: a call here is one
+ONNX Runtime run, and its error belongs to that call (STYLE 6).
 """
 
 from __future__ import annotations
@@ -18,45 +20,42 @@ import numpy as np
 
 from visionfleet.inference import LoadedModel, RuntimeOptions, load_model_dir
 from visionfleet.registry import NotFound, Registry
-from visionfleet.spec import Task
 
-__all__ = ["ReplicaOutput", "ReplicaError", "load_for_serving", "run_requests", "LocalModels", "valid_images"]
-
-
-class ReplicaError(Exception):
-    """An error that belongs to one request; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["ReplicaOutput", "load_version", "run_batch", "failure", "LocalModels", "valid_images"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplicaOutput:
-    """One request's result: the model outputs for its images, or its error."""
+    """One batch's model outputs (first dimension = image), or its error and HTTP status."""
 
     outputs: list[np.ndarray] | None
     error: str | None = None
     status: int = 200
-    batch_size: int = 0
     infer_ms: float = 0.0
     providers: tuple[str, ...] = ()
 
 
-def load_for_serving(registry: Registry, runtime: RuntimeOptions, model_id: str) -> LoadedModel:
-    """Load ``NAME:VERSION`` from the registry (blocking: call it in an executor)."""
-    name, _, version = model_id.partition(":")
-    if not version.isdigit():
-        raise ReplicaError(f"bad model id {model_id!r}; expected NAME:VERSION", 400)
-    model = load_model_dir(registry.local_dir(name, int(version)), runtime)
-    if model.card.task is Task.DETECTION:
-        from visionfleet.detection import DETECTION_OUTPUTS
+def load_version(registry: Registry, runtime: RuntimeOptions, model_id: str) -> LoadedModel:
+    """Load ``NAME:VERSION`` from the registry (blocking: call it in an executor).
 
-        missing = set(DETECTION_OUTPUTS) - set(model.output_names)
-        if missing:
-            raise ReplicaError(f"detection model {model_id} lacks outputs {sorted(missing)}", 500)
-        model.output_names = list(DETECTION_OUTPUTS)  # the order the ingress reads
-    return model
+    Raises:
+        ValueError: a malformed id, or a model the loader refuses.
+        NotFound, FileNotFoundError: no such version, or its files are missing.
+    """
+    name, _, version = model_id.partition(":")
+    if not name or not version.isdigit():
+        raise ValueError(f"Got model id {model_id!r}; expected NAME:VERSION")
+    return load_model_dir(registry.local_dir(name, int(version)), runtime)
+
+
+def failure(exc: BaseException, model_id: str) -> ReplicaOutput:
+    """A load failure as the output of the batch that needed the model."""
+    if isinstance(exc, (NotFound, FileNotFoundError)):
+        return ReplicaOutput(None, str(exc), 404)
+    if isinstance(exc, ValueError) and str(exc).startswith("Got model id"):
+        return ReplicaOutput(None, str(exc), 400)
+    # A registered version that does not load is the server's problem, not the client's.
+    return ReplicaOutput(None, f"model {model_id} could not be loaded: {exc}", 500)
 
 
 def valid_images(arr: object, h: int, w: int) -> bool:
@@ -69,29 +68,14 @@ def valid_images(arr: object, h: int, w: int) -> bool:
     )
 
 
-async def run_requests(model: LoadedModel, model_id: str, requests: list[np.ndarray], pool: Executor) -> tuple[list[ReplicaOutput], int]:
-    """Run the valid requests as one ONNX Runtime call on ``pool``.
-
-    Returns one output per request (a per-request error for a malformed one) and the
-    number of images run (0 when none was valid).
-    """
+async def run_batch(model: LoadedModel, model_id: str, batch: np.ndarray, pool: Executor) -> ReplicaOutput:
+    """One ONNX Runtime call on ``pool`` for uint8 ``[k, H, W, 3]`` images at the model's size."""
     h, w = model.card.input_size
-    good = [i for i, r in enumerate(requests) if valid_images(r, h, w)]
-    results = [ReplicaOutput(None, f"expected uint8 images [k, {h}, {w}, 3] for {model_id}", 400) for _ in requests]
-    if not good:
-        return results, 0
-    batch = np.concatenate([requests[i] for i in good]) if len(good) > 1 else requests[good[0]]
+    if not valid_images(batch, h, w):
+        return ReplicaOutput(None, f"expected uint8 images [k, {h}, {w}, 3] for {model_id}", 400)
     t0 = time.perf_counter()
     outputs = await asyncio.get_running_loop().run_in_executor(pool, model.run, batch)
-    infer_ms = (time.perf_counter() - t0) * 1000
-    providers = tuple(model.providers)
-    start = 0
-    for i in good:
-        k = len(requests[i])
-        results[i] = ReplicaOutput([o[start : start + k] for o in outputs], batch_size=len(good),
-                                   infer_ms=infer_ms, providers=providers)
-        start += k
-    return results, len(batch)
+    return ReplicaOutput(list(outputs), infer_ms=(time.perf_counter() - t0) * 1000, providers=tuple(model.providers))
 
 
 class LocalModels:
@@ -128,7 +112,7 @@ class LocalModels:
         fut: asyncio.Future = loop.create_future()
         self._loading[model_id] = fut
         try:
-            model = await loop.run_in_executor(None, load_for_serving, self._registry, self._runtime, model_id)
+            model = await loop.run_in_executor(None, load_version, self._registry, self._runtime, model_id)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
@@ -144,15 +128,13 @@ class LocalModels:
         return model
 
     async def run(self, model_id: str, batch: np.ndarray, pool: Executor) -> ReplicaOutput:
-        """One request-sized call (the ingress already formed the batch)."""
+        """One batch the ingress formed, on this process's session of ``model_id``."""
         try:
             model = await self.get(model_id)
-        except (NotFound, FileNotFoundError) as exc:
-            return ReplicaOutput(None, str(exc), 404)
-        except ReplicaError as exc:
-            return ReplicaOutput(None, str(exc), exc.status)
-        (out,), images = await run_requests(model, model_id, [batch], pool)
-        if images:
+        except Exception as exc:  # noqa: BLE001 - every load failure becomes this batch's error
+            return failure(exc, model_id)
+        out = await run_batch(model, model_id, batch, pool)
+        if out.error is None:
             self.runs += 1
-            self.images += images
+            self.images += len(batch)
         return out

@@ -1,8 +1,10 @@
 """Telemetry: the ``TelemetrySink`` actor and the non-blocking client the ingress uses.
 
-The sink de-duplicates events by ``(request_id, role)``, joins late labels from
-``/v1/feedback``, keeps per-experiment per-variant accumulators (the input of the A/B
-statistics), and writes the Parquet event lake::
+The sink does one job, events: it de-duplicates them by ``(request_id, role)``, joins
+late labels from ``/v1/feedback``, keeps per-experiment per-variant accumulators (the
+input of the A/B statistics, read by the ExperimentCoordinator actor in
+``serve_apps.experiments``), keeps the per-version monitors, offers samples to the
+labeling queue, and writes the Parquet event lake::
 
     <state>/telemetry/events/date=YYYY-MM-DD/source=<source>/part-*.parquet
     <state>/telemetry/feedback/date=YYYY-MM-DD/part-*.parquet
@@ -25,13 +27,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from visionfleet.names import SINK_NAME
 from visionfleet.telemetry import EVENT_FIELDS, ArmAccumulator, event_key
 
 __all__ = ["TelemetrySink", "TelemetryClient", "SINK_NAME", "get_or_create_sink"]
 
 logger = logging.getLogger("ray.serve")
 
-from visionfleet.names import SINK_NAME  # noqa: E402  (re-exported)
 _MAX_REMEMBERED = 200_000  # events kept in memory for joining labels and de-duplication
 _MAX_PENDING_LABELS = 100_000
 
@@ -293,6 +295,12 @@ class TelemetrySinkImpl:
             sh["latency_mean_ms"] = sh["lat_sum"] / sh["n"] if sh.get("n") else float("nan")
         return {"experiment": name, "arms": arms, "shadow": sh or None, "at": time.time()}
 
+    def arm_summaries(self, name: str, sticky: bool, arms: list[str]) -> dict[str, Any]:
+        """Per-arm :class:`ArmSummary` of an experiment, computed under the lock."""
+        with self._lock:
+            accs = self._arms.get(name, {})
+            return {a: (accs.get(a) or ArmAccumulator(a)).arm_summary(sticky=sticky) for a in arms}
+
     def reset_experiment(self, name: str) -> None:
         with self._lock:
             self._arms.pop(name, None)
@@ -349,149 +357,48 @@ def _event_schema():
 
 
 class TelemetrySink(TelemetrySinkImpl):
-    """The Ray actor: events, labels, Parquet, and the experiment coordinator.
+    """The Ray actor: a thin shell that flushes Parquet and publishes the monitor windows.
 
-    A threaded actor (``max_concurrency`` > 1) so that a slow redeploy never stalls
-    ``record``; a background thread flushes Parquet and ticks the experiments.
+    A threaded actor (``max_concurrency`` > 1) so that a slow export never stalls
+    ``record``; a background thread flushes and exports every ``flush_interval_s``.
     """
 
-    def __init__(self, home: str, flush_interval_s: float = 2.0, tick_interval_s: float = 2.0) -> None:
+    def __init__(self, home: str, flush_interval_s: float = 2.0) -> None:
         super().__init__(home)
-        from serve_apps.experiments import ExperimentCoordinator
+        from serve_apps.exporters import MonitorExporter
 
-        self.coordinator = ExperimentCoordinator(
-            home, summaries=self.arm_summaries, reset=self.reset_experiment, apply=self._apply
-        )
+        self._exporter = MonitorExporter(home)
         self._stop = threading.Event()
         self._interval = flush_interval_s
-        self._tick_interval = tick_interval_s
-        self._gauges: dict[str, Any] | None = None
-        self._wandb_runs: dict[str, Any] = {}
-        self._last_logged: dict[str, float] = {}
         self._thread = threading.Thread(target=self._loop, name="vf-sink-loop", daemon=True)
         self._thread.start()
 
-    def arm_summaries(self, name: str, sticky: bool, arms: list[str]) -> dict[str, Any]:
-        """Per-arm :class:`ArmSummary` of an experiment, computed under the lock."""
-        with self._lock:
-            accs = self._arms.get(name, {})
-            return {a: (accs.get(a) or ArmAccumulator(a)).arm_summary(sticky=sticky) for a in arms}
-
-    def _apply(self, user_cfg) -> None:
-        from serve_apps.deploy import apply_user_config
-
-        apply_user_config(self.home, user_cfg)
-
     def _loop(self) -> None:
-        last_tick = 0.0
-        while not self._stop.wait(min(self._interval, self._tick_interval)):
+        while not self._stop.wait(self._interval):
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - keep the sink alive; the next flush retries
                 logger.exception("telemetry flush failed")
-            if time.time() - last_tick >= self._tick_interval:
-                last_tick = time.time()
-                try:
-                    self.coordinator.tick()
-                except Exception:  # noqa: BLE001
-                    logger.exception("experiment tick failed")
-                try:
-                    self.export_monitoring()
-                except Exception:  # noqa: BLE001
-                    logger.exception("monitoring export failed")
+            try:
+                self.export_monitoring()
+            except Exception:  # noqa: BLE001
+                logger.exception("monitoring export failed")
 
     def export_monitoring(self) -> dict[str, Any]:
-        """Publish the window metrics: Prometheus gauges and one W&B run per version.
+        """Publish the window metrics (Prometheus gauges, one W&B run per version).
 
         These are the numbers the retraining policy reads (``monitor_snapshot``), so
         what a dashboard shows is what triggers a retrain.
         """
         snap = self.monitor_snapshot()
-        g = self._prometheus()
-        for key, doc in snap.items():
-            model, _, version = key.rpartition(":")
-            tags = {"model": model, "model_version": version}
-            cur = doc["current"]
-            if "confidence/mean" in cur:
-                g["conf_mean"].set(cur["confidence/mean"], tags=tags)
-                g["low_rate"].set(cur["confidence/low_rate"], tags=tags)
-            g["window_n"].set(cur.get("n", 0.0), tags=tags)
-            if "labeled/accuracy" in cur:
-                g["accuracy"].set(cur["labeled/accuracy"], tags=tags)
-            drift = doc.get("drift")
-            g["drift"].set(1.0 if drift and drift["drifted"] else 0.0, tags=tags)
-            for sig in (drift or {}).get("signals", []):
-                g["psi"].set(sig["psi"], tags={**tags, "signal": sig["signal"]})
-            self._log_wandb(model, version, doc)
-        counts = self.labeling_counts()
-        g["queue"].set(counts["pending"], tags={"state": "pending"})
-        g["queue"].set(counts["labeled"], tags={"state": "labeled"})
-        g["dropped"].set(self.counters["dropped_reported"], tags={})
-        return snap
-
-    def _prometheus(self) -> dict[str, Any]:
-        if self._gauges is None:
-            from ray.util.metrics import Gauge
-
-            vt = ("model", "model_version")
-            self._gauges = {
-                "conf_mean": Gauge("vf_confidence_mean", "confidence/mean of the current window", tag_keys=vt),
-                "low_rate": Gauge("vf_confidence_low_rate", "confidence/low_rate of the current window", tag_keys=vt),
-                "window_n": Gauge("vf_window_predictions", "predictions in the current window", tag_keys=vt),
-                "accuracy": Gauge("vf_labeled_accuracy", "accuracy of labeled predictions in the window", tag_keys=vt),
-                "drift": Gauge("vf_drift_detected", "1 when the current window drifted from the reference", tag_keys=vt),
-                "psi": Gauge("vf_drift_psi", "PSI of a signal against the reference", tag_keys=vt + ("signal",)),
-                "queue": Gauge("vf_labeling_queue", "samples in the labeling queue", tag_keys=("state",)),
-                "dropped": Gauge("vf_telemetry_dropped_total", "events the ingress dropped because the sink was behind"),
-            }
-        return self._gauges
-
-    def _log_wandb(self, model: str, version: str, doc: dict[str, Any]) -> None:
-        """One W&B run per version (group ``monitor:<model>``), keys ``confidence/mean`` etc."""
         cfg = self._monitor_cfg()
-        if not cfg.wandb:
-            return
-        key = f"{model}:{version}"
-        cur = {k: v for k, v in doc["current"].items()}
-        if doc.get("drift"):
-            cur["drift/detected"] = float(doc["drift"]["drifted"])
-            for sig in doc["drift"]["signals"]:
-                cur[f"drift/psi/{sig['signal']}"] = sig["psi"]
-        stamp = cur.get("n", 0.0) + 1e-6 * hash(tuple(sorted(cur.items())))
-        if self._last_logged.get(key) == stamp:
-            return  # nothing new since the last look
-        self._last_logged[key] = stamp
-        try:
-            run = self._wandb_runs.get(key)
-            if run is None:
-                import wandb
-
-                run = wandb.init(
-                    project="visionfleet",
-                    group=f"monitor:{model}",
-                    name=f"monitor-{model}-{version}",
-                    id=f"monitor-{model}-{version}",
-                    dir=str(self.home / "wandb"),
-                    config={"model": model, "version": version, **cfg.model_dump()},
-                    resume="allow",
-                    reinit="create_new",
-                )
-                self._wandb_runs[key] = run
-            run.log(cur)
-        except Exception:  # noqa: BLE001 - W&B is a view; it never stops monitoring
-            logger.exception("W&B monitor logging failed for %s", key)
+        self._exporter.publish(snap, self.labeling_counts(), self.counters["dropped_reported"], wandb=cfg.wandb,
+                               run_config=cfg.model_dump())
+        return snap
 
     def finish_wandb(self) -> int:
         """Close the monitor runs (their summaries are written at finish)."""
-        n = 0
-        for key, run in list(self._wandb_runs.items()):
-            try:
-                run.finish()
-                n += 1
-            except Exception:  # noqa: BLE001
-                logger.exception("W&B finish failed for %s", key)
-            self._wandb_runs.pop(key, None)
-        return n
+        return self._exporter.wandb.finish_all()
 
     def ping(self) -> str:
         return "ok"
@@ -499,35 +406,6 @@ class TelemetrySink(TelemetrySinkImpl):
     def shutdown(self) -> int:
         self._stop.set()
         return self.flush()
-
-    # Experiment admin, called by the ingress admin routes -------------------------
-    def exp_start(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.coordinator.start(spec)
-
-    def exp_stop(self, name: str, action: str, reason: str) -> dict[str, Any]:
-        return self.coordinator.stop(name, action, reason)
-
-    def exp_reweight(self, name: str, weights: dict[str, float]) -> dict[str, Any]:
-        return self.coordinator.reweight(name, weights)
-
-    def exp_status(self, name: str) -> dict[str, Any]:
-        doc = self.coordinator.status(name)
-        doc["shadow"] = self.experiment_summary(name).get("shadow")
-        return doc
-
-    def exp_list(self) -> list[dict[str, Any]]:
-        out = []
-        for name in self.coordinator.names():
-            cfg = self.coordinator.load(name)
-            out.append({"name": name, "model": cfg.model, "status": cfg.status, "arms": [a.model_dump() for a in cfg.arms],
-                        "started_at": cfg.started_at, "decision": cfg.decision})
-        return out
-
-    def exp_adopt(self, spec: dict[str, Any]) -> bool:
-        return self.coordinator.adopt(spec)
-
-    def exp_tick(self) -> list[dict[str, Any]]:
-        return self.coordinator.tick()
 
 
 def get_or_create_sink(home: str, namespace: str | None = None):

@@ -114,6 +114,13 @@ class RetrainingController:
 
         return ray.get_actor(SINK_NAME, namespace=self.namespace)
 
+    def _coordinator(self):
+        import ray
+
+        from visionfleet.names import COORDINATOR_NAME
+
+        return ray.get_actor(COORDINATOR_NAME, namespace=self.namespace)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.cfg.interval_s):
             if not self.cfg.enabled:
@@ -223,12 +230,12 @@ class RetrainingController:
             "auto_decide": True,
             "min_samples": self.cfg.canary_min_samples,
         }
-        sink = self._sink()
-        ray.get(sink.exp_start.remote(spec), timeout=120)
+        coordinator = self._coordinator()
+        ray.get(coordinator.start.remote(spec), timeout=120)
         self._event("canary_started", experiment=name, control=production, treatment=candidate, share=self.cfg.canary_share)
         deadline = time.time() + self.cfg.canary_timeout_s
         while time.time() < deadline and not self._stop.is_set():
-            doc = ray.get(sink.exp_status.remote(name), timeout=60)
+            doc = ray.get(coordinator.status.remote(name), timeout=60)
             exp = doc["experiment"]
             if exp["status"] != "running":
                 arms = doc.get("arms") or {}
@@ -240,7 +247,7 @@ class RetrainingController:
                 )
                 return
             time.sleep(2.0)
-        ray.get(sink.exp_stop.remote(name, "rollback", "canary timed out"), timeout=120)
+        ray.get(coordinator.stop.remote(name, "rollback", "canary timed out"), timeout=120)
         self._event("rolled_back", experiment=name, candidate=candidate, reason="canary timed out")
 
     # ------------------------------------------------------------------ queries

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from visionfleet.names import DETECTION_OUTPUTS
 from visionfleet.spec import ModelCard, Task
 
 __all__ = [
@@ -102,7 +103,17 @@ class LoadedModel:
 
 
 def load_model_dir(path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions()) -> LoadedModel:
-    """Load a version folder (``card.json`` + model file): a registry version or an edge bundle."""
+    """Load a version folder (``card.json`` + model file) into a runnable session.
+
+    The one loader of the server (replicas and the ingress), batch jobs, offline
+    inference and the edge agent: a registry version or an edge bundle. A detection
+    model's outputs are run in the order :func:`visionfleet.predict.predictions` reads
+    (:data:`visionfleet.names.DETECTION_OUTPUTS`).
+
+    Raises:
+        FileNotFoundError: no card, or the file it names is missing.
+        ValueError: a detection model lacks one of the contract's outputs.
+    """
     path = Path(path)
     card_path = path / "card.json"
     if not card_path.is_file():
@@ -119,12 +130,15 @@ def load_model_dir(path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeO
     if not model_path.is_file():
         raise FileNotFoundError(f"card names {card.model_file} but {model_path} is missing")
     sess = create_session(model_path, opts)
-    return LoadedModel(
-        card=card,
-        session=sess,
-        input_name=sess.get_inputs()[0].name,
-        output_names=[o.name for o in sess.get_outputs()],
-    )
+    output_names = [o.name for o in sess.get_outputs()]
+    if card.task is Task.DETECTION:
+        missing = set(DETECTION_OUTPUTS) - set(output_names)
+        if missing:
+            raise ValueError(
+                f"Got a detection model {card.ref} without outputs {sorted(missing)}; expected {list(DETECTION_OUTPUTS)}"
+            )
+        output_names = list(DETECTION_OUTPUTS)
+    return LoadedModel(card=card, session=sess, input_name=sess.get_inputs()[0].name, output_names=output_names)
 
 
 def confidence_stats(probs: np.ndarray) -> dict[str, float]:
@@ -153,7 +167,3 @@ def classification_result(probs: np.ndarray, labels: Sequence[str], top_k: int =
         "score": float(p[best]),
         "probs": {labels[int(i)]: float(p[int(i)]) for i in order[:k]},
     }
-
-
-def task_of(card: ModelCard) -> Task:
-    return card.task

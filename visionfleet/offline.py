@@ -2,8 +2,9 @@
 
 Shared by the Ray Data batch job (``cluster/jobs/batch_infer.py``) and the video runner
 (``visionfleet/video.py``), so both preprocess exactly like the server
-(:func:`visionfleet.imaging.load_for_model` with the card's size and resize mode) and
-write the same columns. Pure numpy; ``pyarrow`` is imported inside the functions that
+(:func:`visionfleet.imaging.load_for_model` with the card's size and resize mode),
+predict through the server's path (:func:`visionfleet.predict.predictions`) and
+write the same columns. Models load with :func:`visionfleet.inference.load_model_dir`. Pure numpy; ``pyarrow`` is imported inside the functions that
 build Arrow schemas and tables.
 
 A result row has the server's fields, flattened for Parquet:
@@ -26,21 +27,19 @@ column                    meaning
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from visionfleet.imaging import ImageError, ResizeInfo, load_for_model
-from visionfleet.inference import LoadedModel, RuntimeOptions, classification_result, confidence_stats, load_model_dir
+from visionfleet.predict import predictions
 from visionfleet.spec import ModelCard, Task
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 __all__ = [
-    "load_offline_model",
     "Preprocessed",
     "preprocess_encoded",
     "result_rows",
@@ -49,23 +48,6 @@ __all__ = [
     "result_schema",
     "rows_to_table",
 ]
-
-
-def load_offline_model(path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeOptions()) -> LoadedModel:
-    """:func:`visionfleet.inference.load_model_dir`, with a detection model's outputs in
-    the order :func:`result_rows` reads them (``boxes, scores, classes``), as the server does.
-    """
-    model = load_model_dir(path, opts)
-    if model.card.task is Task.DETECTION:
-        from visionfleet.detection import DETECTION_OUTPUTS
-
-        missing = set(DETECTION_OUTPUTS) - set(model.output_names)
-        if missing:
-            raise ValueError(
-                f"Got a detection model {model.ref} without outputs {sorted(missing)}; expected {DETECTION_OUTPUTS}"
-            )
-        model.output_names = list(DETECTION_OUTPUTS)
-    return model
 
 
 @dataclass(frozen=True)
@@ -133,57 +115,12 @@ def result_rows(
 
     Args:
         card: the card of the model that ran.
-        outputs: the session outputs for the batch, in the card's output order
+        outputs: the session outputs for the batch, in the loader's output order
             (classification: probs ``[n, C]``; detection: boxes, scores, classes).
         infos: how each image was resized (maps detection boxes back to the original).
         top_k: classes kept in ``probs``.
     """
-    n = len(infos)
-    rows: list[dict[str, Any]] = []
-    if card.task is Task.CLASSIFICATION:
-        probs = np.asarray(outputs[0])
-        if probs.shape[0] != n:
-            raise ValueError(f"Got {probs.shape[0]} output rows for {n} images; expected the same count")
-        for p, info in zip(probs, infos):
-            res = classification_result(p, card.labels, top_k)
-            st = confidence_stats(p)
-            rows.append(
-                {
-                    "label": res["label"],
-                    "class_id": res["class_id"],
-                    "score": res["score"],
-                    "probs": [{"label": k, "prob": v} for k, v in res["probs"].items()],
-                    "confidence": st["confidence"],
-                    "margin": st["margin"],
-                    "entropy": st["entropy"],
-                    "width": info.original_width,
-                    "height": info.original_height,
-                    "error": None,
-                }
-            )
-        return rows
-    from visionfleet.detection import detection_confidence_stats, detection_result
-
-    boxes, scores, classes = (np.asarray(o) for o in outputs[:3])
-    for i, info in enumerate(infos):
-        res = detection_result(boxes[i], scores[i], classes[i], card.labels, info)
-        st = detection_confidence_stats(scores[i])
-        top = res["detections"][0] if res["detections"] else None
-        rows.append(
-            {
-                "label": top["label"] if top else None,
-                "class_id": top["class_id"] if top else None,
-                "score": res["score"],
-                "detections": res["detections"],
-                "count": res["count"],
-                "confidence": st["confidence"],
-                "margin": st["margin"],
-                "width": info.original_width,
-                "height": info.original_height,
-                "error": None,
-            }
-        )
-    return rows
+    return [p.row() for p in predictions(card, outputs, infos, top_k=top_k)]
 
 
 def result_fields(task: Task) -> "list[pa.Field]":

@@ -470,7 +470,7 @@ def infer_video(
 
     Args:
         path: the video file.
-        model: a loaded registered version (:func:`visionfleet.offline.load_offline_model`,
+        model: a loaded registered version (:func:`visionfleet.inference.load_model_dir`,
             which puts a detection model's outputs in the order rows are built from).
         out: ``*.parquet`` or ``*.jsonl``; written to a temp file and renamed at the end,
             so a failed run leaves no partial output.

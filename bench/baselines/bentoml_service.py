@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 
 import bentoml
-import numpy as np
 
 from visionfleet.imaging import load_for_model
-from visionfleet.inference import RuntimeOptions, classification_result, load_model_dir
+from visionfleet.inference import RuntimeOptions, load_model_dir
+from visionfleet.predict import predictions
 
 
 @bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 256})
@@ -26,6 +26,5 @@ class Classifier:
 
     @bentoml.api(route="/v1/predict")
     def predict(self, image: bytes, /) -> dict:
-        img, _ = load_for_model(image, self.model.card.input_size, self.model.card.resize)
-        probs = self.model.run(img[None])[0][0]
-        return classification_result(np.asarray(probs), self.model.card.labels, 5)
+        img, info = load_for_model(image, self.model.card.input_size, self.model.card.resize)
+        return predictions(self.model.card, self.model.run(img[None]), [info], top_k=5)[0].response()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from visionfleet.imaging import ImageError, load_for_model
-from visionfleet.inference import RuntimeOptions, classification_result, load_model_dir
+from visionfleet.inference import RuntimeOptions, load_model_dir
+from visionfleet.predict import predictions
 
 
 def build(model_dir: str, threads: int) -> FastAPI:
@@ -25,11 +25,10 @@ def build(model_dir: str, threads: int) -> FastAPI:
     async def predict(request: Request):
         body = await request.body()
         try:
-            img, _ = load_for_model(body, model.card.input_size, model.card.resize)
+            img, info = load_for_model(body, model.card.input_size, model.card.resize)
         except ImageError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        probs = model.run(img[None])[0][0]
-        return classification_result(np.asarray(probs), model.card.labels, 5)
+        return predictions(model.card, model.run(img[None]), [info], top_k=5)[0].response()
 
     return app
 

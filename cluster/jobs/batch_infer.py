@@ -312,8 +312,8 @@ class OrtPredictor:
     """
 
     def __init__(self, model_id: str, threads: int, top_k: int, key_fields: list) -> None:
-        from visionfleet.inference import RuntimeOptions
-        from visionfleet.offline import load_offline_model, result_schema
+        from visionfleet.inference import RuntimeOptions, load_model_dir
+        from visionfleet.offline import result_schema
         from visionfleet.registry import Registry
 
         if not os.path.isabs(os.environ.get(ENV_HOME, "")):
@@ -322,7 +322,7 @@ class OrtPredictor:
         settings = Settings.from_env()
         name, _, version = model_id.partition(":")
         registry = Registry(settings.registry_dir, cache_dir=settings.home / "cache" / "registry")
-        self.model = load_offline_model(registry.local_dir(name, int(version)), RuntimeOptions(threads=threads))
+        self.model = load_model_dir(registry.local_dir(name, int(version)), RuntimeOptions(threads=threads))
         self.top_k = top_k
         self.schema = result_schema(self.model.card.task, key_fields)
         self.key_name = key_fields[0].name

@@ -6,8 +6,7 @@ Usage: python docs/examples/video_inference.py VIDEO MODEL OUT.jsonl
 import json
 import sys
 
-from visionfleet.inference import RuntimeOptions
-from visionfleet.offline import load_offline_model
+from visionfleet.inference import RuntimeOptions, load_model_dir
 from visionfleet.registry import Registry
 from visionfleet.settings import Settings
 from visionfleet.video import Sampling, infer_video, probe_video
@@ -19,7 +18,7 @@ print(f"{info.container.value} {info.codec} {info.width}x{info.height} @ {info.f
 
 registry = Registry(Settings.from_env().registry_dir)
 resolved = registry.resolve(model_ref)  # NAME[:VERSION|@ALIAS] -> one concrete version
-model = load_offline_model(registry.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=1))
+model = load_model_dir(registry.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=1))
 
 summary = infer_video(video, model, out, sampling=Sampling(fps=2.0), batch_size=16, overwrite=True)
 print(f"{summary.frames_inferred} of {summary.frames_seen} frames -> {summary.out}", end=" ")

@@ -104,7 +104,6 @@ def _send(c: httpx.Client, i: int, drifted: bool, truth: dict, failures: list) -
 def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, loop_v1, ray_session) -> None:
     import ray
 
-    from serve_apps.telemetry import SINK_NAME
     from train.controller import ControllerConfig, get_or_create_controller, read_timeline
     from train.pipeline import register_checkpoint
     from visionfleet.datasets.store import load_arrays
@@ -114,7 +113,10 @@ def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, 
     parity, _ = load_arrays(settings.datasets_dir / "loopbase", "holdout", (64, 64), limit=16)
     v1 = register_checkpoint(loop_v1, reg, "loopm", parity_images=parity, run_id="loop-v1")
     assert reg.aliases("loopm")["production"] == v1.version
+    from visionfleet.names import COORDINATOR_NAME, SINK_NAME
+
     sink = ray.get_actor(SINK_NAME, namespace="visionfleet")
+    coordinator = ray.get_actor(COORDINATOR_NAME, namespace="visionfleet")
     ray.get(sink.configure.remote({"reference_size": 40, "window_size": 40, "min_samples": 30, "psi": 0.25}, None))
     ctl = get_or_create_controller(str(settings.home), ControllerConfig(
         model="loopm", interval_s=1.0, debounce=2, min_samples=30, min_labels=30, cooldown_s=3600,
@@ -158,8 +160,8 @@ def test_small_loop_detects_retrains_canaries_and_promotes(serve_url, settings, 
         ray.get(ctl.stop.remote())
     kinds = [e["kind"] for e in read_timeline(settings.home) if e.get("model") == "loopm"]
     if outcome is None:
-        exps = [e for e in ray.get(sink.exp_list.remote()) if e["model"] == "loopm"]
-        status = [ray.get(sink.exp_status.remote(e["name"])) for e in exps]
+        exps = [e for e in ray.get(coordinator.list.remote()) if e["model"] == "loopm"]
+        status = [ray.get(coordinator.status.remote(e["name"])) for e in exps]
         pytest.fail(f"the loop did not finish after {sent['n']} requests; timeline: {kinds}; "
                     f"failures: {failures[:5]}; experiments: {json.dumps(status, default=str)[:3000]}")
     assert not failures, failures[:5]

@@ -31,7 +31,7 @@ def _serve_rss() -> int:
     total = 0
     for p in psutil.process_iter(["cmdline", "memory_info"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if "ServeReplica:visionfleet" in cmd or "ProxyActor" in cmd or "TelemetrySink" in cmd:
+        if "ServeReplica:visionfleet" in cmd or "ProxyActor" in cmd or "TelemetrySink" in cmd or "CoordinatorActor" in cmd:
             total += p.info["memory_info"].rss
     return total
 

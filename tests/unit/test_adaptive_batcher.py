@@ -174,3 +174,50 @@ def test_knobs_change_at_run_time_and_are_checked():
     for bad in (lambda: b.set_max_batch_size(0), lambda: b.set_batch_wait_timeout_s(-1), lambda: b.set_max_concurrent(0)):
         with pytest.raises(ValueError, match="expected"):
             bad()
+
+
+def test_the_concurrency_cap_holds_across_model_keys():
+    """Requests for several versions at once never put more than max_concurrent calls in flight."""
+    rec = Recorder(delay=0.03)
+    b = AdaptiveBatcher(rec, max_batch_size=8, max_concurrent=2)
+
+    async def go():
+        return await asyncio.gather(*(b.submit(f"m:{i % 5}", i) for i in range(40)))
+
+    assert run(go()) == [(f"m:{i % 5}", i * 10) for i in range(40)]
+    assert rec.max_running == 2
+    assert all(len({k}) == 1 for k, _ in rec.calls)  # one key per call
+    for key in {f"m:{i}" for i in range(5)}:  # each key's items in arrival order
+        flat = [i for k, items in rec.calls if k == key for i in items]
+        assert flat == sorted(flat)
+
+
+def test_the_batch_cap_counts_images_not_requests():
+    """Sixteen 64-image requests never become one 1,024-image call."""
+    import numpy as np
+
+    seen: list[int] = []
+    running = 0
+    peak = 0
+
+    async def fn(key, arrays):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        seen.append(sum(len(a) for a in arrays))
+        await asyncio.sleep(0.02)
+        running -= 1
+        return [len(a) for a in arrays]
+
+    b = AdaptiveBatcher(fn, max_batch_size=128, max_concurrent=1, size=len)
+
+    async def go():
+        reqs = [np.zeros((64, 2, 2, 3), np.uint8) for _ in range(16)] + [np.zeros((200, 2, 2, 3), np.uint8)]
+        return await asyncio.gather(*(b.submit("m:1", r) for r in reqs))
+
+    out = run(go())
+    assert out == [64] * 16 + [200]
+    assert max(seen[:-1]) <= 128 and seen[-1] == 200  # an oversized request goes alone, not merged
+    assert sum(seen) == 16 * 64 + 200
+    assert b.units == 16 * 64 + 200 and b.items == 17
+    assert peak == 1

@@ -1,4 +1,4 @@
-"""serve_apps.runner: the in-process model cache and the per-request batch contract.
+"""serve_apps.runner: the in-process model cache and the per-batch contract.
 
 Real registry, real ONNX files and ONNX Runtime sessions (toy graphs from
 test_edge_bundle); no Ray.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_edge_bundle import SIZE, toy_registry
 
-from serve_apps.runner import LocalModels, load_for_serving, run_requests
+from serve_apps.runner import LocalModels, load_version, run_batch
 from visionfleet.inference import RuntimeOptions
 
 
@@ -52,11 +52,11 @@ def test_cache_loads_once_under_concurrency_and_evicts_least_recently_used(regis
 def test_run_matches_onnx_runtime_and_errors_are_per_request(registry, pool) -> None:
     models = LocalModels(registry, RuntimeOptions(threads=1))
     x = _images(3)
-    direct = load_for_serving(registry, RuntimeOptions(threads=1), "toy:2").run(x)[0]
+    direct = load_version(registry, RuntimeOptions(threads=1), "toy:2").run(x)[0]
 
     async def go() -> None:
         out = await models.run("toy:2", x, pool)
-        assert out.error is None and out.status == 200 and out.batch_size == 1
+        assert out.error is None and out.status == 200
         assert np.allclose(out.outputs[0], direct, atol=1e-6)
         missing = await models.run("toy:99", x, pool)
         assert missing.status == 404 and missing.outputs is None and "toy" in missing.error
@@ -70,20 +70,30 @@ def test_run_matches_onnx_runtime_and_errors_are_per_request(registry, pool) -> 
     asyncio.run(go())
 
 
-def test_run_requests_splits_one_call_back_into_requests(registry, pool) -> None:
-    model = load_for_serving(registry, RuntimeOptions(threads=1), "toy:1")
-    a, b = _images(2, seed=1), _images(1, seed=2)
-    bad = np.zeros((1, SIZE, SIZE, 3), np.float32)
+def test_run_batch_is_one_onnx_runtime_call_and_refuses_malformed_batches(registry, pool) -> None:
+    model = load_version(registry, RuntimeOptions(threads=1), "toy:1")
+    a = _images(5, seed=1)
 
     async def go():
-        return await run_requests(model, "toy:1", [a, bad, b], pool)
+        return (await run_batch(model, "toy:1", a, pool),
+                await run_batch(model, "toy:1", a.astype(np.float32), pool),
+                await run_batch(model, "toy:1", a[0], pool))
 
-    results, images = asyncio.run(go())
-    assert images == 3
-    assert results[1].status == 400 and results[1].outputs is None
-    assert np.allclose(results[0].outputs[0], model.run(a)[0], atol=1e-6)
-    assert np.allclose(results[2].outputs[0], model.run(b)[0], atol=1e-6)
-    assert results[0].batch_size == results[2].batch_size == 2
+    ok, as_float, one_image = asyncio.run(go())
+    assert ok.error is None and np.allclose(ok.outputs[0], model.run(a)[0], atol=1e-6)
+    assert ok.providers == ("CPUExecutionProvider",)
+    for bad in (as_float, one_image):
+        assert bad.status == 400 and bad.outputs is None and f"[k, {SIZE}, {SIZE}, 3]" in bad.error
+
+
+def test_a_version_that_does_not_load_is_a_server_error_not_a_client_error(registry, pool, tmp_path) -> None:
+    from serve_apps.runner import failure
+    from visionfleet.registry import NotFound
+
+    assert failure(NotFound("no toy:7"), "toy:7").status == 404
+    assert failure(ValueError("Got model id 'x'; expected NAME:VERSION"), "x").status == 400
+    broken = failure(ValueError("Got a detection model d:1 without outputs ['boxes']"), "d:1")
+    assert broken.status == 500 and "could not be loaded" in broken.error
 
 
 def test_capacity_must_be_positive(registry) -> None:

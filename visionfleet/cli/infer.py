@@ -145,8 +145,7 @@ def _video(
     threads: int,
     overwrite: bool,
 ) -> dict[str, Any]:
-    from visionfleet.inference import RuntimeOptions
-    from visionfleet.offline import load_offline_model
+    from visionfleet.inference import RuntimeOptions, load_model_dir
     from visionfleet.registry import Registry
     from visionfleet.video import Sampling, infer_video, output_format_for, probe_video
 
@@ -158,7 +157,7 @@ def _video(
     s = settings()
     registry = Registry(s.registry_dir)
     resolved = registry.resolve(model)
-    loaded = load_offline_model(registry.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=threads))
+    loaded = load_model_dir(registry.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=threads))
     with progress() as p:
         task = p.add_task(f"{Path(source).name}", total=info.frame_count, info=f"{resolved}")
         summary = infer_video(

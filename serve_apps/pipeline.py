@@ -1,0 +1,375 @@
+"""The ingress's request path: route -> images -> one prediction step -> outcomes -> record.
+
+Every route that predicts (``/v1/predict``, ``/v1/predict/batch``, the v2 ``infer``
+routes, the WebSocket stream, and shadow traffic) calls :meth:`PredictionService.run`,
+which decodes and resizes the images once (``visionfleet.imaging``), sends them through
+the adaptive batcher to the model (a ModelReplica, or the sessions this process holds),
+turns the outputs into typed predictions (``visionfleet.predict``, the path the edge
+agent and the batch jobs share) and records one :class:`Outcome` per image. The routes
+only parse their protocol and shape their answer.
+
+Pure Python over an injected model runner and telemetry client: the Serve deployment
+(``serve_apps.ingress``) is the thin shell that builds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import numpy as np
+
+from serve_apps.batching import AdaptiveBatcher
+from serve_apps.config import AppConfig
+from serve_apps.inputs import ApiError, status_for_image_error
+from serve_apps.routing import CompiledExperiment, Route, choose_route
+from serve_apps.runner import ReplicaOutput
+from visionfleet.imaging import ImageError, ResizeInfo, load_for_model, resize_image
+from visionfleet.predict import Prediction, event_fields, predictions
+from visionfleet.registry import NotFound, Registry, ResolvedModel
+from visionfleet.spec import ModelCard, parse_ref
+from visionfleet.telemetry import make_event
+
+__all__ = ["Outcome", "PredictionService", "CardCache", "RunBatch"]
+
+logger = logging.getLogger("ray.serve")
+
+# (model id "NAME:VERSION", uint8 [k, H, W, 3]) -> one batch's outputs or its error
+RunBatch = Callable[[str, np.ndarray], Awaitable[ReplicaOutput]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one image of one request: its prediction, or its error."""
+
+    request_id: str
+    role: str  # "primary" or "shadow"
+    route: Route
+    status: int  # 200, or the HTTP status of the error
+    latency_ms: float
+    resolved: ResolvedModel | None = None
+    card: ModelCard | None = None
+    prediction: Prediction | None = None
+    outputs: tuple[np.ndarray, ...] | None = None  # this image's rows of the model outputs
+    img: np.ndarray | None = None  # the model input (input statistics, labeling samples)
+    info: ResizeInfo | None = None
+    source: Any = None  # the image as the client sent it (bytes or pixels)
+    client_key: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+class CardCache:
+    """Alias lookups cached for ``ttl`` seconds; cards (immutable) cached LRU."""
+
+    def __init__(self, registry: Registry, ttl: float, size: int = 64) -> None:
+        self._registry = registry
+        self._ttl = ttl
+        self._aliases: dict[tuple[str, str], tuple[int, float]] = {}
+        self._cards: OrderedDict[tuple[str, int], ModelCard] = OrderedDict()
+        self._size = size
+
+    def resolve(self, ref: str) -> ResolvedModel:
+        try:
+            r = parse_ref(ref)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        if r.version is not None:
+            self.card(r.name, r.version)  # 404 when missing
+            return ResolvedModel(r.name, r.version)
+        key = (r.name, r.alias or "production")
+        hit = self._aliases.get(key)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return ResolvedModel(r.name, hit[0])
+        try:
+            resolved = self._registry.resolve(r)
+        except NotFound as exc:
+            raise ApiError(404, str(exc)) from None
+        self._aliases[key] = (resolved.version, now + self._ttl)
+        return resolved
+
+    def card(self, name: str, version: int) -> ModelCard:
+        key = (name, version)
+        card = self._cards.get(key)
+        if card is None:
+            try:
+                card = self._registry.card(name, version)
+            except NotFound as exc:
+                raise ApiError(404, str(exc)) from None
+            self._cards[key] = card
+            if len(self._cards) > self._size:
+                self._cards.popitem(last=False)
+        else:
+            self._cards.move_to_end(key)
+        return card
+
+    def forget_aliases(self) -> None:
+        self._aliases.clear()
+
+
+def _metrics() -> dict[str, Any]:
+    from ray.serve import metrics
+
+    tags = ("model", "model_version", "variant")
+    return {
+        "requests": metrics.Counter("vf_requests", "Predictions served", tag_keys=tags + ("status",)),
+        "latency": metrics.Histogram(
+            "vf_latency_ms",
+            "End-to-end prediction latency in the ingress (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000],
+            tag_keys=tags,
+        ),
+        "confidence": metrics.Histogram(
+            "vf_confidence",
+            "Top-1 confidence (detection: highest box score)",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            tag_keys=tags,
+        ),
+        "batch": metrics.Histogram(
+            "vf_ingress_batch_size", "Requests per model call", boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",)
+        ),
+        "telemetry_dropped": metrics.Gauge("vf_telemetry_dropped", "Events dropped because the sink was behind"),
+        "rejected": metrics.Counter("vf_rejected", "Requests refused to protect the service", tag_keys=("model", "reason")),
+    }
+
+
+class PredictionService:
+    """Routing, the one prediction step and its record, for one ingress replica.
+
+    Args:
+        cfg: the app's config.
+        registry: the model registry.
+        run_batch: runs one batch on a version (a ModelReplica call or local sessions).
+        telemetry: the non-blocking telemetry client (``None``: telemetry off).
+        max_concurrent: batches in flight at once (the batcher's slots).
+    """
+
+    def __init__(self, cfg: AppConfig, registry: Registry, run_batch: RunBatch, *, telemetry: Any = None,
+                 max_concurrent: int = 2) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.cards = CardCache(registry, cfg.ingress.alias_ttl_s)
+        self.experiments: dict[str, CompiledExperiment] = {}
+        self.telemetry = telemetry
+        self.telemetry_on = telemetry is not None
+        self.in_flight = 0  # inference requests inside this replica (admission control, serve_apps.api)
+        self._run_batch = run_batch
+        self._decode_pool = ThreadPoolExecutor(cfg.ingress.decode_threads, thread_name_prefix="decode")
+        self._rng = random.Random()
+        self._m = _metrics()
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self.batcher = AdaptiveBatcher(
+            self._batch,
+            max_batch_size=cfg.ingress.max_batch_size,
+            batch_wait_timeout_s=cfg.ingress.batch_wait_timeout_s,
+            max_concurrent=cfg.ingress.max_concurrent_batches or max_concurrent,
+            size=len,  # the cap counts images, not requests
+        )
+
+    # ------------------------------------------------------------------ lookups
+    def target(self, ref: str) -> tuple[ResolvedModel, ModelCard]:
+        resolved = self.cards.resolve(ref)
+        return resolved, self.cards.card(resolved.name, resolved.version)
+
+    def route(self, headers: Any, model: str | None, version: str | None) -> Route:
+        try:
+            return choose_route(model, version, self.cfg.default_model, self.experiments, headers.get("x-client-id"),
+                                self._rng)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def count_rejected(self, reason: str) -> None:
+        self._m["rejected"].inc(tags={"model": "", "reason": reason})
+
+    # ------------------------------------------------------------------ the step
+    async def run(self, route: Route, images: Sequence[Any], *, request_ids: Sequence[str], t0: float,
+                  top_k: int | None = None, client_key: str | None = None, per_item: bool = False,
+                  name: str | None = None, role: str = "primary") -> list[Outcome]:
+        """Predict every image of one request on the route's version; one outcome per image.
+
+        Args:
+            route: where the request goes (``route``).
+            images: encoded images (bytes) or decoded RGB uint8 ``[H, W, 3]`` pixels (an
+                ``(img, info)`` pair is taken as already preprocessed for this model).
+            request_ids: one id per image (the telemetry key).
+            t0: ``time.perf_counter()`` when the request arrived (latency is measured from it).
+            top_k: classes kept in ``probs`` (default: the app's).
+            per_item: an image that does not decode is that image's error (batch route);
+                otherwise the request fails with it.
+            name: the input's name, prefixed to per-image errors (``images[2]: ...``).
+            role: ``primary``, or ``shadow`` for mirrored traffic.
+        Raises:
+            ApiError: the request fails (unknown model, bad image unless ``per_item``,
+                model unavailable); its outcomes are recorded first.
+        """
+        k = top_k or self.cfg.top_k
+        done = lambda **kw: [Outcome(request_id=rid, role=role, route=route, client_key=client_key,  # noqa: E731
+                                     latency_ms=(time.perf_counter() - t0) * 1000, **kw) for rid in request_ids]
+        resolved = card = None
+        try:
+            resolved, card = self.target(route.ref)
+            decoded = await self._decode_many(images, card)
+            if not per_item:
+                for i, d in enumerate(decoded):
+                    if isinstance(d, ApiError):
+                        prefix = f"{name}[{i}]: " if name else ""
+                        raise ApiError(d.status, prefix + d.message, d.headers)
+            ok = [i for i, d in enumerate(decoded) if not isinstance(d, ApiError)]
+            outputs: list[np.ndarray] = []
+            if ok:
+                outputs = await self._infer(resolved, np.stack([decoded[i][0] for i in ok]))
+            preds = predictions(card, outputs, [decoded[i][1] for i in ok], top_k=k) if ok else []
+        except ApiError as exc:
+            for o in done(status=exc.status, error=exc.message, resolved=resolved, card=card):
+                self.record(o)
+            raise
+        latency_ms = (time.perf_counter() - t0) * 1000
+        at = {i: j for j, i in enumerate(ok)}
+        result: list[Outcome] = []
+        for i, (rid, d) in enumerate(zip(request_ids, decoded)):
+            base = dict(request_id=rid, role=role, route=route, latency_ms=latency_ms, resolved=resolved, card=card,
+                        source=images[i], client_key=client_key)
+            if isinstance(d, ApiError):
+                result.append(Outcome(status=d.status, error=d.message, **base))
+                continue
+            j = at[i]
+            result.append(Outcome(status=200, prediction=preds[j], outputs=tuple(o[j] for o in outputs),
+                                  img=d[0], info=d[1], **base))
+        for o in result:
+            self.record(o)
+        if role == "primary" and route.shadow_ref is not None:
+            for o in result:
+                if o.ok:
+                    self._shadow(o)
+        return result
+
+    def _decode(self, image: Any, card: ModelCard) -> tuple[np.ndarray, ResizeInfo]:
+        if isinstance(image, tuple):  # already decoded for this preprocessing (a shadow's input)
+            return image
+        try:
+            if isinstance(image, np.ndarray):
+                return resize_image(image, card.input_size, card.resize)
+            return load_for_model(image, card.input_size, card.resize, max_pixels=self.cfg.max_pixels)
+        except ImageError as exc:
+            raise ApiError(status_for_image_error(exc), str(exc)) from None
+
+    async def _decode_many(self, images: Sequence[Any], card: ModelCard) -> list[Any]:
+        """Decoded ``(img, info)`` per image, or the ApiError it gets (decoded off the event loop)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self._decode_pool, self._decode, b, card) for b in images]
+        out = await asyncio.gather(*futures, return_exceptions=True)
+        return [d if not isinstance(d, BaseException) or isinstance(d, ApiError)
+                else ApiError(400, f"could not process image ({type(d).__name__})") for d in out]
+
+    async def _infer(self, resolved: ResolvedModel, batch: np.ndarray) -> list[np.ndarray]:
+        out = await self.batcher.submit(f"{resolved.name}:{resolved.version}", batch)
+        if isinstance(out, ApiError):
+            raise out
+        return out
+
+    async def _batch(self, model_id: str, arrays: list[np.ndarray]) -> list[Any]:
+        """One model call for the requests the batcher grouped under one version.
+
+        Returns per request its outputs, or the ApiError that request gets.
+        """
+        self._m["batch"].observe(len(arrays), tags={"model": model_id})
+        batch = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        try:
+            out = await self._run_batch(model_id, batch)
+        except ApiError as exc:
+            return [exc] * len(arrays)
+        if out.error is not None:
+            return [ApiError(out.status, out.error)] * len(arrays)
+        results: list[Any] = []
+        start = 0
+        for a in arrays:
+            results.append([o[start : start + len(a)] for o in out.outputs])  # type: ignore[union-attr]
+            start += len(a)
+        return results
+
+    def _shadow(self, primary: Outcome) -> None:
+        """Mirror one image to the shadow version in the background; the caller never waits."""
+
+        async def go() -> None:
+            try:
+                t0 = time.perf_counter()
+                route = primary.route
+                _, card = self.target(route.shadow_ref)  # type: ignore[arg-type]
+                same = tuple(card.input_size) == tuple(primary.card.input_size) and card.resize == primary.card.resize
+                # same preprocessing: reuse the decoded input rather than decode again
+                image = (primary.img, primary.info) if same else primary.source
+                shadow_route = Route(ref=route.shadow_ref, variant=route.variant, experiment=route.experiment)  # type: ignore[arg-type]
+                await self.run(shadow_route, [image], request_ids=[primary.request_id], t0=t0, top_k=1,
+                               client_key=primary.client_key, role="shadow")
+            except ApiError:
+                pass  # recorded by run()
+            except Exception as exc:  # noqa: BLE001 - the shadow must never affect the caller
+                logger.warning("shadow request failed: %r", exc)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    # ------------------------------------------------------------------ record
+    def record(self, o: Outcome) -> None:
+        """Metrics and a telemetry event for one outcome (unless telemetry is paused). Never raises."""
+        if not self.telemetry_on:
+            return
+        try:
+            model = o.resolved.name if o.resolved else parse_ref(o.route.ref).name
+            variant = o.route.variant if o.role == "primary" else "shadow"
+            tags = {"model": model, "model_version": str(o.resolved.version) if o.resolved else "", "variant": variant}
+            if o.role == "primary":
+                self._m["requests"].inc(tags={**tags, "status": str(o.status)})
+                if o.ok:
+                    self._m["latency"].observe(o.latency_ms, tags=tags)
+                if o.prediction is not None:
+                    self._m["confidence"].observe(o.prediction.score, tags=tags)
+            ev: dict[str, Any] = {
+                "request_id": o.request_id, "role": o.role, "source": "server", "model": model,
+                "version": o.resolved.version if o.resolved else None, "variant": variant,
+                "experiment": o.route.experiment, "client_key": o.client_key, "status": o.status, "error": o.error,
+                "latency_ms": o.latency_ms, "task": o.card.task.value if o.card else None,
+            }
+            if o.prediction is not None:
+                ev.update(event_fields(o.prediction, o.img))
+            self.telemetry.add(make_event(**ev))
+            if o.role == "primary" and o.prediction is not None and o.img is not None:
+                self._maybe_sample(ev, o)
+            self._m["telemetry_dropped"].set(self.telemetry.dropped)
+        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+            logger.exception("telemetry record failed")
+
+    def _maybe_sample(self, ev: dict, o: Outcome) -> None:
+        """Offer an unsure prediction (or a random share) to the active-learning sampler."""
+        from visionfleet.imaging import encode_image
+        from visionfleet.sampling import SamplingPolicy, is_candidate
+
+        sc = self.cfg.sampling
+        if not sc.enabled:
+            return
+        reason = is_candidate(
+            SamplingPolicy(low_confidence=sc.low_confidence, margin=sc.margin, random_share=sc.random_share),
+            float(ev.get("confidence") or 0.0), ev.get("margin"), self._rng.random(),
+        )
+        if reason is None:
+            return
+        # Keep the original when it is small; else the model input (the label still applies).
+        data = o.source if isinstance(o.source, bytes) and len(o.source) <= sc.max_image_bytes else None
+        image = data if data is not None else encode_image(o.img, "png")  # type: ignore[arg-type]
+        self.telemetry.add_sample({
+            "sample_id": ev["request_id"], "ts": ev.get("ts") or time.time(), "source": ev.get("source"),
+            "model": ev.get("model"), "version": ev.get("version"), "predicted": ev.get("label"),
+            "confidence": ev.get("confidence"), "margin": ev.get("margin"), "reason": reason, "image": image,
+            "width": ev.get("width"), "height": ev.get("height"),
+        })
