@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_apps.client import prepare
+from visionfleet.client import prepare
 from visionfleet.datasets.synth import render_sample
 from visionfleet.datasets.variants import VARIANTS, encode_variant
 from visionfleet.imaging import encode_image, load_for_model

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from serve_apps.client import prepare
+from visionfleet.client import prepare
 from serve_apps.inputs import ApiError, model_ref_from, parse_batch, parse_predict, read_body, request_id_from
 
 PNG = b"\x89PNG\r\n\x1a\n fake but the parser does not decode"

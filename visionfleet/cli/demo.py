@@ -54,7 +54,7 @@ def onnx_holdout_top1(model_dir, x: np.ndarray, y: np.ndarray, threads: int = 2)
 
 def build_requests(n: int, seed: int, labels: list[str], start_index: int = 50_000_000):
     """Fresh samples (never in train or holdout), in every format, size and input style."""
-    from serve_apps.client import prepare
+    from visionfleet.client import prepare
     from visionfleet.datasets.synth import render_sample
     from visionfleet.datasets.variants import VARIANTS, encode_variant
 
@@ -87,7 +87,7 @@ def demo(
 
     from cluster.local import free_port, init_embedded, wait_http
     from serve_apps.app import APP_NAME
-    from serve_apps.client import run_closed_loop, summarize
+    from visionfleet.client import run_closed_loop, summarize
     from serve_apps.config import AppConfig
     from serve_apps.deploy import deploy
     from visionfleet.cli.train import run_training
