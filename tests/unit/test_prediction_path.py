@@ -34,23 +34,10 @@ DET_SIZE = 64
 
 
 def _classifier() -> onnx.ModelProto:
-    """uint8 NHWC -> probs [N, 3]: softmax of a linear map of the mean RGB."""
-    w = np.array([[0.05, -0.03, 0.0], [0.0, 0.04, -0.02], [-0.04, 0.0, 0.05]], np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
-            helper.make_node("ReduceMean", ["f"], ["m"], axes=[1, 2], keepdims=0),
-            helper.make_node("MatMul", ["m", "w"], ["z"]),
-            helper.make_node("Softmax", ["z"], ["probs"], axis=1),
-        ],
-        "colour",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", SIZE, SIZE, 3])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    """uint8 NHWC -> probs [N, 3]: softmax of a linear map of the mean RGB (the offline tests' model)."""
+    from test_offline_inference import _colour_model
+
+    return _colour_model(SIZE)
 
 
 def _detector() -> onnx.ModelProto:
