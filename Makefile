@@ -10,13 +10,32 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-unit test-integration test-slow clean
+# constraints.txt locks every package of .[cluster,dev] (Python 3.11, Linux x86_64); pyproject.toml
+# keeps open ranges for library users. `make lock` refreshes it (docs/getting-started.md).
+LOCK   := constraints.txt
+UV_DIR := build/uv
+TORCH_WHEELS ?= /opt/wheels
 
-$(STAMP): pyproject.toml
+.PHONY: install lock demo test test-unit test-integration test-slow clean
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[cluster,dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[cluster,dev]'
 	touch $(STAMP)
+
+# Keeps the current pins where pyproject.toml still allows them; UPGRADE=1 moves every
+# package to its newest allowed version. torch is the CPU wheel from $(TORCH_WHEELS): the
+# lock says torch==2.13.0 and holds no CUDA package (nvidia-*, triton).
+lock:
+	test -d $(TORCH_WHEELS) || { echo "TORCH_WHEELS=$(TORCH_WHEELS): expected a folder with the CPU torch wheel"; exit 2; }
+	test -x $(UV_DIR)/bin/uv || { $(PYTHON) -m venv $(UV_DIR) && $(UV_DIR)/bin/pip install -q uv; }
+	echo 'torch==2.13.0+cpu' > $(UV_DIR)/torch-cpu.txt
+	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra cluster --extra dev --quiet \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) \
+	    -c $(UV_DIR)/torch-cpu.txt --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) -o $(LOCK)
+	sed -i 's/^torch==2\.13\.0+cpu$$/torch==2.13.0/' $(LOCK)
+	! grep -nE '^(nvidia-|triton==)' $(LOCK)
 
 install: $(STAMP)
 
