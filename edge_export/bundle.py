@@ -437,10 +437,13 @@ def _tensorrt_options(onnx_file: Path, card: ModelCard, prof: TargetProfile) -> 
     from edge_export.tensorrt import onnx_traits, ort_tensorrt_provider_options
 
     traits = onnx_traits(onnx_file)
-    precision = "int8" if traits.get("qdq") else prof.precision.value
+    precision = Precision.INT8 if traits.get("qdq") else prof.precision
+    engine = prof.engine
+    assert engine is not None  # every plan-format profile has one (visionfleet.targets checks)
     opts = ort_tensorrt_provider_options(
         precision, ".", input_size=tuple(card.input_size), input_name=traits.get("input_name", "images"),  # type: ignore[arg-type]
-        min_batch=1, opt_batch=1, max_batch=8, workspace_bytes=1 << 30, qdq=bool(traits.get("qdq")),
+        min_batch=engine.min_batch, opt_batch=engine.opt_batch, max_batch=engine.max_batch,
+        workspace_bytes=engine.workspace_bytes, qdq=bool(traits.get("qdq")),
     )
     opts.pop("trt_engine_cache_path", None)
     opts.pop("trt_timing_cache_path", None)

@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from visionfleet.targets import Precision
+
 __all__ = [
     "Runner",
     "OrtRunner",
@@ -462,10 +464,14 @@ class GemmCeiling:
         return {**asdict(self), "by_size": {str(k): v for k, v in self.by_size.items()}}
 
 
+# The precisions a ceiling is measured for: FP32 MatMul and INT8 MatMulInteger.
+_GEMM_PRECISIONS = (Precision.FP32, Precision.INT8)
+
+
 def _gemm_model(n: int, precision: str, rng: np.random.Generator) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
-    if precision == "fp32":
+    if precision == Precision.FP32.value:
         b = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "B")
         node = helper.make_node("MatMul", ["A", "B"], ["Y"])
         a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
@@ -485,7 +491,7 @@ def _gemm_model(n: int, precision: str, rng: np.random.Generator) -> bytes:
 
 
 def gemm_ceiling(
-    precision: str = "fp32",
+    precision: str = Precision.FP32.value,
     threads: int = 2,
     sizes: Sequence[int] = (512, 1024, 2048, 4096),
     *,
@@ -498,7 +504,7 @@ def gemm_ceiling(
     run: a ceiling is the best the hardware did, and noise only ever slows a run.
     The activation is uint8 and the weight int8 for INT8, as in a QDQ-quantized model.
     """
-    if precision not in ("fp32", "int8"):
+    if precision not in {p.value for p in _GEMM_PRECISIONS}:
         raise ValueError(f"Got {precision!r} for precision; expected fp32 or int8")
     from visionfleet.inference import RuntimeOptions, create_session
 
@@ -508,7 +514,7 @@ def gemm_ceiling(
         sess = create_session(_gemm_model(n, precision, rng), RuntimeOptions(threads=threads))
         a = (
             rng.standard_normal((n, n)).astype(np.float32)
-            if precision == "fp32"
+            if precision == Precision.FP32.value
             else rng.integers(0, 256, (n, n)).astype(np.uint8)
         )
         sess.run(None, {"A": a})  # warm-up (and weight pre-packing)

@@ -3,7 +3,11 @@
 A profile fixes what a model must look like to ship to that kind of device (file
 format, numeric precision, the thread count it runs with, the largest input size the
 device pipeline feeds) and the budgets it must fit: file size, peak memory and p95
-latency at batch 1 on the profile's threads. ``visionfleet optimize`` and
+latency at batch 1 on the profile's threads. A TensorRT target (format ``plan``) also
+carries its :class:`EngineProfile`: builder workspace, the dynamic-batch optimization
+profile, and whether the engine is built on a Jetson (an engine runs only where it was
+built). This is the only target table and :class:`Precision` the only precision enum:
+``edge_export`` (TensorRT, quantization, bundles) and the Tune sweep read them. ``visionfleet optimize`` and
 ``visionfleet bench`` check measured numbers against a profile with
 :func:`check_budgets`; the Tune sweep treats a trial over a budget as infeasible, and
 the edge bundles use format and precision. Kept light on purpose (no torch, no onnx):
@@ -25,13 +29,17 @@ __all__ = [
     "Target",
     "ModelFormat",
     "Precision",
+    "EngineProfile",
     "TargetProfile",
     "BudgetCheck",
     "TARGETS",
     "profile",
     "check_budgets",
     "build_table",
+    "check_engine_build",
 ]
+
+_GIB = 1 << 30
 
 
 class Target(str, enum.Enum):
@@ -40,6 +48,7 @@ class Target(str, enum.Enum):
     ANDROID = "android"
     IOS = "ios"
     JETSON = "jetson"
+    X86_GPU = "x86-gpu"
 
 
 class ModelFormat(str, enum.Enum):
@@ -52,6 +61,43 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+
+
+def check_engine_build(min_batch: int, opt_batch: int, max_batch: int, workspace_bytes: int | None = None) -> None:
+    """What every TensorRT build needs: an ordered dynamic-batch profile and room to build in.
+
+    Raises:
+        ValueError: not 1 <= min <= opt <= max, or a workspace under 16 MiB.
+    """
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(
+            f"Got batches min {min_batch}, opt {opt_batch}, max {max_batch}; expected 1 <= min <= opt <= max"
+        )
+    if workspace_bytes is not None and workspace_bytes < 1 << 24:
+        raise ValueError(f"Got {workspace_bytes} for workspace bytes; expected at least 16 MiB")
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """How a TensorRT engine is built for a target: workspace and the dynamic-batch profile."""
+
+    workspace_bytes: int
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    on_jetson: bool  # an engine runs only where it was built: Jetson engines are built on the Jetson
+
+    def __post_init__(self) -> None:
+        check_engine_build(self.min_batch, self.opt_batch, self.max_batch, self.workspace_bytes)
+
+    def to_dict(self) -> dict:
+        return {
+            "workspace_bytes": self.workspace_bytes,
+            "min_batch": self.min_batch,
+            "opt_batch": self.opt_batch,
+            "max_batch": self.max_batch,
+            "on_jetson": self.on_jetson,
+        }
 
 
 @dataclass(frozen=True)
@@ -72,6 +118,7 @@ class TargetProfile:
     max_peak_memory_mb: float
     max_p95_ms: float
     accelerator: str = "cpu"
+    engine: EngineProfile | None = None  # TensorRT targets (format plan) only
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -81,6 +128,11 @@ class TargetProfile:
         for name in ("max_model_mb", "max_peak_memory_mb", "max_p95_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Got {getattr(self, name)} for {name}; expected > 0")
+        if (self.format is ModelFormat.PLAN) != (self.engine is not None):
+            raise ValueError(
+                f"Got format {self.format.value} and engine {self.engine} for {self.target.value}; expected an "
+                "engine profile exactly for the plan (TensorRT) format"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +146,7 @@ class TargetProfile:
             "max_peak_memory_mb": self.max_peak_memory_mb,
             "max_p95_ms": self.max_p95_ms,
             "accelerator": self.accelerator,
+            "engine": self.engine.to_dict() if self.engine else None,
         }
 
 
@@ -113,7 +166,9 @@ def build_table(profiles: Iterable[TargetProfile]) -> Mapping[Target, TargetProf
 
 # The budgets describe typical devices of each class at batch 1: a small x86 server or
 # gateway (2 cores), a Raspberry Pi 4/5-class board (4 Cortex-A cores, 1-8 GB), a
-# mid-range phone's big cores, and a Jetson Orin Nano (GPU, TensorRT FP16).
+# mid-range phone's big cores, a Jetson Orin Nano (GPU, TensorRT FP16) and a GPU server.
+# Orin-class boards share 8-64 GB between CPU and GPU: a small workspace and batch keep
+# the TensorRT builder inside what a camera pipeline leaves free.
 TARGETS: Mapping[Target, TargetProfile] = build_table(
     [
         TargetProfile(
@@ -145,6 +200,14 @@ TARGETS: Mapping[Target, TargetProfile] = build_table(
             "NVIDIA Jetson (Orin class), TensorRT engine built on the device, FP16",
             ModelFormat.PLAN, Precision.FP16, threads=1, input_size=(224, 224),
             max_model_mb=200.0, max_peak_memory_mb=2048.0, max_p95_ms=20.0, accelerator="cuda",
+            engine=EngineProfile(1 * _GIB, 1, 1, 8, on_jetson=True),
+        ),
+        TargetProfile(
+            Target.X86_GPU,
+            "discrete NVIDIA GPU in an x86-64 server, TensorRT engine built on the server, FP16",
+            ModelFormat.PLAN, Precision.FP16, threads=2, input_size=(224, 224),
+            max_model_mb=500.0, max_peak_memory_mb=8192.0, max_p95_ms=10.0, accelerator="cuda",
+            engine=EngineProfile(4 * _GIB, 1, 8, 64, on_jetson=False),
         ),
     ]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,14 @@ import pytest
 
 from visionfleet.targets import (
     TARGETS,
+    EngineProfile,
     ModelFormat,
     Precision,
     Target,
     TargetProfile,
     build_table,
     check_budgets,
+    check_engine_build,
     profile,
 )
 
@@ -36,6 +39,38 @@ def test_duplicate_target_keys_are_rejected() -> None:
     p = TARGETS[Target.X86_CPU]
     with pytest.raises(ValueError, match="second profile for 'x86-cpu'"):
         build_table([p, TARGETS[Target.IOS], p])
+
+
+def test_tensorrt_targets_carry_their_engine_build_settings() -> None:
+    engines = {t: p.engine for t, p in TARGETS.items() if p.engine is not None}
+    assert set(engines) == {t for t, p in TARGETS.items() if p.format is ModelFormat.PLAN} == {
+        Target.JETSON, Target.X86_GPU}
+    assert engines[Target.JETSON] == EngineProfile(1 << 30, 1, 1, 8, on_jetson=True)
+    assert engines[Target.X86_GPU] == EngineProfile(4 << 30, 1, 8, 64, on_jetson=False)
+    assert profile("x86-gpu").to_dict()["engine"]["max_batch"] == 64 and profile("ios").to_dict()["engine"] is None
+    with pytest.raises(ValueError, match="engine profile exactly for the plan"):
+        TargetProfile(Target.X86_CPU, "x", ModelFormat.ONNX, Precision.INT8, 1, (64, 64), 1, 1, 1,
+                      engine=engines[Target.JETSON])
+    with pytest.raises(ValueError, match="engine profile exactly for the plan"):
+        TargetProfile(Target.JETSON, "x", ModelFormat.PLAN, Precision.FP16, 1, (64, 64), 1, 1, 1)
+    with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
+        EngineProfile(1 << 30, 4, 2, 8, on_jetson=False)
+    with pytest.raises(ValueError, match="at least 16 MiB"):
+        check_engine_build(1, 1, 1, 1024)
+
+
+def test_precision_and_target_enums_are_defined_only_here() -> None:
+    """One Precision enum and one target table: no other module defines its own."""
+    own = REPO / "visionfleet" / "targets.py"
+    pattern = re.compile(r"^class \w*(Precision|Target)\w*\(.*Enum\)|^TARGETS\b\s*[:=]", re.M)
+    hits = [
+        f"{f.relative_to(REPO)}: {m.group(0)}"
+        for pkg in ("visionfleet", "edge_export", "edge_agent", "train", "tune", "serve_apps", "cluster")
+        for f in sorted((REPO / pkg).rglob("*.py"))
+        if f != own
+        for m in pattern.finditer(f.read_text(encoding="utf-8"))
+    ]
+    assert not hits, hits
 
 
 def test_table_is_read_only() -> None:

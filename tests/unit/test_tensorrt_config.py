@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_export import tensorrt as trt
-from edge_export.tensorrt import EngineTarget, Precision, TensorRTUnavailable
+from edge_export.tensorrt import TensorRTUnavailable
+from visionfleet.targets import TARGETS, ModelFormat, Precision, Target
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -132,11 +133,21 @@ def test_engine_build_plan_refuses_with_what_to_do(major, precision, qdq, fp16w,
         trt.engine_build_plan(major, precision, qdq=qdq, fp16_weights=fp16w, calibration=calib)
 
 
-def test_targets_table_covers_every_target_once() -> None:
-    assert set(trt.TARGETS) == set(EngineTarget) and len(trt.TARGETS) == len(EngineTarget)
-    for spec in trt.TARGETS.values():
+def test_engine_targets_are_the_plan_profiles_of_the_one_target_table() -> None:
+    plan = {t for t, p in TARGETS.items() if p.format is ModelFormat.PLAN}
+    assert set(trt.ENGINE_TARGETS) == plan == {Target.X86_GPU, Target.JETSON}
+    for target in trt.ENGINE_TARGETS:
+        spec = trt.engine_profile(target)
+        assert spec is TARGETS[target].engine
         assert 1 <= spec.min_batch <= spec.opt_batch <= spec.max_batch and spec.workspace_bytes >= 1 << 24
-    assert trt.TARGETS[EngineTarget.JETSON].on_jetson and not trt.TARGETS[EngineTarget.X86_GPU].on_jetson
+    assert trt.engine_profile("jetson").on_jetson and not trt.engine_profile("x86-gpu").on_jetson
+    for bad in ("x86-cpu", "mars"):
+        with pytest.raises(ValueError, match=f"Got '{bad}' for --target; expected one of jetson, x86-gpu"):
+            trt.engine_profile(bad)
+
+
+def test_the_tensorrt_package_has_no_precision_or_target_table_of_its_own() -> None:
+    assert not {"Precision", "EngineTarget", "TargetSpec", "TARGETS"} & set(vars(trt))
 
 
 def test_availability_names_what_is_missing() -> None:

@@ -80,17 +80,16 @@ def build(
     Exits 1 with the reason when TensorRT or a CUDA device is missing. See docs/gpu.md.
     """
     from edge_export.importer import load_sample_images, sample_images
-    from edge_export.tensorrt import TARGETS, EngineTarget, Precision, build_registered_engine, require_tensorrt
+    from edge_export.tensorrt import build_registered_engine, engine_profile, require_tensorrt
     from visionfleet.registry import Registry
+    from visionfleet.targets import Precision, Target, profile
 
     try:
         prec = Precision(precision)
     except ValueError:
         raise ValueError(f"Got {precision!r} for --precision; expected fp16, int8 or fp32") from None
-    try:
-        tgt = EngineTarget(target)
-    except ValueError:
-        raise ValueError(f"Got {target!r} for --target; expected x86-gpu or jetson") from None
+    engine_profile(target)  # "Got 'mars' for --target; expected one of jetson, x86-gpu"
+    tgt = Target(target)
     if calibration < 0:
         raise ValueError(f"Got {calibration} for --calibration; expected >= 0")
     if (calibration or calibration_images) and prec is not Precision.INT8:
@@ -118,7 +117,7 @@ def build(
     check = _dataset_images(card, "holdout", 256)
     if check is None:
         check = sample_images(tuple(card.input_size), card.resize, n=64)
-    err.print(f"building a {prec.value} engine for {card.ref} on {av.cuda_devices[0]} ({TARGETS[tgt].description})…")
+    err.print(f"building a {prec.value} engine for {card.ref} on {av.cuda_devices[0]} ({profile(tgt).description})…")
     stored, report, parity = build_registered_engine(
         registry,
         card.ref,
