@@ -92,7 +92,8 @@ def main() -> None:
     from edge_export import measure as M
     from edge_export.optimize import OptimizeSettings, build_variant
     from edge_export.quantize import QuantizeConfig
-    from train.finetune import load_model
+    from train.checkpoint import load_checkpoint
+    from train.finetune import prune_tools
     from visionfleet.datasets.store import load_arrays
     from visionfleet.registry import Registry
     from visionfleet.settings import Settings
@@ -119,7 +120,7 @@ def main() -> None:
         settings = OptimizeSettings(threads=args.threads, **kw)
         t0 = time.time()
         b = build_variant(
-            src_dir, src_card, settings, dataset=dataset, cache_dir=cache,
+            src_dir, src_card, settings, dataset=dataset, cache_dir=cache, tools=prune_tools(),
             on_event=lambda stage, done, total, info: (
                 log(f"{name}: {stage} {info}") if done in (None, total) or (done or 0) % 50 == 0 else None
             ),
@@ -161,7 +162,7 @@ def main() -> None:
     steps = {"nncf-int8": nncf.steps, "ort-int8": ortq.steps, f"pruned{pct}-int8": pruned_steps}
 
     # ------------------------------------------------------------------ runners & data
-    core, meta = load_model(parent_dir / card.file("torch").name)  # type: ignore[union-attr]
+    core, meta = load_checkpoint(parent_dir / card.file("torch").name)  # type: ignore[union-attr]
     runners = [M.TorchRunner(core, card.preprocessing["mean"], card.preprocessing["std"], args.threads, name="torch-eager")]
     runners += [M.OrtRunner(p, args.threads, name=n) for n, p in files.items()]
     log(f"decoding the holdout of {dataset.name}")

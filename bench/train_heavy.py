@@ -71,7 +71,8 @@ def main() -> None:
 
     import torch
 
-    from train.finetune import FinetuneConfig, channel_stats, evaluate, finetune, save_checkpoint
+    from train.checkpoint import save_checkpoint
+    from train.finetune import FinetuneConfig, channel_stats, evaluate, finetune
     from train.models import ArchSpec, build_model
     from train.pipeline import register_checkpoint
     from visionfleet.datasets.store import load_arrays, read_info
@@ -190,8 +191,8 @@ def register_parts(args: argparse.Namespace) -> None:
 
     import torch
 
+    from train.checkpoint import load_checkpoint
     from train.finetune import evaluate
-    from train.loop import load_checkpoint
     from train.pipeline import register_checkpoint
     from visionfleet.datasets.store import load_arrays, read_info
     from visionfleet.registry import Registry

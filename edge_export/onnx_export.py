@@ -9,7 +9,6 @@ refuses the export when they disagree.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -34,6 +33,7 @@ __all__ = [
     "OUTPUT_NAME",
 ]
 
+from edge_export.onnx_metadata import read_metadata, write_metadata  # noqa: E402  (re-exported)
 from visionfleet.names import INPUT_NAME, OUTPUT_NAME  # noqa: E402  (re-exported)
 DEFAULT_OPSET = 18
 
@@ -65,24 +65,6 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         return {"n": self.n, "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
-
-
-def write_metadata(model_proto: onnx.ModelProto, metadata: Mapping[str, object]) -> None:
-    """Set ``metadata_props``; non-string values are stored as JSON."""
-    existing = {p.key: p for p in model_proto.metadata_props}
-    for key, value in metadata.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        if key in existing:
-            existing[key].value = text
-        else:
-            p = model_proto.metadata_props.add()
-            p.key, p.value = key, text
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (without loading external weights)."""
-    m = onnx.load(os.fspath(path), load_external_data=False)
-    return {p.key: p.value for p in m.metadata_props}
 
 
 def _session(path: Path, threads: int = 1):

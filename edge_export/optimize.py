@@ -5,9 +5,10 @@ The pipeline reads top to bottom:
 1. resolve the parent in the registry (unknown version: a clear error) and find the
    dataset it was trained on (``lineage.dataset``, or an explicit one);
 2. build the variant (:func:`build_variant`): prune to a MAC reduction and fine-tune
-   (needs the parent's PyTorch weights), export to ONNX, quantize; the built files are
-   cached under a key derived from the parent file's sha256 and every setting that
-   shapes the file (:func:`variant_key`), so the same parent + settings is built once;
+   (needs the parent's PyTorch weights and the caller's :class:`PruneTools`), export to
+   ONNX, quantize; the built files are cached under a key derived from the parent
+   file's sha256 and every setting that shapes the file (:func:`variant_key`), so the
+   same parent + settings is built once;
 3. measure it beside its parent (:func:`measure_variant`): holdout top-1 of both,
    file size, MACs, batch-1 latency on the target's threads, Offline throughput
    alternating with the parent, peak memory;
@@ -17,6 +18,12 @@ The pipeline reads top to bottom:
 Issue 6's Tune sweep composes the same pieces: :func:`build_variant` for a trial's
 settings (reused across trials through the cache) and ``edge_export.measure`` for
 latency, throughput and accuracy.
+
+``edge_export`` never imports ``train``: loading the parent's weights into an
+``nn.Module``, the fine-tune after pruning and saving the pruned weights come in as
+callables (:class:`PruneTools`); ``train.finetune.prune_tools()`` gives the ones for the
+built-in architectures, and the CLI, the retraining pipeline and the Tune trials pass
+them in.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,11 +43,16 @@ from edge_export.prune import Importance
 from edge_export.quantize import CalibrationMissing, QuantizeConfig, QuantizeMode
 from visionfleet.registry import Registry
 from visionfleet.spec import Lineage, ModelCard, Task
-from visionfleet.targets import BudgetCheck, ModelFormat, Target, check_budgets, profile
+from visionfleet.targets import BudgetCheck, ModelFormat, Precision, Target, check_budgets, profile
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "OptimizeSettings",
     "OptimizeResult",
+    "FinetuneJob",
+    "PruneTools",
     "BuiltVariant",
     "variant_key",
     "build_variant",
@@ -61,6 +73,42 @@ Event = Callable[[str, int | None, int | None, str], None]
 
 def _no_event(stage: str, done: int | None, total: int | None, info: str) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """The fine-tune after pruning, as the build describes it; :attr:`PruneTools.finetune` runs it."""
+
+    dataset: Path
+    input_size: tuple[int, int]
+    resize: str
+    mean: Sequence[float]  # 0..255 scale, as in the checkpoint
+    std: Sequence[float]
+    epochs: int
+    lr: float
+    batch_size: int
+    threads: int
+    seed: int
+    limit: int | None  # only the first N images of the train split
+    on_step: Callable[[int, int, float], None] | None = None  # (step, total, loss)
+
+
+@dataclass(frozen=True)
+class PruneTools:
+    """What pruning needs from the code that owns the architectures; the caller passes it in.
+
+    Args:
+        load: ``model.pt`` path -> ``(module, meta)``; ``meta`` holds ``mean``/``std``
+            and is written back, with a ``pruned`` entry, beside the pruned weights.
+        save: ``(path, module, meta)`` -> path; writes weights a later ``load`` rebuilds.
+        finetune: a :class:`FinetuneJob` -> a callable that trains a module in place and
+            returns its metrics (``epochs``, ``lr``, ``batch_size``, ``limit``, ``steps``,
+            ``train_loss``, ``seconds``).
+    """
+
+    load: Callable[[Path], "tuple[nn.Module, dict[str, Any]]"]
+    save: Callable[[Path, "nn.Module", Mapping[str, Any]], Path]
+    finetune: Callable[[FinetuneJob], Callable[["nn.Module"], Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -202,14 +250,23 @@ def build_variant(
     *,
     dataset: Path,
     cache_dir: Path,
+    tools: PruneTools | None = None,
     on_event: Event = _no_event,
 ) -> BuiltVariant:
     """Build (or reuse from ``cache_dir``) the variant ``settings`` describe.
 
+    ``tools`` loads, fine-tunes and saves the PyTorch weights; pruning needs it.
+
     Raises:
-        ValueError: pruning a parent without PyTorch weights, or a parent that is not FP32.
+        ValueError: pruning without ``tools`` or a parent without PyTorch weights, or a
+            parent that is not FP32.
         CalibrationMissing: int8-static without usable calibration data.
     """
+    if settings.prune > 0 and tools is None:
+        raise ValueError(
+            "Got --prune without PruneTools; expected tools= from the caller (train.finetune.prune_tools() "
+            "loads, fine-tunes and saves the built-in architectures)"
+        )
     model_entry = next((f for f in parent.files if f.name == parent.model_file), None)
     if model_entry is None:
         raise ValueError(f"Got a card for {parent.ref} that lists no {parent.model_file}; expected its model file")
@@ -229,10 +286,11 @@ def build_variant(
         src = parent_dir / parent.model_file
         precision = parent.precision
         if settings.prune > 0:
-            src = _prune_step(parent_dir, parent, settings, dataset, work, steps, files, on_event)
-            precision = "fp32"  # exported afresh from the (pruned) PyTorch weights
+            assert tools is not None
+            src = _prune_step(parent_dir, parent, settings, dataset, work, steps, files, tools, on_event)
+            precision = Precision.FP32.value  # exported afresh from the (pruned) PyTorch weights
         if settings.quantize.mode is not QuantizeMode.NONE:
-            if precision != "fp32":
+            if precision != Precision.FP32.value:
                 raise ValueError(f"Got {parent.ref} in {precision}; expected an FP32 model to quantize")
             src, precision = _quantize_step(src, parent, settings, dataset, work, steps, on_event)
         files["onnx"] = src.name
@@ -263,12 +321,12 @@ def _prune_step(
     work: Path,
     steps: list[dict[str, Any]],
     files: dict[str, str],
+    tools: PruneTools,
     on_event: Event,
 ) -> Path:
     import torch
 
     from edge_export.prune import prune_finetune_export
-    from train.finetune import FinetuneConfig, dataset_finetune_fn, load_model, save_checkpoint
     from visionfleet.datasets.store import load_arrays
 
     weights = parent.file("torch")
@@ -277,20 +335,18 @@ def _prune_step(
             f"Got --prune for {parent.ref}, which has no PyTorch weights (an imported ONNX model?); "
             "expected a model trained or imported as a PyTorch checkpoint (pruning needs the weights)"
         )
-    model, meta = load_model(parent_dir / weights.name)
+    model, meta = tools.load(parent_dir / weights.name)
     h, w = parent.input_size
     mean, std = parent.preprocessing.get("mean", meta["mean"]), parent.preprocessing.get("std", meta["std"])
     epochs = settings.resolved_finetune_epochs
     finetune = None
     if epochs:
-        cfg = FinetuneConfig(
-            epochs=epochs, lr=settings.finetune_lr, batch_size=settings.finetune_batch,
-            threads=settings.resolved_threads, seed=settings.seed, limit=settings.finetune_limit,
-        )
-        finetune = dataset_finetune_fn(
-            dataset, input_size=(h, w), resize=parent.resize.value, mean=mean, std=std, config=cfg,
+        finetune = tools.finetune(FinetuneJob(
+            dataset=dataset, input_size=(h, w), resize=parent.resize.value, mean=mean, std=std, epochs=epochs,
+            lr=settings.finetune_lr, batch_size=settings.finetune_batch, threads=settings.resolved_threads,
+            seed=settings.seed, limit=settings.finetune_limit,
             on_step=lambda step, total, loss: on_event("fine-tune", step, total, f"loss {loss:.3f}"),
-        )
+        ))
     on_event("prune", None, None, f"removing {settings.prune:.0%} of the MACs")
     parity, _ = load_arrays(dataset, "holdout", (h, w), parent.resize.value, limit=32)
     result = prune_finetune_export(
@@ -326,7 +382,7 @@ def _prune_step(
     steps.append({"op": "export", "format": "onnx", "parity": result.parity})
     # The pruned weights, rebuildable from their shapes (no pickled code): a later
     # optimize can prune or quantize this version again.
-    save_checkpoint(
+    tools.save(
         work / "model.pt",
         result.model,
         {**meta, "pruned": {"mac_reduction": rep.mac_reduction, "layers": rep.layers}, "dataset": str(dataset)},
@@ -510,10 +566,13 @@ def optimize(
     registry: Registry,
     cache_dir: Path,
     datasets_dir: Path | None = None,
+    tools: PruneTools | None = None,
     force: bool = False,
     on_event: Event = _no_event,
 ) -> OptimizeResult:
     """Build, measure and register the variant of ``parent_ref`` that ``settings`` describe.
+
+    ``tools`` (see :class:`PruneTools`) is needed when ``settings.prune`` is set.
 
     An identical variant already registered (same parent file, settings and data,
     measured on the same thread count) is returned as is unless ``force``; its budgets
@@ -534,7 +593,9 @@ def optimize(
     dataset = _dataset(parent, settings, datasets_dir)
     parent_dir = registry.local_dir(resolved.name, resolved.version)
 
-    built = build_variant(parent_dir, parent, settings, dataset=dataset, cache_dir=cache_dir, on_event=on_event)
+    built = build_variant(
+        parent_dir, parent, settings, dataset=dataset, cache_dir=cache_dir, tools=tools, on_event=on_event
+    )
     if not force:
         for v in registry.versions(parent.name):
             existing = registry.card(parent.name, v)

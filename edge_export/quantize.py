@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 from visionfleet.names import INPUT_NAME  # noqa: E402
+from visionfleet.targets import Precision  # noqa: E402
 
 
 class QuantizeMode(str, enum.Enum):
@@ -81,11 +82,11 @@ class CalibrationMissing(ValueError):
 
 
 # What each mode produces: precision written to the card and the file-name suffix.
-_MODE_OUTPUT: Mapping[QuantizeMode, tuple[str, str]] = {
-    QuantizeMode.NONE: ("fp32", ""),
-    QuantizeMode.FP16: ("fp16", ".fp16"),
-    QuantizeMode.INT8_DYNAMIC: ("int8", ".int8-dynamic"),
-    QuantizeMode.INT8_STATIC: ("int8", ".int8"),
+_MODE_OUTPUT: Mapping[QuantizeMode, tuple[Precision, str]] = {
+    QuantizeMode.NONE: (Precision.FP32, ""),
+    QuantizeMode.FP16: (Precision.FP16, ".fp16"),
+    QuantizeMode.INT8_DYNAMIC: (Precision.INT8, ".int8-dynamic"),
+    QuantizeMode.INT8_STATIC: (Precision.INT8, ".int8"),
 }
 
 
@@ -154,7 +155,7 @@ class QuantizeConfig:
 
     @property
     def precision(self) -> str:
-        return _MODE_OUTPUT[self.mode][0]
+        return _MODE_OUTPUT[self.mode][0].value
 
     @property
     def suffix(self) -> str:
@@ -275,7 +276,7 @@ def _finish(proto: Any, src_meta: Mapping[str, str], dst: Path, extra: Mapping[s
     """Carry the source's metadata over, add ours, check and save atomically."""
     import onnx
 
-    from edge_export.onnx_export import write_metadata
+    from edge_export.onnx_metadata import write_metadata
 
     del proto.metadata_props[:]
     write_metadata(proto, {**src_meta, **extra})
@@ -403,8 +404,8 @@ def quantize_nncf(
         "mode": "int8-static", "engine": "nncf", "calibration": len(calib), "per_channel": per_channel,
         "normalization_as_conv": folded,
     }
-    _finish(quantized, meta, Path(dst), {"precision": "int8", "quantization": settings})
-    return QuantizeReport("int8-static", "int8", settings, len(calib), time.perf_counter() - t0)
+    _finish(quantized, meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
+    return QuantizeReport("int8-static", Precision.INT8.value, settings, len(calib), time.perf_counter() - t0)
 
 
 class _SessionCache:
@@ -492,10 +493,10 @@ def quantize_nncf_accuracy_control(
         "validation_images": len(val_images),
         "normalization_as_conv": folded,
     }
-    _finish(quantized, meta, Path(dst), {"precision": "int8", "quantization": settings})
+    _finish(quantized, meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
     return QuantizeReport(
         "int8-static",
-        "int8",
+        Precision.INT8.value,
         settings,
         len(calib),
         time.perf_counter() - t0,
@@ -606,8 +607,8 @@ def quantize_ort_static(
         }
         if method is CalibrationMethod.PERCENTILE:
             settings["percentile"] = percentile
-        _finish(_load(out), meta, Path(dst), {"precision": "int8", "quantization": settings})
-    return QuantizeReport("int8-static", "int8", settings, len(calib), time.perf_counter() - t0)
+        _finish(_load(out), meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
+    return QuantizeReport("int8-static", Precision.INT8.value, settings, len(calib), time.perf_counter() - t0)
 
 
 def quantize_ort_dynamic(
@@ -626,8 +627,8 @@ def quantize_ort_dynamic(
         with _quiet_ort_quantization():
             quantize_dynamic(os.fspath(pre), os.fspath(out), per_channel=per_channel, weight_type=QuantType.QInt8)
         settings = {"mode": "int8-dynamic", "per_channel": per_channel}
-        _finish(_load(out), meta, Path(dst), {"precision": "int8", "quantization": settings})
-    return QuantizeReport("int8-dynamic", "int8", settings, 0, time.perf_counter() - t0)
+        _finish(_load(out), meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
+    return QuantizeReport("int8-dynamic", Precision.INT8.value, settings, 0, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
@@ -655,8 +656,8 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Qu
     meta = _meta(model)
     half = convert_float_to_float16(model, keep_io_types=True)
     settings = {"mode": "fp16"}
-    _finish(half, meta, Path(dst), {"precision": "fp16", "quantization": settings})
-    return QuantizeReport("fp16", "fp16", settings, 0, time.perf_counter() - t0)
+    _finish(half, meta, Path(dst), {"precision": Precision.FP16.value, "quantization": settings})
+    return QuantizeReport("fp16", Precision.FP16.value, settings, 0, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------ dispatcher

@@ -5,9 +5,9 @@ pruning (and for small models in tests and benchmarks), without starting Ray. It
 the Ray Train loop's pieces (``_augment``, ``warmup_cosine``, ``evaluate_arrays``), so
 augmentation, schedule and metrics are the same as in ``train.loop``.
 
-Checkpoints are the training loop's ``model.pt`` format; a pruned model adds a
-``pruned`` entry and is rebuilt from its tensors' shapes by :func:`load_model`
-(``torch.load(weights_only=True)`` only, never pickled code).
+Checkpoints are written and read by :mod:`train.checkpoint` (the one ``model.pt``
+format). :func:`prune_tools` hands this module's fine-tune and that loader and saver
+to ``edge_export.optimize``, which never imports ``train``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.loop import _augment, evaluate_arrays, warmup_cosine
+
+if TYPE_CHECKING:
+    from edge_export.optimize import FinetuneJob, PruneTools
 
 __all__ = [
     "FinetuneConfig",
@@ -34,8 +37,7 @@ __all__ = [
     "channel_stats",
     "dataset_finetune_fn",
     "train_in_process",
-    "save_checkpoint",
-    "load_model",
+    "prune_tools",
 ]
 
 
@@ -223,7 +225,7 @@ def train_in_process(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a built-in architecture from scratch without Ray; returns ``(model, meta)``.
 
-    ``meta`` holds what :func:`save_checkpoint` writes (arch, labels, size, normalization,
+    ``meta`` holds what :func:`train.checkpoint.save_checkpoint` writes (arch, labels, size, normalization,
     holdout metrics), the same fields as a Ray Train checkpoint.
     """
     from train.models import ArchSpec, build_model
@@ -254,32 +256,19 @@ def train_in_process(
     return model, meta
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, Any]) -> Path:
-    """Write ``model.pt`` in the training loop's format (state dict + plain metadata).
+def prune_tools() -> "PruneTools":
+    """What ``edge_export.optimize`` needs to prune a built-in architecture: load, fine-tune, save."""
+    from edge_export.optimize import PruneTools
+    from train.checkpoint import load_checkpoint, save_checkpoint
 
-    A pruned model should carry ``meta["pruned"]`` (its channel counts); :func:`load_model`
-    then rebuilds it from the tensors' shapes.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {**dict(meta), "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    return PruneTools(load=load_checkpoint, save=save_checkpoint, finetune=_job_finetune_fn)
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild ``(model, meta)`` from a ``model.pt``, pruned or not (weights only, no code)."""
-    from edge_export.prune import resize_to_state_dict
-    from train.models import ArchSpec, build_model
-
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    spec = ArchSpec.from_dict(blob["arch"])
-    model = build_model(spec)
-    if blob.get("pruned"):
-        resize_to_state_dict(model, blob["state_dict"])
-    else:
-        model.load_state_dict(blob["state_dict"])
-    model.eval()
-    return model, {k: v for k, v in blob.items() if k != "state_dict"}
+def _job_finetune_fn(job: "FinetuneJob") -> Callable[[nn.Module], dict[str, Any]]:
+    cfg = FinetuneConfig(
+        epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, threads=job.threads, seed=job.seed, limit=job.limit,
+    )
+    return dataset_finetune_fn(
+        job.dataset, input_size=job.input_size, resize=job.resize, mean=job.mean, std=job.std, config=cfg,
+        on_step=job.on_step,
+    )

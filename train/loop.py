@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "train_loop_per_worker", "evaluate_arrays", "load_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "fit", "train_loop_per_worker", "evaluate_arrays"]
 
 CHECKPOINT_FILE = "model.pt"
 _PROGRESS_FILE = "progress.json"
@@ -136,26 +136,6 @@ def _metrics_from_stats(v, num_classes: int, labels: list[str], bins: int = 15) 
     }
 
 
-def load_checkpoint(path: str | os.PathLike[str]):
-    """Rebuild ``(model, meta)`` from a ``model.pt`` written by the training loop."""
-    import torch
-
-    from train.models import ArchSpec, build_model
-
-    blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
-    spec = ArchSpec.from_dict(blob["arch"])
-    model = build_model(spec)
-    if blob.get("pruned"):  # channel counts come from the tensors' shapes
-        from edge_export.prune import resize_to_state_dict
-
-        resize_to_state_dict(model, blob["state_dict"])
-    else:
-        model.load_state_dict(blob["state_dict"])
-    model.eval()
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    return model, meta
-
-
 def _augment(xb, pad: int):
     """Flips, 90-degree turns and a random translation (reflect padding)."""
     import torch
@@ -204,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from train.checkpoint import load_checkpoint, save_checkpoint
     from train.models import ArchSpec, build_model
     from visionfleet.datasets.store import load_arrays, read_info
 
@@ -236,16 +217,14 @@ def train_loop_per_worker(config: dict) -> None:
     # --- model
     init_meta: dict = {}
     if cfg.init_checkpoint:
-        blob = torch.load(cfg.init_checkpoint, map_location="cpu", weights_only=True)
-        spec = ArchSpec.from_dict(blob["arch"])
-        init_meta = blob
-        if list(blob["labels"]) != labels:
+        model, init_meta = load_checkpoint(cfg.init_checkpoint)
+        spec = ArchSpec.from_dict(init_meta["arch"])
+        if list(init_meta["labels"]) != labels:
             raise ValueError("the checkpoint's labels differ from the dataset's")
     else:
         spec = ArchSpec.from_dict({**cfg.arch, "num_classes": len(labels)})
-    model = build_model(spec)
+        model = build_model(spec)
     if cfg.init_checkpoint:
-        model.load_state_dict(init_meta["state_dict"])
         mean = torch.tensor(init_meta["mean"]).view(1, 3, 1, 1)
         std = torch.tensor(init_meta["std"]).view(1, 3, 1, 1)
     else:
@@ -340,9 +319,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and epoch == cfg.epochs - 1:
             tmp = tempfile.mkdtemp(prefix="vf-ckpt-")
             raw = model.module if hasattr(model, "module") else model
-            torch.save(
+            save_checkpoint(
+                os.path.join(tmp, CHECKPOINT_FILE),
+                raw,
                 {
-                    "state_dict": raw.state_dict(),
                     "arch": spec.to_dict(),
                     "labels": labels,
                     "input_size": [cfg.input_size, cfg.input_size],
@@ -351,8 +331,9 @@ def train_loop_per_worker(config: dict) -> None:
                     "std": std.flatten().tolist(),
                     "metrics": json.dumps(metrics),
                     "dataset": cfg.dataset,
+                    # a pruned starting point keeps its channel counts: the loader rebuilds from them
+                    **({"pruned": init_meta["pruned"]} if init_meta.get("pruned") else {}),
                 },
-                os.path.join(tmp, CHECKPOINT_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({k: v for k, v in metrics.items() if k != "per_class"} | {

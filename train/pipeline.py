@@ -34,7 +34,7 @@ def register_checkpoint(
     Returns the stored card; the new version's number is ``card.version``.
     """
     from edge_export.onnx_export import export_onnx
-    from train.loop import load_checkpoint
+    from train.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     input_size = tuple(int(v) for v in meta["input_size"])

@@ -166,6 +166,7 @@ def retrain(
     """
     from edge_export.optimize import OptimizeSettings, optimize
     from edge_export.quantize import QuantizeConfig
+    from train.finetune import prune_tools
     from train.loop import TrainConfig, fit
     from train.pipeline import register_checkpoint
     from visionfleet.datasets.store import load_arrays, read_info
@@ -279,7 +280,8 @@ def retrain(
             res = optimize(fp32.ref, OptimizeSettings(quantize=qc, prune=float(recipe.get("prune", 0.0)),
                                                       dataset=base_ds, compare_rounds=1, latency_queries=20,
                                                       peak_memory=False, seed=cfg.seed),
-                           registry=registry, cache_dir=settings.home / "cache" / "variants", datasets_dir=settings.datasets_dir)
+                           registry=registry, cache_dir=settings.home / "cache" / "variants", datasets_dir=settings.datasets_dir,
+                           tools=prune_tools())
         except Exception as exc:  # noqa: BLE001
             raise RetrainFailed("compress", f"{type(exc).__name__}: {exc}") from exc
         gq = gate(res.card)

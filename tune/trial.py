@@ -222,14 +222,15 @@ def resize_stage(
     import torch
 
     from edge_export.onnx_export import export_onnx
-    from train.finetune import FinetuneConfig, dataset_finetune_fn, load_model, save_checkpoint
+    from train.checkpoint import load_checkpoint, save_checkpoint
+    from train.finetune import FinetuneConfig, dataset_finetune_fn
     from visionfleet.datasets.store import load_arrays
 
     final.parent.mkdir(parents=True, exist_ok=True)
     work = final.parent / f".tmp-{uuid.uuid4().hex}"
     work.mkdir()
     try:
-        model, meta = load_model(parent.dir / weights.name)
+        model, meta = load_checkpoint(parent.dir / weights.name)
         mean = card.preprocessing.get("mean", meta["mean"])
         std = card.preprocessing.get("std", meta["std"])
         steps: list[dict[str, Any]] = []
@@ -274,9 +275,10 @@ def resize_stage(
 def _variant_stage(parent: Stage, settings: Any, *, dataset: Path, cache_dir: Path, on_event: Event) -> Stage:
     """``build_variant`` (issue 3) on a stage, wrapped as the next stage."""
     from edge_export.optimize import build_variant
+    from train.finetune import prune_tools
 
     built = build_variant(
-        parent.dir, parent.card, settings, dataset=dataset, cache_dir=cache_dir / "variants",
+        parent.dir, parent.card, settings, dataset=dataset, cache_dir=cache_dir / "variants", tools=prune_tools(),
         on_event=lambda stage, done, total, info: on_event(stage, info),
     )
     steps = [{**s, "by": _BY} for s in built.steps]

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_export.importer import ImportRequest, import_model, sample_images
+from edge_export.importer import ImportRequest, import_onnx, sample_images
 from visionfleet.inference import classification_result, load_model_dir
 from visionfleet.registry import Registry
 
@@ -53,7 +53,7 @@ with tempfile.TemporaryDirectory() as tmp:
     ).to_spec()
 
     registry = Registry(Path(tmp) / "registry")
-    card = import_model(src, registry, "shapes-bgr", spec)  # wrap + parity check + register
+    card = import_onnx(src, registry, "shapes-bgr", spec)  # wrap + parity check + register
     print(f"registered {card.ref}: parity {card.metrics['import_parity']}")
 
     # The new version takes uint8 RGB NHWC images, like every registered model.

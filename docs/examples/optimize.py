@@ -7,7 +7,8 @@ Set VISIONFLEET_HOME to a scratch folder to keep your own state dir clean.
 from edge_export.measure import OrtRunner, compare, count_macs
 from edge_export.optimize import OptimizeSettings, optimize
 from edge_export.quantize import QuantizeConfig
-from train.finetune import FinetuneConfig, save_checkpoint, train_in_process
+from train.checkpoint import save_checkpoint
+from train.finetune import FinetuneConfig, prune_tools, train_in_process
 from train.pipeline import register_checkpoint
 from visionfleet.datasets.store import load_arrays, synthesize
 from visionfleet.registry import Registry
@@ -50,6 +51,7 @@ small = optimize(
     ),
     registry=reg,
     cache_dir=cache,
+    tools=prune_tools(),  # pruning loads, fine-tunes and saves the weights with train's code
 )
 print(f"{small.card.ref}: {[step['op'] for step in small.card.lineage.steps]}")
 print(f"MACs/image {count_macs(reg.local_dir('example', small.card.version) / small.card.model_file):,} "

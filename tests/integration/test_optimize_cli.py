@@ -117,9 +117,9 @@ def test_prune_finetune_int8_and_the_table(home: Path) -> None:
     assert ort_file.suffix == ".ort" and ort_file.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier
     assert card.metrics["threads"] == 1  # --threads wins over the target's 4
     # the pruned version's weights load without pickled code and prune again
-    from train.finetune import load_model
+    from train.checkpoint import load_checkpoint
 
-    model, meta = load_model(reg.local_dir("tiny", v) / "model.pt")
+    model, meta = load_checkpoint(reg.local_dir("tiny", v) / "model.pt")
     assert meta["pruned"]["mac_reduction"] >= 0.5
     # an INT8 parent is not quantized twice
     bad = cli(home, "optimize", f"tiny:{v}", "--quantize", "int8-static", "--threads", "1")

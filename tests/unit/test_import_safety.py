@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_export import importer as imp
+from train.checkpoint_import import import_model
 from visionfleet.registry import Registry
 from visionfleet.spec import Task
 
@@ -94,7 +95,7 @@ def test_tensorrt_engines_from_outside_are_refused(tmp_path: Path, name: str) ->
     path = tmp_path / name
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="TensorRT engines are never accepted from outside"):
-        imp.import_model(path, Registry(tmp_path / "registry"), "x", SPEC)
+        import_model(path, Registry(tmp_path / "registry"), "x", SPEC)
 
 
 @pytest.mark.parametrize("name", ["model.pkl", "model.pickle", "model.joblib", "weights.bin"])
@@ -157,7 +158,7 @@ def test_a_malicious_pickle_checkpoint_is_never_executed(tmp_path: Path, writer:
     assert probe.exists()
     spec = imp.ImportSpec(task=Task.CLASSIFICATION, labels=("a", "b"), input_size=(32, 32))
     with pytest.raises(ValueError, match=r"not a weights-only checkpoint: torch.load\(weights_only=True\) refused it"):
-        imp.import_model(ckpt, Registry(tmp_path / "registry"), "evil", spec, arch={"arch": "resnet", "width": 8})
+        import_model(ckpt, Registry(tmp_path / "registry"), "evil", spec, arch={"arch": "resnet", "width": 8})
     assert not marker.exists()
 
 
@@ -167,8 +168,8 @@ def test_a_checkpoint_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> Non
     ckpt = tmp_path / "list.pt"
     torch.save([1, 2, 3], ckpt)
     with pytest.raises(ValueError, match="holds no state dict"):
-        imp.import_model(ckpt, Registry(tmp_path / "r"), "x", spec, arch={"arch": "resnet"})
+        import_model(ckpt, Registry(tmp_path / "r"), "x", spec, arch={"arch": "resnet"})
     zipped = tmp_path / "broken.pth"
     zipped.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match="broken.pth is not a readable PyTorch checkpoint"):
-        imp.import_model(zipped, Registry(tmp_path / "r"), "x", spec, arch={"arch": "resnet"})
+        import_model(zipped, Registry(tmp_path / "r"), "x", spec, arch={"arch": "resnet"})

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_export import importer as imp
+from train.checkpoint_import import import_checkpoint, import_model
 from visionfleet.imaging import resize_image
 from visionfleet.inference import RuntimeOptions, classification_result, create_session, load_model_dir
 from visionfleet.registry import Registry
@@ -331,7 +332,7 @@ def test_checkpoint_import_exports_the_same_function_as_torch(tmp_path: Path) ->
         std=(0.25, 0.25, 0.25), framework="pytorch",
     ).to_spec()
     reg = Registry(tmp_path / "registry")
-    card = imp.import_model(ckpt, reg, "pt", spec, arch=arch)
+    card = import_model(ckpt, reg, "pt", spec, arch=arch)
     assert card.arch == {**arch, "num_classes": 3, "depths": [1, 1, 1, 1], "dropout": 0.0}
     assert card.lineage.steps[0]["format"] == "pytorch-state-dict" and card.metrics["export_parity"]["n"] > 0
     assert {f.role for f in card.files} == {"onnx", "torch"}
@@ -342,8 +343,8 @@ def test_checkpoint_import_exports_the_same_function_as_torch(tmp_path: Path) ->
     with torch.no_grad():
         want = torch.softmax(model(x), 1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
-    # The stored checkpoint reloads with the training loop's loader (fine-tune/prune can start from it).
-    from train.loop import load_checkpoint
+    # The stored checkpoint reloads with the one checkpoint loader (fine-tune/prune can start from it).
+    from train.checkpoint import load_checkpoint
 
     again, meta = load_checkpoint(reg.local_dir("pt", 1) / "model.pt")
     assert meta["labels"] == ["x", "y", "z"] and meta["mean"] == pytest.approx([127.5, 102.0, 76.5])
@@ -363,7 +364,7 @@ def test_checkpoint_import_refuses_options_that_do_not_apply(tmp_path: Path, kw:
     ckpt.write_bytes(b"never read")
     spec = imp.ImportRequest.parse(task="classification", labels=["x", "y"], input_size=(32, 32), **kw).to_spec()
     with pytest.raises(ValueError, match=needle):
-        imp.import_checkpoint(ckpt, Registry(tmp_path / "r"), "pt", spec, {"arch": "resnet"})
+        import_checkpoint(ckpt, Registry(tmp_path / "r"), "pt", spec, {"arch": "resnet"})
 
 
 def test_model_import_docs_example_runs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from edge_export.prune import channel_counts, count_macs_torch, prune_macs, resize_to_state_dict
 from train.models import ArchSpec, build_model
 
+REPO = Path(__file__).resolve().parents[2]
 ARCHS = {
     "resnet": {"arch": "resnet", "width": 8, "stem_stride": 2},
     "mobilenetv3": {"arch": "mobilenetv3", "width": 8, "stem_stride": 2},
@@ -70,7 +72,7 @@ def test_round_to_keeps_channel_counts_multiples() -> None:
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_pruned_checkpoint_round_trip_needs_no_pickled_code(arch: str, tmp_path: Path) -> None:
-    from train.finetune import load_model, save_checkpoint
+    from train.checkpoint import load_checkpoint, save_checkpoint
 
     model = _model(arch)
     pruned, rep = prune_macs(model, torch.zeros(1, 3, 32, 32), 0.5, iterations=1)
@@ -78,7 +80,7 @@ def test_pruned_checkpoint_round_trip_needs_no_pickled_code(arch: str, tmp_path:
     path = save_checkpoint(tmp_path / "model.pt", pruned, {**meta, "pruned": {"layers": rep.layers}})
     blob = torch.load(path, weights_only=True)  # plain tensors and builtins only
     assert "pruned" in blob and isinstance(blob["state_dict"], dict)
-    rebuilt, got_meta = load_model(path)
+    rebuilt, got_meta = load_checkpoint(path)
     assert got_meta["labels"] == meta["labels"] and channel_counts(rebuilt) == channel_counts(pruned)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -134,3 +136,36 @@ def test_prune_finetune_export_round_trip(tmp_path: Path) -> None:
     onnx_probs = create_session(out, RuntimeOptions(threads=1)).run(None, {"images": hx})[0]
     torch_probs = predict_probs(result.model, hx, mean=mean, std=std, threads=1)
     np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-4)
+
+
+def test_edge_export_never_imports_train() -> None:
+    """Pruning takes an nn.Module and callables (PruneTools); train wires itself in, not the reverse."""
+    offending = []
+    for f in sorted((REPO / "edge_export").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            offending += [f"{f.relative_to(REPO)}: {n}" for n in names if n == "train" or n.startswith("train.")]
+    assert not offending, offending
+
+
+def test_pruning_without_prune_tools_is_a_clear_error(tmp_path: Path) -> None:
+    from edge_export.optimize import OptimizeSettings, build_variant
+    from visionfleet.spec import ModelCard
+
+    card = ModelCard(name="m", labels=["a", "b"], input_size=(8, 8))
+    with pytest.raises(ValueError, match="Got --prune without PruneTools"):
+        build_variant(tmp_path, card, OptimizeSettings(prune=0.5), dataset=tmp_path, cache_dir=tmp_path / "c")
+
+
+def test_prune_tools_come_from_train_and_use_the_one_checkpoint_format() -> None:
+    from edge_export.optimize import PruneTools
+    from train.checkpoint import load_checkpoint, save_checkpoint
+    from train.finetune import prune_tools
+
+    tools = prune_tools()
+    assert isinstance(tools, PruneTools) and tools.load is load_checkpoint and tools.save is save_checkpoint

@@ -188,13 +188,20 @@ def import_(
     A .pt/.pth state dict of a built-in architecture is loaded with torch.load(weights_only=True) and exported.
     TensorRT engines and pickles are refused. See docs/model-import.md.
     """
-    from edge_export.importer import ImportRequest, check_source_file, import_model, load_sample_images, parse_labels
+    from edge_export.importer import (
+        CHECKPOINT_SUFFIXES,
+        ImportRequest,
+        check_source_file,
+        load_sample_images,
+        parse_labels,
+    )
+    from train.checkpoint_import import import_model
     from visionfleet.cli._common import parse_float_list
     from visionfleet.spec import validate_name
 
     src = check_source_file(file)
     validate_name(name)
-    is_checkpoint = src.suffix.lower() in (".pt", ".pth")
+    is_checkpoint = src.suffix.lower() in CHECKPOINT_SUFFIXES
     detection = {
         "score_threshold": score_threshold,
         "iou_threshold": iou_threshold,

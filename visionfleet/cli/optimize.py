@@ -35,7 +35,7 @@ def optimize(
     finetune_limit: Annotated[Optional[int], typer.Option(help="fine-tune on the first N training images")] = None,
     round_to: Annotated[int, typer.Option(help="pruned channel counts are multiples of this (1: any)")] = 8,
     target: Annotated[
-        Optional[str], typer.Option(help="x86-cpu|arm64-cpu|android|ios|jetson: threads and budgets to check")
+        Optional[str], typer.Option(help="x86-cpu|arm64-cpu|android|ios|jetson|x86-gpu: threads and budgets to check")
     ] = None,
     threads: Annotated[Optional[int], typer.Option(help="measurement threads (default: the target's, else 2)")] = None,
     data: Annotated[
@@ -55,6 +55,7 @@ def optimize(
     from edge_export.optimize import OptimizeSettings
     from edge_export.optimize import optimize as run_optimize
     from edge_export.quantize import QuantizeConfig
+    from train.finetune import prune_tools
     from visionfleet.registry import Registry
 
     s = settings().ensure()
@@ -96,6 +97,7 @@ def optimize(
             registry=Registry(s.registry_dir),
             cache_dir=s.home / "cache" / "variants",
             datasets_dir=s.datasets_dir,
+            tools=prune_tools(),  # edge_export never imports train: the built-in architectures come from here
             force=force,
             on_event=on_event,
         )

@@ -1,0 +1,166 @@
+"""Import an ONNX model from any framework: load safely, wrap, check parity, register.
+
+A PyTorch checkpoint of a built-in architecture is imported by
+:func:`train.checkpoint_import.import_checkpoint` (the architectures live in ``train``,
+which ``edge_export`` never imports); it reuses :func:`card_preprocessing` and
+:func:`source_sha256` from here so both kinds of import describe themselves alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from edge_export.importer.reference import check_import_parity
+from edge_export.importer.safe_load import check_source_file, load_onnx_safely
+from edge_export.importer.samples import sample_images
+from edge_export.importer.spec import ImportSpec, OutputKind
+from edge_export.importer.wrap import WrapInfo, wrap_onnx
+from edge_export.onnx_metadata import write_metadata
+from visionfleet.names import DETECTION_OUTPUTS, INPUT_NAME, OUTPUT_NAME
+from visionfleet.spec import Lineage, ModelCard, Task
+from visionfleet.targets import Precision
+
+__all__ = ["import_onnx", "card_preprocessing", "source_sha256"]
+
+
+def _ort_session(model_bytes: bytes, what: str):
+    """A single-threaded CPU session, with a clear error when ONNX Runtime refuses the model."""
+    from visionfleet.inference import RuntimeOptions, create_session
+
+    try:
+        return create_session(model_bytes, RuntimeOptions(threads=1, providers=("CPUExecutionProvider",)))
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind exception types
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"ONNX Runtime cannot load {what}: {msg}") from None
+
+
+def source_sha256(path: Path) -> str:
+    """The sha256 of an imported file, recorded in the card's lineage."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _precision_of(model: onnx.ModelProto) -> Precision:
+    ops = {n.op_type for n in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}:
+        return Precision.INT8
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        return Precision.FP16
+    return Precision.FP32
+
+
+def card_preprocessing(spec: ImportSpec, info: WrapInfo | None) -> dict[str, Any]:
+    """The card's ``preprocessing``: what was declared and that it is folded into the graph."""
+    d = {
+        **spec.preprocessing.to_dict(),
+        "input_name": info.original_input if info else None,
+        "output": (spec.output or OutputKind.PROBS).value,
+        "folded_into_graph": True,
+        "resize": spec.resize.value,
+    }
+    if spec.detection is not None:
+        d["postprocessing"] = {"decode": "yolo-cxcywh", "nms": "onnx NonMaxSuppression", **spec.detection.to_dict()}
+    return d
+
+
+def import_onnx(
+    path: str | os.PathLike[str],
+    registry: Any,
+    name: str,
+    spec: ImportSpec,
+    *,
+    images: np.ndarray | None = None,
+    description: str = "",
+) -> ModelCard:
+    """Import an ONNX model from any framework: wrap, check parity, register.
+
+    Args:
+        path: the ``.onnx`` file (external data, if any, must sit inside its folder).
+        registry: a :class:`visionfleet.registry.Registry`.
+        name: the model name to register under (a new version).
+        spec: everything declared about the model.
+        images: uint8 NHWC images at the model size for the parity check; default
+            :func:`sample_images`.
+    Returns:
+        The stored card.
+    Raises:
+        ValueError: unsafe or invalid file, or declared options that do not fit it.
+        ImportParityError: the wrapped graph disagrees with running the original by hand.
+    """
+    p = check_source_file(path)
+    if p.suffix.lower() != ".onnx":
+        raise ValueError(f"Got {p.name!r} for import_onnx; expected a .onnx file")
+    original = load_onnx_safely(p)
+    original_session = _ort_session(original.SerializeToString(), p.name)
+    wrapped, info = wrap_onnx(original, spec)
+    if images is None:
+        images = sample_images(spec.input_size, spec.resize)
+    wrapped_session = _ort_session(wrapped.SerializeToString(), f"the wrapped {p.name}")
+    parity = check_import_parity(original_session, wrapped_session, spec, info, images)
+    source_sha = source_sha256(p)
+    source_meta = {pr.key: pr.value for pr in original.metadata_props}
+    metadata: dict[str, object] = {
+        "task": spec.task.value,
+        "labels": list(spec.labels),
+        "input_name": INPUT_NAME,
+        "input_layout": "NHWC",
+        "input_dtype": "uint8",
+        "input_size": list(spec.input_size),
+        "resize": spec.resize.value,
+        "normalization": spec.preprocessing.to_dict(),
+        "framework": spec.framework,
+        "model_name": name,
+        "imported_from": {"file": p.name, "sha256": source_sha, **info.to_dict()},
+    }
+    if spec.task is Task.CLASSIFICATION:
+        metadata["output_name"] = OUTPUT_NAME
+    else:
+        assert spec.detection is not None
+        metadata["output_names"] = list(DETECTION_OUTPUTS)
+        metadata["max_detections"] = spec.detection.max_detections
+        metadata["detection"] = spec.detection.to_dict()
+    if source_meta:
+        text = json.dumps(source_meta)
+        metadata["source_metadata"] = text if len(text) <= 65536 else json.dumps({"truncated": True})
+    write_metadata(wrapped, metadata)
+    step = {
+        "op": "import",
+        "format": "onnx",
+        "source": p.name,
+        "sha256": source_sha,
+        "framework": spec.framework,
+        **info.to_dict(),
+    }
+    if spec.detection is not None:
+        step["detection"] = spec.detection.to_dict()
+    card = ModelCard(
+        name=name,
+        task=spec.task,
+        labels=list(spec.labels),
+        input_size=spec.input_size,
+        resize=spec.resize,
+        model_file="model.onnx",
+        format="onnx",
+        precision=_precision_of(original).value,
+        framework=spec.framework,
+        preprocessing=card_preprocessing(spec, info),
+        metrics={"import_parity": parity.to_dict()},
+        lineage=Lineage(steps=[step]),
+        description=description or f"imported from {p.name}",
+    )
+    with tempfile.TemporaryDirectory(prefix="vf-import-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        onnx.save_model(wrapped, os.fspath(out))
+        return registry.register(card, {"onnx": out})

@@ -1,0 +1,310 @@
+"""What is declared about a model to import: layout, dtype, channel order, normalization, head.
+
+Nothing about a foreign model is guessed: :class:`ImportRequest` parses the options the
+CLI (or an HTTP client) sends, once, into the frozen :class:`ImportSpec` that the
+wrapper, the parity check and the registration read.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from visionfleet.imaging import ResizeMode
+from visionfleet.spec import Task
+
+__all__ = [
+    "Layout",
+    "InputDType",
+    "ChannelOrder",
+    "PixelScale",
+    "OutputKind",
+    "HeadLayout",
+    "DType",
+    "DTYPES",
+    "Preprocessing",
+    "DetectionOptions",
+    "ImportSpec",
+    "ImportRequest",
+    "parse_labels",
+    "MAX_DETECTIONS_LIMIT",
+]
+
+MAX_DETECTIONS_LIMIT = 1000
+
+
+class Layout(str, enum.Enum):
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+
+
+class InputDType(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    UINT8 = "uint8"
+
+
+class ChannelOrder(str, enum.Enum):
+    RGB = "RGB"
+    BGR = "BGR"
+
+
+class PixelScale(str, enum.Enum):
+    """The scale ``--mean``/``--std`` are given on: pixels divided by 255 first, or not."""
+
+    UNIT = "0-1"
+    BYTE = "0-255"
+
+
+class OutputKind(str, enum.Enum):
+    PROBS = "probs"
+    LOGITS = "logits"
+
+
+class HeadLayout(str, enum.Enum):
+    """Where a YOLO-style head puts its features: ``[N, 4+C, A]`` or ``[N, A, 4+C]``."""
+
+    AUTO = "auto"
+    CHANNELS_FIRST = "channels-first"  # YOLOv8/v11 exports: [N, 4 + C, A]
+    ANCHORS_FIRST = "anchors-first"  # YOLOv5/v7 exports: [N, A, 5 + C]
+
+
+@dataclass(frozen=True)
+class DType:
+    """How an input dtype is spelled in numpy and in ONNX."""
+
+    np_type: type
+    onnx_type: int
+
+
+DTYPES: dict[InputDType, DType] = {
+    InputDType.FLOAT32: DType(np.float32, TensorProto.FLOAT),
+    InputDType.FLOAT16: DType(np.float16, TensorProto.FLOAT16),
+    InputDType.UINT8: DType(np.uint8, TensorProto.UINT8),
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the original model expects, declared by the user.
+
+    The model input is ``((pixels [/ 255]) - mean) / std`` with pixels in the model's
+    channel order; ``mean`` and ``std`` list one value per input channel *in that order*
+    (a BGR model's mean is B, G, R), on the scale ``scale`` says.
+    """
+
+    layout: Layout = Layout.NCHW
+    dtype: InputDType = InputDType.FLOAT32
+    channel_order: ChannelOrder = ChannelOrder.RGB
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    scale: PixelScale = PixelScale.UNIT
+
+    def __post_init__(self) -> None:
+        for what, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"Got {list(vals)} for {what}; expected 3 finite numbers")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"Got {list(self.std)} for std; expected 3 positive numbers")
+        if self.scale is PixelScale.UNIT and (max(self.mean) > 1.0 or min(self.mean) < 0.0 or max(self.std) > 1.0):
+            # Pixels/255 lie in 0..1, so must their mean and spread; 123.7 is a 0-255 value.
+            raise ValueError(
+                f"Got mean {list(self.mean)}, std {list(self.std)} on the 0-1 scale; expected values within 0..1 "
+                "(for values on the 0-255 scale pass --scale 0-255)"
+            )
+        if self.dtype is InputDType.UINT8 and not self.is_identity:
+            raise ValueError(
+                f"Got mean {list(self.mean)}, std {list(self.std)} on the {self.scale.value} scale for a uint8 "
+                "input; expected mean 0,0,0, std 1,1,1 and scale 0-255 (a uint8 input takes raw pixels)"
+            )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale is PixelScale.BYTE and self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0)
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """The declared preprocessing by hand (numpy): uint8 NHWC RGB -> the model's input."""
+        x = np.asarray(images)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
+            raise ValueError(f"Got images {x.dtype} {x.shape}; expected uint8 [N, H, W, 3]")
+        if self.channel_order is ChannelOrder.BGR:
+            x = x[..., ::-1]
+        if self.dtype is not InputDType.UINT8:
+            x = x.astype(np.float32)
+            if self.scale is PixelScale.UNIT:
+                x = x / np.float32(255.0)
+            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+            x = x.astype(DTYPES[self.dtype].np_type)
+        if self.layout is Layout.NCHW:
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout.value,
+            "dtype": self.dtype.value,
+            "channel_order": self.channel_order.value,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "scale": self.scale.value,
+        }
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    """Decoding and NMS settings baked into a detection model at import."""
+
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.45
+    max_detections: int = 100
+    head_layout: HeadLayout = HeadLayout.AUTO
+    objectness: bool | None = None  # None: from the head's width (4 + C or 5 + C)
+    class_agnostic: bool = False
+
+    def __post_init__(self) -> None:
+        # A score of 0 marks padding rows, so the threshold must keep them out.
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ValueError(f"Got {self.score_threshold} for score threshold; expected 0 < t < 1")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ValueError(f"Got {self.iou_threshold} for IoU threshold; expected 0 < t <= 1")
+        if not 1 <= self.max_detections <= MAX_DETECTIONS_LIMIT:
+            raise ValueError(f"Got {self.max_detections} for max detections; expected 1..{MAX_DETECTIONS_LIMIT}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score_threshold": self.score_threshold,
+            "iou_threshold": self.iou_threshold,
+            "max_detections": self.max_detections,
+            "head_layout": self.head_layout.value,
+            "objectness": self.objectness,
+            "class_agnostic": self.class_agnostic,
+        }
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """Everything declared about a model to import."""
+
+    task: Task
+    labels: tuple[str, ...]
+    input_size: tuple[int, int]  # (height, width)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    resize: ResizeMode = ResizeMode.STRETCH
+    output: OutputKind | None = None  # None: probs for ONNX files, logits for checkpoints
+    input_name: str | None = None  # None: the graph's only input
+    output_name: str | None = None  # None: the graph's only output
+    framework: str = "onnx"
+    detection: DetectionOptions | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels) or any(not lb for lb in self.labels):
+            raise ValueError(f"Got labels {list(self.labels)[:10]}; expected unique, non-empty names")
+        h, w = self.input_size
+        if not (8 <= h <= 4096 and 8 <= w <= 4096):
+            raise ValueError(f"Got {h}x{w} for input size; expected HEIGHTxWIDTH within 8..4096")
+        if self.task is Task.DETECTION:
+            if self.detection is None:
+                raise ValueError("Got no detection options for a detection import; expected DetectionOptions")
+            if self.output is OutputKind.LOGITS:
+                raise ValueError(
+                    "Got --output logits for a detection model; expected probs (YOLO-style heads give scores)"
+                )
+        elif self.detection is not None:
+            raise ValueError("Got detection options for a classification import; expected none")
+        if self.task is Task.CLASSIFICATION and len(self.labels) < 2:
+            raise ValueError(f"Got {len(self.labels)} label for classification; expected at least 2")
+
+
+class ImportRequest(BaseModel):
+    """The import options as the CLI (or an HTTP client) sends them, parsed once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task = Field(description="classification or detection")
+    labels: list[str] = Field(description="class names, in the model's output order")
+    input_size: tuple[int, int] = Field(description="model input (height, width)")
+    layout: Layout = Field(default=Layout.NCHW, description="the original model's input layout")
+    input_dtype: InputDType = Field(default=InputDType.FLOAT32, description="the original model's input dtype")
+    channel_order: ChannelOrder = Field(default=ChannelOrder.RGB, description="channel order the model expects")
+    mean: tuple[float, float, float] = Field(default=(0.0, 0.0, 0.0), description="per channel, model order")
+    std: tuple[float, float, float] = Field(default=(1.0, 1.0, 1.0), description="per channel, model order")
+    scale: PixelScale = Field(default=PixelScale.UNIT, description="scale mean/std are given on: 0-1 or 0-255")
+    resize: ResizeMode = Field(default=ResizeMode.STRETCH, description="how images are resized to the input")
+    output: OutputKind | None = Field(
+        default=None, description="classification output: probs or logits (default probs; logits for checkpoints)"
+    )
+    input_name: str | None = Field(default=None, description="graph input to feed; default the only one")
+    output_name: str | None = Field(default=None, description="graph output to read; default the only one")
+    framework: str = Field(default="onnx", description="where the model came from (pytorch, tensorflow, …)")
+    score_threshold: float = Field(default=0.25, description="detection: minimum box score kept")
+    iou_threshold: float = Field(default=0.45, description="detection: NMS IoU threshold")
+    max_detections: int = Field(default=100, description="detection: K rows per image")
+    head_layout: HeadLayout = Field(default=HeadLayout.AUTO, description="detection: head layout")
+    objectness: bool | None = Field(default=None, description="detection: head has an objectness column")
+    class_agnostic: bool = Field(default=False, description="detection: one NMS across classes")
+
+    @classmethod
+    def parse(cls, **values: Any) -> "ImportRequest":
+        """Validate, turning pydantic's report into one ``Got X for Y; expected …`` line."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "options"
+            msg = str(first["msg"])
+            msg = msg[len("Input should be ") :] if msg.startswith("Input should be ") else msg
+            raise ValueError(f"Got {first.get('input')!r} for --{where.replace('_', '-')}; expected {msg}") from None
+
+    def to_spec(self) -> ImportSpec:
+        detection = None
+        if self.task is Task.DETECTION:
+            detection = DetectionOptions(
+                score_threshold=self.score_threshold,
+                iou_threshold=self.iou_threshold,
+                max_detections=self.max_detections,
+                head_layout=self.head_layout,
+                objectness=self.objectness,
+                class_agnostic=self.class_agnostic,
+            )
+        return ImportSpec(
+            task=self.task,
+            labels=tuple(self.labels),
+            input_size=(int(self.input_size[0]), int(self.input_size[1])),
+            preprocessing=Preprocessing(
+                layout=self.layout,
+                dtype=self.input_dtype,
+                channel_order=self.channel_order,
+                mean=tuple(float(v) for v in self.mean),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in self.std),  # type: ignore[arg-type]
+                scale=self.scale,
+            ),
+            resize=self.resize,
+            output=self.output,
+            input_name=self.input_name,
+            output_name=self.output_name,
+            framework=self.framework,
+            detection=detection,
+        )
+
+
+def parse_labels(text: str) -> list[str]:
+    """``--labels FILE|a,b,c``: one label per line in a file, or a comma-separated list."""
+    if not text or not text.strip():
+        raise ValueError("Got an empty --labels; expected a file (one label per line) or a,b,c")
+    path = Path(text).expanduser()
+    if path.is_file():
+        labels = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif "," not in text and ("/" in text or "\\" in text or path.suffix.lower() in (".txt", ".names", ".csv")):
+        raise FileNotFoundError(f"no such labels file: {text}")
+    else:
+        labels = [v.strip() for v in text.split(",")]
+    if not labels or any(not lb for lb in labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"Got labels {labels[:10]} from {text[:80]!r}; expected unique, non-empty names")
+    return labels
