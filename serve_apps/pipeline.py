@@ -212,9 +212,6 @@ class PredictionService:
             ApiError: the request fails (unknown model, bad image unless ``per_item``,
                 model unavailable); its outcomes are recorded first.
         """
-        k = top_k or self.cfg.top_k
-        done = lambda **kw: [Outcome(request_id=rid, role=role, route=route, client_key=client_key,  # noqa: E731
-                                     latency_ms=(time.perf_counter() - t0) * 1000, **kw) for rid in request_ids]
         resolved = card = None
         try:
             resolved, card = self.target(route.ref)
@@ -228,10 +225,15 @@ class PredictionService:
             outputs: list[np.ndarray] = []
             if ok:
                 outputs = await self._infer(resolved, np.stack([decoded[i][0] for i in ok]))
-            preds = predictions(card, outputs, [decoded[i][1] for i in ok], top_k=k) if ok else []
+            try:
+                preds = predictions(card, outputs, [decoded[i][1] for i in ok], top_k=top_k or self.cfg.top_k)
+            except ValueError as exc:  # the model, not the client: its outputs do not fit its card
+                raise ApiError(500, f"{resolved} returned outputs its card does not describe: {exc}") from None
         except ApiError as exc:
-            for o in done(status=exc.status, error=exc.message, resolved=resolved, card=card):
-                self.record(o)
+            ms = (time.perf_counter() - t0) * 1000
+            for rid in request_ids:
+                self.record(Outcome(request_id=rid, role=role, route=route, status=exc.status, latency_ms=ms,
+                                    resolved=resolved, card=card, client_key=client_key, error=exc.message))
             raise
         latency_ms = (time.perf_counter() - t0) * 1000
         at = {i: j for j, i in enumerate(ok)}

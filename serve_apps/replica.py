@@ -4,7 +4,7 @@ A thin shell (STYLE 4). The ingress's adaptive batcher (``serve_apps.batching``)
 the batch, so one call here is one ONNX Runtime run: there is no second batcher
 (``@serve.batch``) stacked behind the first, and no second concatenate/split round.
 Measured on 2 cores, a batcher on each side of the hop was no faster than the
-ingress's alone (docs/performance.md#one-batcher-per-layout). Loading and running
+ingress's alone (docs/performance.md#one-batcher-per-layout-2026-12-02). Loading and running
 live in ``serve_apps.runner``, shared with the ingress.
 """
 

@@ -145,17 +145,11 @@ class Stage:
         return self.dir / self.card.model_file
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _entries(folder: Path, files: dict[str, str]) -> list[FileEntry]:
+    from edge_export.importer import source_sha256
+
     return [
-        FileEntry(name=name, role=role, bytes=(folder / name).stat().st_size, sha256=_sha256(folder / name))
+        FileEntry(name=name, role=role, bytes=(folder / name).stat().st_size, sha256=source_sha256(folder / name))
         for role, name in files.items()
     ]
 

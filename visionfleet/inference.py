@@ -24,8 +24,6 @@ __all__ = [
     "create_session",
     "LoadedModel",
     "load_model_dir",
-    "classification_result",
-    "confidence_stats",
     "PROVIDER_PREFERENCE",
 ]
 
@@ -139,31 +137,3 @@ def load_model_dir(path: str | os.PathLike[str], opts: RuntimeOptions = RuntimeO
             )
         output_names = list(DETECTION_OUTPUTS)
     return LoadedModel(card=card, session=sess, input_name=sess.get_inputs()[0].name, output_names=output_names)
-
-
-def confidence_stats(probs: np.ndarray) -> dict[str, float]:
-    """Top-1 confidence, margin to the runner-up and normalized entropy of one prob vector."""
-    p = np.asarray(probs, dtype=np.float64)
-    top2 = np.sort(p)[-2:] if p.size >= 2 else np.array([0.0, float(p.max())])
-    ent = float(-(p * np.log(np.clip(p, 1e-12, 1.0))).sum())
-    return {
-        "confidence": float(top2[-1]),
-        "margin": float(top2[-1] - top2[-2]),
-        "entropy": ent / math.log(p.size) if p.size > 1 else 0.0,
-    }
-
-
-def classification_result(probs: np.ndarray, labels: Sequence[str], top_k: int = 5) -> dict[str, Any]:
-    """``{label, score, probs: {label: p} (top_k, descending), class_id}`` for one image."""
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 1 or p.size != len(labels):
-        raise ValueError(f"Got probs of shape {p.shape}; expected ({len(labels)},)")
-    order = np.argsort(-p)
-    k = max(1, min(int(top_k), p.size))
-    best = int(order[0])
-    return {
-        "label": labels[best],
-        "class_id": best,
-        "score": float(p[best]),
-        "probs": {labels[int(i)]: float(p[int(i)]) for i in order[:k]},
-    }

@@ -8,7 +8,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_export.importer import ImportRequest, import_onnx, sample_images
-from visionfleet.inference import classification_result, load_model_dir
+from visionfleet.inference import load_model_dir
+from visionfleet.predict import predictions
 from visionfleet.registry import Registry
 
 # A stand-in for a file exported by another framework: input "data" [N, 3, 32, 32] float
@@ -60,7 +61,7 @@ with tempfile.TemporaryDirectory() as tmp:
     loaded = load_model_dir(registry.local_dir(card.name, card.version))
     images = sample_images(card.input_size, card.resize, n=4)
     probs = loaded.run(images)[0]
-    print(classification_result(probs[0], card.labels, top_k=3))
+    print(predictions(card, [probs[:1]], [None], top_k=3)[0].response())
 
     # The same prediction by hand: BGR, /255, normalize, NCHW, run the original, softmax.
     import onnxruntime as ort

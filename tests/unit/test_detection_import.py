@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_export import importer as imp
-from visionfleet.detection import detection_confidence_stats, detection_result
+from visionfleet.predict import detection_stats, predictions
 from visionfleet.imaging import resize_image
 from visionfleet.inference import RuntimeOptions, create_session, load_model_dir
 from visionfleet.registry import Registry
@@ -198,7 +198,8 @@ def test_registered_detector_maps_letterboxed_boxes_back_to_original_pixels(tmp_
     original = np.zeros((100, 200, 3), np.uint8)  # 200 wide, 100 high: letterbox adds 25 px bars
     x, info = resize_image(original, card.input_size, card.resize)
     boxes, scores, classes = loaded.run(x[None])
-    result = detection_result(boxes[0], scores[0], classes[0], card.labels, info)
+    (pred,) = predictions(card, [boxes, scores, classes], [info])
+    result = pred.response()
     assert result["count"] == 4 and result["score"] == pytest.approx(0.9)
     # Model pixels -> original: x / 0.5, (y - 25) / 0.5, clipped to the 200x100 image.
     want = [[40, 0, 80, 30], [42, 0, 82, 30], [130, 60, 150, 100], [186, 136, 200, 150]]
@@ -208,29 +209,38 @@ def test_registered_detector_maps_letterboxed_boxes_back_to_original_pixels(tmp_
     assert [d["label"] for d in result["detections"]] == ["car", "person", "dog", "car"]
 
 
-def test_detection_result_shape_and_padding_rules() -> None:
+def test_detection_predictions_shape_and_padding_rules() -> None:
+    from visionfleet.spec import ModelCard
+
+    card = ModelCard(name="d", task=Task.DETECTION, labels=["a", "b"], input_size=(16, 16))
     boxes = np.array([[0, 0, 10, 10], [5, 5, 8, 8], [0, 0, 0, 0]], np.float32)
     scores = np.array([0.4, 0.8, 0.0], np.float32)
     classes = np.array([1, 0, -1])
-    r = detection_result(boxes[None], scores[None], classes[None], ["a", "b"])  # a batch of one is accepted
-    assert r["count"] == 2 and r["score"] == pytest.approx(0.8)
+
+    def one(b, s, c, labels=("a", "b")):
+        return predictions(card.model_copy(update={"labels": list(labels)}), [b[None], s[None], c[None]], [None])[0]
+
+    p = one(boxes, scores, classes)
+    r = p.response()
+    assert r["count"] == 2 and r["score"] == pytest.approx(0.8) and p.margin == pytest.approx(0.4)
+    assert (p.label, p.class_id) == ("a", 0)  # the top box's class
     assert [d["label"] for d in r["detections"]] == ["a", "b"]  # sorted by score, padding dropped
     assert r["detections"][0] == {"label": "a", "class_id": 0, "score": pytest.approx(0.8), "box": [5, 5, 8, 8]}
-    empty = detection_result(np.zeros((4, 4)), np.zeros(4), -np.ones(4), ["a"])
-    assert empty == {"detections": [], "score": 0.0, "count": 0}
+    empty = one(np.zeros((4, 4), np.float32), np.zeros(4, np.float32), -np.ones(4), ["a"])
+    assert empty.response() == {"detections": [], "score": 0.0, "count": 0} and empty.label is None
     with pytest.raises(ValueError, match="class id 5"):
-        detection_result(boxes, scores, np.array([5, 0, -1]), ["a", "b"])
+        one(boxes, scores, np.array([5, 0, -1]))
     with pytest.raises(ValueError, match=r"expected \[K, 4\]"):
-        detection_result(np.zeros((3, 5)), scores, classes, ["a", "b"])
+        one(np.zeros((3, 5), np.float32), scores, classes)
     with pytest.raises(ValueError, match="same count"):
-        detection_result(boxes, scores[:2], classes, ["a", "b"])
+        one(boxes, scores[:2], classes)
 
 
-def test_detection_confidence_stats() -> None:
-    stats = detection_confidence_stats(np.array([0.3, 0.9, 0.0, 0.6]))
+def test_detection_stats() -> None:
+    stats = detection_stats(np.array([0.3, 0.9, 0.0, 0.6]))
     assert stats == pytest.approx({"confidence": 0.9, "margin": 0.3, "count": 3, "mean_score": 0.6})
-    assert detection_confidence_stats(np.zeros(5)) == {"confidence": 0.0, "margin": 0.0, "count": 0, "mean_score": 0.0}
-    assert detection_confidence_stats(np.array([0.7]))["margin"] == pytest.approx(0.7)
+    assert detection_stats(np.zeros(5)) == {"confidence": 0.0, "margin": 0.0, "count": 0, "mean_score": 0.0}
+    assert detection_stats(np.array([0.7]))["margin"] == pytest.approx(0.7)
 
 
 def test_detection_module_stays_light() -> None:

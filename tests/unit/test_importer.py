@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_export import importer as imp
 from train.checkpoint_import import import_checkpoint, import_model
 from visionfleet.imaging import resize_image
-from visionfleet.inference import RuntimeOptions, classification_result, create_session, load_model_dir
+from visionfleet.inference import RuntimeOptions, create_session, load_model_dir
+from visionfleet.predict import predictions
 from visionfleet.registry import Registry
 from visionfleet.spec import Task
 
@@ -313,9 +314,9 @@ def test_import_onnx_registers_a_self_describing_version(tmp_path: Path) -> None
     picture = imp.sample_images((60, 90), "stretch", n=1)[0]
     x, _ = resize_image(picture, card.input_size, card.resize)
     (probs,) = loaded.run(x[None])
-    result = classification_result(probs[0], card.labels)
+    (result,) = predictions(card, [probs], [None])
     want = by_hand(onnx.load(str(src)), x[None])[0]
-    assert result["label"] == "abcde"[int(want.argmax())] and abs(result["score"] - want.max()) < 1e-5
+    assert result.label == "abcde"[int(want.argmax())] and abs(result.score - want.max()) < 1e-5
 
 
 def test_checkpoint_import_exports_the_same_function_as_torch(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 from edge_export.onnx_export import ExportParityError, check_parity, Deployable, export_onnx, read_metadata
 from train.loop import evaluate_arrays
 from train.models import ArchSpec, build_model, count_params
-from visionfleet.inference import RuntimeOptions, classification_result, confidence_stats, create_session
+from visionfleet.inference import RuntimeOptions, create_session
 
 
 @pytest.mark.parametrize("arch", ["resnet", "mobilenetv3"])
@@ -88,12 +88,18 @@ def test_evaluate_arrays_and_results() -> None:
     m = evaluate_arrays(probs, labels, 2)
     assert m["top1"] == 0.75 and m["per_class"][0] == 1.0 and abs(m["per_class"][1] - 2 / 3) < 1e-9
     assert 0 <= m["ece"] <= 1
-    r = classification_result(np.array([0.1, 0.7, 0.2]), ["a", "b", "c"], top_k=2)
+    from visionfleet.predict import classification_stats, predictions
+    from visionfleet.spec import ModelCard
+
+    card = ModelCard(name="abc", labels=["a", "b", "c"], input_size=(8, 8))
+    (p,) = predictions(card, [np.array([[0.1, 0.7, 0.2]])], [None], top_k=2)
+    r = p.response()
     assert r["label"] == "b" and list(r["probs"]) == ["b", "c"] and r["class_id"] == 1
-    s = confidence_stats(np.array([0.5, 0.3, 0.2]))
+    assert p.margin == pytest.approx(0.5) and p.row()["probs"] == [{"label": "b", "prob": 0.7}, {"label": "c", "prob": 0.2}]
+    s = classification_stats(np.array([0.5, 0.3, 0.2]))
     assert abs(s["margin"] - 0.2) < 1e-9 and 0 < s["entropy"] < 1
     with pytest.raises(ValueError):
-        classification_result(np.array([0.5, 0.5]), ["a", "b", "c"])
+        predictions(card, [np.array([[0.5, 0.5]])], [None])
 
 
 def test_warmup_cosine_schedule_is_defined_for_any_length() -> None:

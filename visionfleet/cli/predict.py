@@ -56,7 +56,8 @@ def _local(data: bytes, model: Optional[str], top_k: int) -> dict:
     import time
 
     from visionfleet.imaging import load_for_model
-    from visionfleet.inference import RuntimeOptions, classification_result, load_model_dir
+    from visionfleet.inference import RuntimeOptions, load_model_dir
+    from visionfleet.predict import predictions
     from visionfleet.registry import Registry
 
     s = settings()
@@ -64,11 +65,11 @@ def _local(data: bytes, model: Optional[str], top_k: int) -> dict:
     resolved = reg.resolve(model or "demo")
     loaded = load_model_dir(reg.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=2))
     t0 = time.perf_counter()
-    img, _ = load_for_model(data, loaded.card.input_size, loaded.card.resize, max_pixels=s.max_pixels)
-    probs = loaded.run(img[None])[0][0]
+    img, info = load_for_model(data, loaded.card.input_size, loaded.card.resize, max_pixels=s.max_pixels)
+    (pred,) = predictions(loaded.card, loaded.run(img[None]), [info], top_k=top_k)
     return {
         "model": resolved.name,
         "version": resolved.version,
         "latency_ms": (time.perf_counter() - t0) * 1000,
-        **classification_result(probs, loaded.card.labels, top_k),
+        **pred.response(),
     }
