@@ -2,13 +2,17 @@
 
 An ONNX file exported by PyTorch, TensorFlow (tf2onnx), PaddlePaddle (paddle2onnx) or
 anything else comes with its own input name, layout, dtype, normalization and channel
-order. Everything is *declared* at import (nothing is guessed) and folded into a
+order. What the graph states (input size, layout, element type, channels, outputs) is
+read from it; the rest is *declared* at import (nothing is guessed), and whether a
+classifier returns logits is measured on real images. All of it is folded into a
 wrapper graph around the unchanged original. One job per module:
 
 * :mod:`.spec` — what is declared (:class:`ImportSpec`, parsed once from :class:`ImportRequest`);
+* :mod:`.resolve` — what the graph says: the one reading of its dims (``-1``, ``0``, any
+  ``dim_param`` or none are dynamic), ``auto`` options filled, declarations checked;
 * :mod:`.safe_load` — refuse engines and pickles, vet ONNX external data, ``onnx.checker``;
 * :mod:`.wrap` — the wrapper graph (preprocessing in, probabilities or decoded boxes out);
-* :mod:`.reference` — the original run by hand (numpy) and the parity check;
+* :mod:`.reference` — the original run by hand (numpy), logits or probabilities, the parity check;
 * :mod:`.samples` — real images for that check;
 * :mod:`.register` — :func:`import_onnx`: all of the above, then the card and the registry.
 
@@ -17,11 +21,21 @@ A PyTorch checkpoint of a built-in architecture is imported by ``train.checkpoin
 by-suffix choice between the two.
 """
 
-from edge_export.importer.reference import ImportParity, ImportParityError, check_import_parity, reference_detections
+from edge_export.importer.reference import (
+    ImportParity,
+    ImportParityError,
+    OutputCheck,
+    check_import_parity,
+    output_kind,
+    reference_detections,
+    run_original,
+)
 from edge_export.importer.register import card_preprocessing, import_onnx, source_sha256
+from edge_export.importer.resolve import GraphIO, normalize_dynamic_dims, read_dim, resolve_spec
 from edge_export.importer.safe_load import CHECKPOINT_SUFFIXES, check_source_file, load_onnx_safely
 from edge_export.importer.samples import load_sample_images, sample_images
 from edge_export.importer.spec import (
+    GRAY_WEIGHTS,
     ChannelOrder,
     DetectionOptions,
     HeadLayout,
@@ -33,6 +47,7 @@ from edge_export.importer.spec import (
     PixelScale,
     Preprocessing,
     parse_labels,
+    rgb_to_gray,
 )
 from edge_export.importer.wrap import MIN_OPSET, WrapInfo, wrap_onnx
 from visionfleet.imaging import ResizeMode  # ImportSpec.resize takes it
@@ -61,6 +76,15 @@ __all__ = [
     "sample_images",
     "load_sample_images",
     "parse_labels",
+    "GraphIO",
+    "read_dim",
+    "normalize_dynamic_dims",
+    "resolve_spec",
+    "run_original",
+    "OutputCheck",
+    "output_kind",
+    "GRAY_WEIGHTS",
+    "rgb_to_gray",
     "import_onnx",
     "card_preprocessing",
     "source_sha256",

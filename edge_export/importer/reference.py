@@ -2,7 +2,8 @@
 
 The wrapped model is checked against running the original by hand on real images
 before it is registered; :func:`check_import_parity` raises
-:class:`ImportParityError` when they disagree.
+:class:`ImportParityError` when they disagree. The same by-hand run tells whether a
+classifier already returns probabilities (:func:`output_kind`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from edge_export.importer.wrap import WrapInfo
 from visionfleet.names import INPUT_NAME
 from visionfleet.spec import Task
 
-__all__ = ["ImportParityError", "ImportParity", "reference_detections", "check_import_parity"]
+__all__ = [
+    "ImportParityError",
+    "ImportParity",
+    "OutputCheck",
+    "reference_detections",
+    "run_original",
+    "output_kind",
+    "check_import_parity",
+]
 
 
 class ImportParityError(RuntimeError):
@@ -49,7 +58,7 @@ def reference_detections(
     sorted by descending score, at most ``max_detections`` each.
     """
     opts = spec.detection
-    assert opts is not None and info.head_layout is not None
+    assert opts is not None and info.head_layout is not None and spec.input_size is not None
     n_cls = len(spec.labels)
     h, w = spec.input_size
     p = np.asarray(raw, dtype=np.float32)
@@ -111,6 +120,101 @@ def _batches(images: np.ndarray, fixed_batch: bool) -> list[np.ndarray]:
     return [images[i : i + step] for i in range(0, len(images), step)]
 
 
+def run_original(
+    session: Any, spec: ImportSpec, images: np.ndarray, *, input_name: str, output_name: str, batch_of_one: bool
+) -> np.ndarray:
+    """The original graph's raw output on ``images``, preprocessed by hand (numpy) as declared.
+
+    ``spec`` must be resolved (:func:`.resolve.resolve_spec`); a model whose batch is fixed
+    at 1 runs one image at a time.
+    """
+    size = spec.input_size
+    if size is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*size, 3):
+        want = f"[N, {size[0]}, {size[1]}, 3]" if size else "[N, H, W, 3] at the model's size"
+        raise ValueError(f"Got images {images.dtype} {images.shape}; expected uint8 {want}")
+    return np.concatenate(
+        [
+            np.asarray(session.run([output_name], {input_name: spec.preprocessing.apply(chunk)})[0])
+            for chunk in _batches(images, batch_of_one)
+        ]
+    ).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """What a classifier's raw output looked like on the sample images, and what it was taken for."""
+
+    kind: OutputKind  # logits (the wrapper adds a softmax) or probs (kept as they are)
+    measured: bool  # True: --outputs-are auto decided; False: declared and checked
+    n: int
+    min: float
+    max: float
+    max_row_sum_error: float  # max |sum of a row - 1|
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_kind": self.kind.value,
+            "output_kind_from": "measured" if self.measured else "declared",
+            "softmax_added": self.kind is OutputKind.LOGITS,
+            "output_values": {
+                "n": self.n,
+                "min": self.min,
+                "max": self.max,
+                "max_row_sum_error": self.max_row_sum_error,
+            },
+        }
+
+
+def output_kind(raw: np.ndarray, declared: OutputKind | None, *, float16: bool = False) -> OutputCheck:
+    """Logits or probabilities, from the classifier's raw output on sample images.
+
+    Probabilities lie in [0, 1] and each row sums to 1 (within 1e-3, 1e-2 for a float16
+    output); anything reaching outside [0, 1] is logits (log-probabilities too: a softmax
+    of them gives the probabilities back). A declared kind is checked the same way, so a
+    softmax is never applied twice and logits are never served as probabilities.
+
+    Raises:
+        ValueError: non-finite outputs; ``auto`` on scores within [0, 1] that do not sum
+            to 1 (sigmoid outputs); ``logits`` declared for probabilities, or ``probs``
+            declared for values outside [0, 1].
+    """
+    if not len(raw):
+        raise ValueError("Got no sample images to look at the model's output; expected at least one")
+    x = np.asarray(raw, np.float64).reshape(len(raw), -1)
+    n = len(x)
+    if not np.isfinite(x).all():
+        raise ValueError(
+            f"Got non-finite values (NaN or inf) in the model's output on {n} sample images; expected finite scores "
+            "(check the declared preprocessing: --mean, --std, --scale)"
+        )
+    tol = 1e-2 if float16 else 1e-3
+    lo, hi = float(x.min()), float(x.max())
+    sums = x.sum(axis=1)
+    err = float(np.abs(sums - 1.0).max())
+    in_unit = lo >= -tol and hi <= 1.0 + tol
+    looks = OutputKind.PROBS if in_unit and err <= tol else OutputKind.LOGITS if not in_unit else None
+    values = f"values in [{lo:.3g}, {hi:.3g}], rows summing to {sums.min():.4g}..{sums.max():.4g} on {n} sample images"
+    declared = declared or OutputKind.AUTO
+    if declared is OutputKind.AUTO and looks is None:
+        raise ValueError(
+            f"Got {values} (independent scores, e.g. a sigmoid?); expected probabilities summing to 1 or raw logits: "
+            "say --outputs-are probs to keep them as they are, or --outputs-are logits to add a softmax"
+        )
+    if declared is OutputKind.LOGITS and looks is OutputKind.PROBS:
+        raise ValueError(
+            f"Got --outputs-are logits, but the output has {values} (the model already ends in a softmax); expected "
+            "raw logits: say --outputs-are probs (or auto), or a softmax would be applied twice"
+        )
+    if declared is OutputKind.PROBS and not in_unit:
+        raise ValueError(
+            f"Got --outputs-are probs, but the output has {values}; expected probabilities within [0, 1]: say "
+            "--outputs-are logits (or auto) to add a softmax"
+        )
+    kind = looks if declared is OutputKind.AUTO else declared
+    assert kind is not None
+    return OutputCheck(kind=kind, measured=declared is OutputKind.AUTO, n=n, min=lo, max=hi, max_row_sum_error=err)
+
+
 def check_import_parity(
     original_session: Any,
     wrapped_session: Any,
@@ -119,29 +223,26 @@ def check_import_parity(
     images: np.ndarray,
     *,
     atol: float | None = None,
+    reference: np.ndarray | None = None,
 ) -> ImportParity:
     """Compare the wrapped model with the original run by hand on the same uint8 images.
 
     The wrapped model runs on the whole batch (which also proves the dynamic batch); the
     original runs with numpy preprocessing, one image at a time when its batch was
-    fixed at 1.
+    fixed at 1. ``spec`` is the resolved one the wrapper was built from; ``reference``
+    is :func:`run_original`'s output when it was already computed.
 
     Raises:
         ImportParityError: outputs differ beyond ``atol`` or a top-1 / detection differs.
     """
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*spec.input_size, 3):
-        raise ValueError(f"Got images {images.dtype} {images.shape}; expected uint8 [N, {spec.input_size[0]}, "
-                         f"{spec.input_size[1]}, 3]")
     if atol is None:
         atol = 2e-3 if spec.preprocessing.dtype is InputDType.FLOAT16 else 1e-4
-    in_name = info.original_input
-    out_name = info.original_output
-    raw = np.concatenate(
-        [
-            np.asarray(original_session.run([out_name], {in_name: spec.preprocessing.apply(chunk)})[0])
-            for chunk in _batches(images, info.batch_relaxed)
-        ]
-    ).astype(np.float32)
+    raw = reference
+    if raw is None:
+        raw = run_original(original_session, spec, images, input_name=info.original_input,
+                           output_name=info.original_output, batch_of_one=info.batch_relaxed)
+    elif len(raw) != len(images):
+        raise ValueError(f"Got a reference of {len(raw)} rows for {len(images)} images; expected one per image")
     try:
         got = wrapped_session.run(None, {INPUT_NAME: images})
     except Exception as exc:  # noqa: BLE001 - ORT's own exception types
@@ -153,7 +254,7 @@ def check_import_parity(
             ) from None
         raise ImportParityError(f"the wrapped model fails on {len(images)} images: {msg[:300]}") from None
     if spec.task is Task.CLASSIFICATION:
-        ref = raw.reshape(len(images), -1)
+        ref = np.asarray(raw, np.float32).reshape(len(images), -1)
         if spec.output is OutputKind.LOGITS:
             ref = _softmax(ref.astype(np.float64)).astype(np.float32)
         probs = got[0]
@@ -172,7 +273,7 @@ def check_import_parity(
         return ImportParity(n=len(images), max_abs_diff=diff, agreement=agree)
     boxes, scores, classes = got
     ref_dets = reference_detections(raw, spec, info)
-    box_tol = max(1e-3, atol * max(spec.input_size))
+    box_tol = max(1e-3, atol * max(spec.input_size or (1, 1)))
     worst, total, matched = 0.0, 0, 0
     for i, (rb, rs, rc) in enumerate(ref_dets):
         keep = scores[i] > 0

@@ -12,16 +12,18 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from edge_export.importer.reference import check_import_parity
+from edge_export.importer.reference import check_import_parity, output_kind, run_original
+from edge_export.importer.resolve import fmt_dims, normalize_dynamic_dims, resolve_spec
 from edge_export.importer.safe_load import check_source_file, load_onnx_safely
-from edge_export.importer.samples import sample_images
+from edge_export.importer.samples import load_sample_images, sample_images
 from edge_export.importer.spec import ImportSpec, OutputKind
 from edge_export.importer.wrap import WrapInfo, wrap_onnx
 from edge_export.onnx_metadata import write_metadata
@@ -61,14 +63,21 @@ def _precision_of(model: onnx.ModelProto) -> Precision:
     return Precision.FP32
 
 
-def card_preprocessing(spec: ImportSpec, info: WrapInfo | None) -> dict[str, Any]:
-    """The card's ``preprocessing``: what was declared and that it is folded into the graph."""
+def card_preprocessing(
+    spec: ImportSpec, info: WrapInfo | None, *, found: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The card's ``preprocessing``: what was declared (or read from the model) and that it is folded into the graph.
+
+    ``found`` adds what the import read from the graph and measured on the sample images
+    (``read_from_model``, ``output_kind_from``, ``softmax_added``).
+    """
     d = {
         **spec.preprocessing.to_dict(),
         "input_name": info.original_input if info else None,
         "output": (spec.output or OutputKind.PROBS).value,
         "folded_into_graph": True,
         "resize": spec.resize.value,
+        **(found or {}),
     }
     if spec.detection is not None:
         d["postprocessing"] = {"decode": "yolo-cxcywh", "nms": "onnx NonMaxSuppression", **spec.detection.to_dict()}
@@ -81,17 +90,19 @@ def import_onnx(
     name: str,
     spec: ImportSpec,
     *,
-    images: np.ndarray | None = None,
+    images: np.ndarray | str | os.PathLike[str] | None = None,
     description: str = "",
 ) -> ModelCard:
-    """Import an ONNX model from any framework: wrap, check parity, register.
+    """Import an ONNX model from any framework: read what the graph says, wrap, check parity, register.
 
     Args:
         path: the ``.onnx`` file (external data, if any, must sit inside its folder).
         registry: a :class:`visionfleet.registry.Registry`.
         name: the model name to register under (a new version).
-        spec: everything declared about the model.
-        images: uint8 NHWC images at the model size for the parity check; default
+        spec: everything declared about the model; ``auto`` options and a missing input
+            size are read from the graph, ``auto`` outputs measured on the images.
+        images: uint8 NHWC images at the model size for the parity check, or a folder
+            of image files (resized to the model's size once it is known); default
             :func:`sample_images`.
     Returns:
         The stored card.
@@ -103,12 +114,34 @@ def import_onnx(
     if p.suffix.lower() != ".onnx":
         raise ValueError(f"Got {p.name!r} for import_onnx; expected a .onnx file")
     original = load_onnx_safely(p)
-    original_session = _ort_session(original.SerializeToString(), p.name)
-    wrapped, info = wrap_onnx(original, spec)
+    # The by-hand reference runs the original nodes with their -1/0 dims read as dynamic
+    # (ONNX Runtime takes a 0 literally); the wrapper does the same.
+    runnable, _ = normalize_dynamic_dims(original)
+    original_session = _ort_session(runnable.SerializeToString(), p.name)
+    spec, io = resolve_spec(original, spec)
+    assert spec.input_size is not None
     if images is None:
         images = sample_images(spec.input_size, spec.resize)
+    elif not isinstance(images, np.ndarray):
+        images = load_sample_images(images, spec.input_size, spec.resize)
+    raw = run_original(original_session, spec, images, input_name=io.input_name, output_name=io.output_name,
+                       batch_of_one=io.batch_of_one)
+    found: dict[str, Any] = {"read_from_model": list(io.read_from_model)}
+    if spec.task is Task.CLASSIFICATION:
+        per_image = raw[0].size if len(raw) else len(spec.labels)
+        if per_image != len(spec.labels):
+            # Before looking at the values: a wrong label count explains any of them.
+            n = len(spec.labels)
+            raise ValueError(
+                f"Got a model output {io.output_name!r} of shape {fmt_dims(io.output_dims)} giving {per_image} scores "
+                f"per image; expected [N, {n}] for {n} labels"
+            )
+        check = output_kind(raw, spec.output, float16=io.output_elem == TensorProto.FLOAT16)
+        spec = replace(spec, output=check.kind)
+        found |= check.to_dict()
+    wrapped, info = wrap_onnx(original, spec)
     wrapped_session = _ort_session(wrapped.SerializeToString(), f"the wrapped {p.name}")
-    parity = check_import_parity(original_session, wrapped_session, spec, info, images)
+    parity = check_import_parity(original_session, wrapped_session, spec, info, images, reference=raw)
     source_sha = source_sha256(p)
     source_meta = {pr.key: pr.value for pr in original.metadata_props}
     metadata: dict[str, object] = {
@@ -142,6 +175,8 @@ def import_onnx(
         "sha256": source_sha,
         "framework": spec.framework,
         **info.to_dict(),
+        **io.to_dict(),
+        **found,
     }
     if spec.detection is not None:
         step["detection"] = spec.detection.to_dict()
@@ -155,7 +190,9 @@ def import_onnx(
         format="onnx",
         precision=_precision_of(original).value,
         framework=spec.framework,
-        preprocessing=card_preprocessing(spec, info),
+        preprocessing=card_preprocessing(
+            spec, info, found={k: v for k, v in found.items() if k != "output_values"}
+        ),
         metrics={"import_parity": parity.to_dict()},
         lineage=Lineage(steps=[step]),
         description=description or f"imported from {p.name}",

@@ -1,7 +1,8 @@
 """The wrapper graph around an unchanged original, so that it obeys the artifact contract.
 
     images uint8 [N, H, W, 3] (RGB)
-      -> channel flip (Gather, when the model wants BGR)
+      -> channel flip (Gather, when the model wants BGR), or gray levels
+         round(0.299 R + 0.587 G + 0.114 B) for a 1-channel model
       -> Cast -> /255 (when mean/std are on the 0..1 scale) -> Sub mean -> Div std
       -> Cast float16 (when the model wants it) -> Transpose (when it wants NCHW)
       -> the original graph, node for node
@@ -22,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_export.importer.resolve import fmt_dims, normalize_dynamic_dims, resolve_head, resolve_spec, tensor_dims
 from edge_export.importer.spec import (
-    DTYPES,
+    GRAY_WEIGHTS,
     ChannelOrder,
-    DetectionOptions,
     HeadLayout,
     ImportSpec,
     InputDType,
@@ -60,6 +61,8 @@ class WrapInfo:
     head_layout: HeadLayout | None = None
     objectness: bool | None = None
     num_anchors: int | None = None
+    channels: int = 3
+    dynamic_dims: tuple[str, ...] = ()  # the graph's -1/0 dims, read as dynamic
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -68,7 +71,10 @@ class WrapInfo:
             "opset": self.opset,
             "batch_relaxed": self.batch_relaxed,
             "renamed_with_prefix": self.renamed,
+            "channels": self.channels,
         }
+        if self.dynamic_dims:
+            d["dynamic_dims"] = list(self.dynamic_dims)
         if self.head_layout is not None:
             d |= {"head_layout": self.head_layout.value, "objectness": self.objectness, "num_anchors": self.num_anchors}
         return d
@@ -104,63 +110,6 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("Got a model without an ai.onnx opset import; expected a standard ONNX model")
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
-    """Static dims as ints, symbolic or unknown ones as None."""
-    shape = vi.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
-
-
-def _fmt(dims: Sequence[int | None]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
-def _pick(values: Sequence[onnx.ValueInfoProto], name: str | None, what: str, flag: str) -> onnx.ValueInfoProto:
-    names = [v.name for v in values]
-    if name is not None:
-        for v in values:
-            if v.name == name:
-                return v
-        raise ValueError(f"Got {name!r} for {flag}; expected one of the model's {what}s {names}")
-    if len(values) != 1:
-        raise ValueError(f"Got a model with {len(values)} {what}s {names}; expected one, or name it with {flag}")
-    return values[0]
-
-
-def _check_input(vi: onnx.ValueInfoProto, spec: ImportSpec) -> bool:
-    """Check the declared input against the graph; returns True when its batch is fixed at 1."""
-    pre = spec.preprocessing
-    elem = vi.type.tensor_type.elem_type
-    want = DTYPES[pre.dtype].onnx_type
-    if elem != want:
-        raise ValueError(
-            f"Got --input-dtype {pre.dtype.value}, but the model's input {vi.name!r} is "
-            f"{TensorProto.DataType.Name(elem).lower() if elem else 'untyped'}; expected them to match"
-        )
-    dims = _dims(vi)
-    if len(dims) != 4:
-        raise ValueError(f"Got a model input {vi.name!r} of shape {_fmt(dims)}; expected a 4-D image batch")
-    h, w = spec.input_size
-    c_at, hw_at = (1, (2, 3)) if pre.layout is Layout.NCHW else (3, (1, 2))
-    other_c = 3 if pre.layout is Layout.NCHW else 1
-    if dims[c_at] not in (None, 3):
-        hint = f" (it looks {('NHWC' if pre.layout is Layout.NCHW else 'NCHW')})" if dims[other_c] == 3 else ""
-        raise ValueError(
-            f"Got --layout {pre.layout.value}, but the model's input {vi.name!r} is {_fmt(dims)}{hint}; "
-            "expected 3 channels where the layout puts them"
-        )
-    model_hw = (dims[hw_at[0]], dims[hw_at[1]])
-    if any(m is not None and m != d for m, d in zip(model_hw, (h, w))):
-        raise ValueError(
-            f"Got --input-size {h}x{w}, but the model's input {vi.name!r} is {_fmt(dims)} ({pre.layout.value}); "
-            "expected them to match"
-        )
-    if dims[0] not in (None, 1):
-        raise ValueError(
-            f"Got a model input {vi.name!r} with a fixed batch of {dims[0]}; expected a dynamic batch (or 1)"
-        )
-    return dims[0] == 1
-
-
 def _relax_batch(graph: onnx.GraphProto, input_name: str) -> None:
     """Make a batch-1 graph's batch symbolic; the parity check then proves it still runs."""
     relax = [vi for vi in graph.input if vi.name == input_name] + list(graph.output)
@@ -183,28 +132,49 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def _gray_nodes(b: _Nodes, images: str) -> str:
+    """uint8 RGB [N, H, W, 3] -> float32 gray levels [N, H, W, 1], as :func:`.spec.rgb_to_gray`.
+
+    Per-channel Gather, Mul and Add in the same order as the numpy reference (no MatMul,
+    whose summation order and FMA use are the kernel's), then Round (half to even, like
+    numpy): the two agree bit for bit, which a uint8 input needs.
+    """
+    x = b.op("Cast", [images], "gray_f", to=TensorProto.FLOAT)
+    parts = [
+        b.op("Mul", [b.op("Gather", [x, b.const([i], np.int64)], f"ch{i}", axis=3), b.const(w, np.float32)], f"w{i}")
+        for i, w in enumerate(GRAY_WEIGHTS)
+    ]
+    rg = b.op("Add", [parts[0], parts[1]], "rg")
+    return b.op("Round", [b.op("Add", [rg, parts[2]], "luma")], "gray")
+
+
 def _preprocess_nodes(b: _Nodes, spec: ImportSpec, target: str) -> None:
     """images (uint8 NHWC RGB) -> the original model's input tensor ``target``."""
     pre = spec.preprocessing
     x = INPUT_NAME
     steps: list[tuple[str, list[str], dict]] = []
-    if pre.channel_order is ChannelOrder.BGR:
+    if pre.channels == 1:
+        x = _gray_nodes(b, x)  # float32 gray levels [N, H, W, 1]
+        if pre.dtype is InputDType.UINT8:
+            steps.append(("Cast", [], {"to": TensorProto.UINT8}))
+    elif pre.channel_order is ChannelOrder.BGR:
         # Flip on uint8, before the cast: a quarter of the bytes to move.
         steps.append(("Gather", [b.const([2, 1, 0], np.int64, "bgr")], {"axis": 3}))
     if pre.dtype is not InputDType.UINT8:
-        steps.append(("Cast", [], {"to": TensorProto.FLOAT}))
+        if pre.channels != 1:
+            steps.append(("Cast", [], {"to": TensorProto.FLOAT}))
         if pre.scale is PixelScale.UNIT:
             steps.append(("Div", [b.const(255.0, np.float32, "u8max")], {}))
         if any(pre.mean):
-            steps.append(("Sub", [b.const(np.reshape(pre.mean, (1, 1, 1, 3)), np.float32, "mean")], {}))
+            steps.append(("Sub", [b.const(np.reshape(pre.mean, (1, 1, 1, -1)), np.float32, "mean")], {}))
         if any(s != 1.0 for s in pre.std):
-            steps.append(("Div", [b.const(np.reshape(pre.std, (1, 1, 1, 3)), np.float32, "std")], {}))
+            steps.append(("Div", [b.const(np.reshape(pre.std, (1, 1, 1, -1)), np.float32, "std")], {}))
         if pre.dtype is InputDType.FLOAT16:
             steps.append(("Cast", [], {"to": TensorProto.FLOAT16}))
     if pre.layout is Layout.NCHW:
         steps.append(("Transpose", [], {"perm": [0, 3, 1, 2]}))
     if not steps:
-        steps.append(("Identity", [], {}))
+        steps.append(("Identity", [], {}))  # the original input is a named tensor of its own
     for i, (op_type, extra, attrs) in enumerate(steps):
         last = i == len(steps) - 1
         x = b.op(op_type, [x, *extra], op_type.lower(), out=target if last else None, **attrs)
@@ -216,13 +186,16 @@ def _classification_nodes(b: _Nodes, spec: ImportSpec, source: str, dims: list[i
     rest = dims[1:]
     if not rest or (all(d is not None for d in rest) and math.prod(rest) != n_labels):  # type: ignore[arg-type]
         raise ValueError(
-            f"Got a model output of shape {_fmt(dims)}; expected [N, {n_labels}] for {n_labels} labels"
+            f"Got a model output of shape {fmt_dims(dims)}; expected [N, {n_labels}] for {n_labels} labels"
         )
     x = source
     if elem == TensorProto.FLOAT16:
         x = b.op("Cast", [x], "f32", to=TensorProto.FLOAT)
     elif elem != TensorProto.FLOAT:
-        raise ValueError("Got a non-float model output; expected float32 or float16 scores")
+        raise ValueError(
+            f"Got a model output {source!r} of type {TensorProto.DataType.Name(elem).lower()}; expected float32 or "
+            "float16 scores (pick another with --output NAME)"
+        )
     if len(dims) != 2:
         x = b.op("Flatten", [x], "flat", axis=1)
     if spec.output is OutputKind.LOGITS:
@@ -233,39 +206,6 @@ def _classification_nodes(b: _Nodes, spec: ImportSpec, source: str, dims: list[i
     return n_labels
 
 
-def _resolve_head(
-    dims: list[int | None], n_classes: int, opts: DetectionOptions
-) -> tuple[HeadLayout, bool, int | None]:
-    """(layout, objectness, anchors) of a YOLO-style head output ``dims``."""
-    if len(dims) != 3:
-        raise ValueError(
-            f"Got a detection output of shape {_fmt(dims)}; expected [N, 4 + C, A] or [N, A, 4 + C] (YOLO-style)"
-        )
-    widths = {4 + n_classes: False, 5 + n_classes: True}
-    if opts.objectness is not None:
-        widths = {k: v for k, v in widths.items() if v == opts.objectness}
-    fits = {HeadLayout.CHANNELS_FIRST: dims[1] in widths, HeadLayout.ANCHORS_FIRST: dims[2] in widths}
-    want = " or ".join(f"{k} ({'5' if v else '4'} + {n_classes})" for k, v in widths.items())
-    if opts.head_layout is HeadLayout.AUTO:
-        matches = [k for k, ok in fits.items() if ok]
-        if len(matches) != 1:
-            raise ValueError(
-                f"Got a detection output of shape {_fmt(dims)} for {n_classes} labels; expected one axis of width "
-                f"{want} (name the layout with --head-layout channels-first|anchors-first)"
-            )
-        layout = matches[0]
-    else:
-        layout = opts.head_layout
-        if not fits[layout]:
-            raise ValueError(
-                f"Got --head-layout {layout.value} and a detection output of shape {_fmt(dims)}; expected a feature "
-                f"axis of width {want} for {n_classes} labels"
-            )
-    width = dims[1] if layout is HeadLayout.CHANNELS_FIRST else dims[2]
-    anchors = dims[2] if layout is HeadLayout.CHANNELS_FIRST else dims[1]
-    return layout, widths[width], anchors  # type: ignore[index]
-
-
 def _detection_nodes(
     b: _Nodes, spec: ImportSpec, source: str, dims: list[int | None], elem: int
 ) -> tuple[HeadLayout, bool, int | None]:
@@ -273,7 +213,7 @@ def _detection_nodes(
     opts = spec.detection
     assert opts is not None
     n_cls = len(spec.labels)
-    layout, objectness, anchors = _resolve_head(dims, n_cls, opts)
+    layout, objectness, anchors = resolve_head(dims, n_cls, opts)
     k = opts.max_detections
     h, w = spec.input_size
     i64, f32 = np.int64, np.float32
@@ -356,6 +296,9 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
     The original nodes, initializers and functions are kept as they are; names are
     prefixed with ``src/`` only when they collide with the contract's names.
 
+    Options left ``auto`` are read from the graph first (:func:`.resolve.resolve_spec`);
+    a classifier's output kind must be known (``logits`` or ``probs``).
+
     Raises:
         ValueError: the declared options do not fit the graph (dtype, layout, size,
             number of classes, head shape, opset < 11).
@@ -366,17 +309,18 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
             f"Got a model with opset {opset}; expected >= {MIN_OPSET} (convert it with "
             "onnx.version_converter.convert_version(model, 13) and import the result)"
         )
-    src = onnx.ModelProto()
-    src.CopyFrom(model)
+    spec, io = resolve_spec(model, spec)
+    if spec.task is Task.CLASSIFICATION and spec.output is OutputKind.AUTO:
+        raise ValueError(
+            "Got --outputs-are auto for wrap_onnx; expected logits or probs (import_onnx measures which on sample "
+            "images: edge_export.importer.output_kind)"
+        )
+    # The graph's -1/0 dims become unknown dims; the nodes stay as they are.
+    src, dynamic_dims = normalize_dynamic_dims(model)
     graph = src.graph
-    init_names = {t.name for t in graph.initializer}
-    real_inputs = [vi for vi in graph.input if vi.name not in init_names]
-    vi_in = _pick(real_inputs, spec.input_name, "input", "--input-name")
-    vi_out = _pick(list(graph.output), spec.output_name, "output", "--output-name")
-    others = [vi.name for vi in real_inputs if vi.name != vi_in.name]
-    if others:
-        raise ValueError(f"Got a model with further inputs {others} besides {vi_in.name!r}; expected one image input")
-    fixed_batch = _check_input(vi_in, spec)
+    vi_in = next(vi for vi in graph.input if vi.name == io.input_name)
+    vi_out = next(vi for vi in graph.output if vi.name == io.output_name)
+    fixed_batch = io.batch_of_one
     reserved = {INPUT_NAME, OUTPUT_NAME, *DETECTION_OUTPUTS}
     names = _all_names(graph)
     renamed = bool(names & reserved) or any(n.startswith("vf_") for n in names)
@@ -388,12 +332,13 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
     if fixed_batch:
         _relax_batch(graph, in_name)
     out_vi = next(v for v in graph.output if v.name == out_name)
-    out_dims, out_elem = _dims(out_vi), out_vi.type.tensor_type.elem_type
+    out_dims, out_elem = tensor_dims(out_vi), out_vi.type.tensor_type.elem_type
     if fixed_batch and out_dims and out_dims[0] == 1:
         out_dims[0] = None
 
     b = _Nodes()
     _preprocess_nodes(b, spec, in_name)
+    assert spec.input_size is not None  # resolve_spec filled it
     h, w = spec.input_size
     head: tuple[HeadLayout, bool, int | None] | None = None
     if spec.task is Task.CLASSIFICATION:
@@ -440,5 +385,7 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
         head_layout=head[0] if head else None,
         objectness=head[1] if head else None,
         num_anchors=head[2] if head else None,
+        channels=spec.preprocessing.channels or 3,
+        dynamic_dims=tuple(dynamic_dims),
     )
     return wrapped, info

@@ -272,7 +272,7 @@ def test_import_request_errors_are_one_clear_line() -> None:
         imp.ImportRequest.parse(**base, extra=1)
     with pytest.raises(ValueError, match="max detections"):
         imp.ImportRequest.parse(**{**base, "task": "detection"}, max_detections=0).to_spec()
-    with pytest.raises(ValueError, match="--output logits for a detection model"):
+    with pytest.raises(ValueError, match="--outputs-are logits for a detection model"):
         imp.ImportRequest.parse(**{**base, "task": "detection"}, output="logits").to_spec()
     spec = imp.ImportRequest.parse(**base, channel_order="BGR", scale="0-255", mean=(1, 2, 3)).to_spec()
     assert spec.preprocessing.channel_order is imp.ChannelOrder.BGR and spec.preprocessing.mean == (1.0, 2.0, 3.0)

@@ -114,6 +114,19 @@ def _parse_size(text: str) -> tuple[int, int]:
     return vals[0], vals[1]
 
 
+def _parse_per_channel(text: str, flag: str) -> tuple[float, ...]:
+    """``--mean``/``--std``: one value per channel (a,b,c), or one value for every channel."""
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) not in (1, 3):
+        raise ValueError(
+            f"Got {text!r} for {flag}; expected 3 comma-separated numbers (one per channel), or one for all channels"
+        )
+    return vals
+
+
 def _parse_depths(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",")]
@@ -132,23 +145,44 @@ def import_(
     ],
     name: Annotated[str, typer.Option("--name", help="model name to register a new version under")],
     labels: Annotated[str, typer.Option("--labels", help="labels FILE (one per line) or a,b,c in output order")],
-    input_size: Annotated[str, typer.Option("--input-size", help="model input HEIGHTxWIDTH, e.g. 224x224")],
+    input_size: Annotated[
+        Optional[str],
+        typer.Option("--input-size", help="model input HEIGHTxWIDTH, e.g. 224x224 (default: the model's fixed size)"),
+    ] = None,
     task: Annotated[str, typer.Option(help="classification | detection")] = "classification",
-    mean: Annotated[Optional[str], typer.Option(help="per-channel mean, model channel order (default 0,0,0)")] = None,
-    std: Annotated[Optional[str], typer.Option(help="per-channel std, model channel order (default 1,1,1)")] = None,
-    scale: Annotated[str, typer.Option(help="scale of --mean/--std: 0-1 (pixels/255 first) | 0-255")] = "0-1",
-    layout: Annotated[str, typer.Option(help="the model's input layout: NCHW | NHWC")] = "NCHW",
+    mean: Annotated[
+        Optional[str], typer.Option(help="per-channel mean in model channel order, or one value (default 0)")
+    ] = None,
+    std: Annotated[
+        Optional[str], typer.Option(help="per-channel std in model channel order, or one value (default 1)")
+    ] = None,
+    scale: Annotated[
+        Optional[str],
+        typer.Option(help="scale of --mean/--std: 0-1 (pixels/255 first) | 0-255 (default 0-1; raw pixels for uint8)"),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="the model's input layout: auto (the axis with 1 or 3 channels) | nchw | nhwc")
+    ] = "auto",
     channel_order: Annotated[str, typer.Option("--channel-order", help="RGB | BGR")] = "RGB",
-    input_dtype: Annotated[str, typer.Option("--input-dtype", help="float32 | float16 | uint8")] = "float32",
+    input_dtype: Annotated[
+        str, typer.Option("--input-dtype", help="auto (the graph's) | float32 | float16 | uint8")
+    ] = "auto",
     input_name: Annotated[
         Optional[str], typer.Option("--input-name", help="graph input (default: the only one)")
     ] = None,
-    output_name: Annotated[
-        Optional[str], typer.Option("--output-name", help="graph output (default: the only one)")
-    ] = None,
     output: Annotated[
-        Optional[str], typer.Option(help="classification output: probs | logits (adds Softmax); default probs")
+        Optional[str],
+        typer.Option(
+            "--output", "--output-name",
+            help="graph output NAME (default: the only one, or the only one shaped like the task's)",
+        ),
     ] = None,
+    outputs_are: Annotated[
+        str,
+        typer.Option(
+            "--outputs-are", help="classification output: auto (measured on sample images) | logits (adds Softmax) | probs"
+        ),
+    ] = "auto",
     resize: Annotated[str, typer.Option(help="stretch | letterbox | center-crop")] = "stretch",
     framework: Annotated[
         Optional[str], typer.Option(help="where the model came from: pytorch, tensorflow, paddle… (recorded)")
@@ -184,6 +218,8 @@ def import_(
     """Import a model from any framework: declare its preprocessing, get a contract-obeying version.
 
     ONNX graphs are wrapped: uint8 NHWC images in; probabilities, or boxes/scores/classes for YOLO-style heads, out.
+    Input size, layout, dtype and channels are read from the graph unless given; whether a classifier returns logits
+    is measured on sample images unless --outputs-are says.
     The wrapped model is checked against running the original by hand on real images, then registered.
     A .pt/.pth state dict of a built-in architecture is loaded with torch.load(weights_only=True) and exported.
     TensorRT engines and pickles are refused. See docs/model-import.md.
@@ -196,7 +232,6 @@ def import_(
         parse_labels,
     )
     from train.checkpoint_import import import_model
-    from visionfleet.cli._common import parse_float_list
     from visionfleet.spec import validate_name
 
     src = check_source_file(file)
@@ -214,20 +249,35 @@ def import_(
     if task != "detection" and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ValueError(f"Got {flags} for task {task!r}; expected them only with --task detection")
+    outputs_kind: Optional[str] = outputs_are
+    if is_checkpoint:
+        # A built-in architecture is what "auto" reads: RGB, NCHW, float32, logits; only
+        # its input size is not in a state dict.
+        if input_size is None:
+            raise ValueError(
+                f"Got no --input-size for the PyTorch checkpoint {src.name}; expected HEIGHTxWIDTH (a state dict "
+                "does not record the size it was trained at)"
+            )
+        layout = "NCHW" if layout.strip().lower() == "auto" else layout
+        input_dtype = "float32" if input_dtype.strip().lower() == "auto" else input_dtype
+        if outputs_kind.strip().lower() == "auto":
+            outputs_kind = None
+        if output is not None and output.strip().lower() in ("logits", "probs") and outputs_kind is None:
+            outputs_kind, output = output, None  # the older spelling --output logits|probs
     request = ImportRequest.parse(
         task=task,
         labels=parse_labels(labels),
-        input_size=_parse_size(input_size),
+        input_size=_parse_size(input_size) if input_size is not None else None,
         layout=layout,
         input_dtype=input_dtype,
         channel_order=channel_order,
-        mean=parse_float_list(mean, 3, "--mean") if mean is not None else (0.0, 0.0, 0.0),
-        std=parse_float_list(std, 3, "--std") if std is not None else (1.0, 1.0, 1.0),
+        mean=_parse_per_channel(mean, "--mean") if mean is not None else (0.0, 0.0, 0.0),
+        std=_parse_per_channel(std, "--std") if std is not None else (1.0, 1.0, 1.0),
         scale=scale,
         resize=resize,
-        output=output,
+        output=outputs_kind,
         input_name=input_name,
-        output_name=output_name,
+        output_name=output,
         framework=framework or ("pytorch" if is_checkpoint else "onnx"),
         **given,
     )
@@ -238,7 +288,11 @@ def import_(
         "depths": _parse_depths(depths) if depths else None,
         "stem_stride": stem_stride,
     }
-    images = load_sample_images(sample_images, spec.input_size, spec.resize) if sample_images else None
+    images = None
+    if sample_images is not None:
+        # An ONNX model's size may only be known once its graph is read: import_onnx
+        # loads the folder then; a checkpoint's size is declared.
+        images = load_sample_images(sample_images, spec.input_size, spec.resize) if spec.input_size else sample_images
     card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description)
     if as_json:
         print_json(card.model_dump(mode="json"))
@@ -253,3 +307,11 @@ def import_(
         f"parity on {parity.get('n')} images: max |diff| {parity.get('max_abs_diff', 0):.2e}, "
         f"agreement {agreement:.2%}"
     )
+    pre = card.preprocessing
+    read = pre.get("read_from_model")
+    if read:
+        out.print(f"read from the model: {', '.join(read)} ({pre.get('layout')}, {pre.get('dtype')}, "
+                  f"{pre.get('channels')} channel{'s' if pre.get('channels') != 1 else ''})")
+    if pre.get("output_kind_from"):
+        out.print(f"outputs are {pre['output']} ({pre['output_kind_from']})"
+                  + ("; a softmax was added" if pre.get("softmax_added") else ""))
