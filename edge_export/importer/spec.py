@@ -140,7 +140,8 @@ class Preprocessing:
         for what, vals in (("mean", mean), ("std", std)):
             if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals):
                 raise ValueError(
-                    f"Got {list(vals)} for {what}; expected 3 finite numbers (one per channel; one value applies to all)"
+                    f"Got {list(vals)} for {what}; expected 3 finite numbers (one per channel; one value applies to "
+                    "all)"
                 )
         if any(v <= 0 for v in std):
             raise ValueError(f"Got {list(std)} for std; expected 3 positive numbers")
@@ -260,7 +261,7 @@ class ImportSpec:
 
     task: Task
     labels: tuple[str, ...]
-    input_size: tuple[int, int] | None  # (height, width); None: the model's fixed size
+    input_size: tuple[int, int] | None = None  # (height, width); None: the model's fixed size
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     resize: ResizeMode = ResizeMode.STRETCH
     # None: auto for ONNX classifiers (measured on the sample images), logits for checkpoints.

@@ -65,7 +65,10 @@ def classifier(
     nodes, x = [], in_name
     if elem == TensorProto.UINT8:
         inits.append(numpy_helper.from_array(np.array(1 / 255, np.float32), "inv255"))
-        nodes += [helper.make_node("Cast", [x], ["xf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["xf", "inv255"], ["xs"])]
+        nodes += [
+            helper.make_node("Cast", [x], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["xf", "inv255"], ["xs"]),
+        ]
         x = "xs"
     if layout == "NHWC":
         nodes.append(helper.make_node("Transpose", [x], ["nchw"], perm=[0, 3, 1, 2]))
@@ -188,7 +191,8 @@ def test_tf2onnx_export_nhwc_float_with_an_unk_symbolic_batch(tmp_path: Path, ph
     model = classifier("input_1", ["unk__123", 32, 32, 3], layout="NHWC", outputs={"predictions": "probs"})
     card = import_and_compare(
         tmp_path, photos, model,
-        {**AUTO, "scale": "0-255", "mean": (127.5,), "std": (127.5,), "resize": "center-crop", "framework": "tensorflow"},
+        {**AUTO, "scale": "0-255", "mean": (127.5,), "std": (127.5,), "resize": "center-crop",
+         "framework": "tensorflow"},
         {"in_name": "input_1", "out_name": "predictions", "layout": "NHWC", "divide": False, "mean": (127.5,) * 3,
          "std": (127.5,) * 3, "softmax": False},
     )
@@ -309,8 +313,9 @@ def test_a_dynamic_height_and_width_take_the_declared_input_size(tmp_path: Path,
 @pytest.mark.parametrize("layout", ["nchw", "NHWC"])
 def test_the_layout_can_be_named_when_no_axis_tells(tmp_path: Path, photos: list[bytes], layout: str) -> None:
     model = classifier("x", ["a", "b", "c", "d"], layout=layout.upper())
-    card = import_and_compare(tmp_path, photos, model, {"layout": layout, "input_dtype": "auto", "input_size": (32, 32)},
-                              {"in_name": "x", "out_name": "out", "layout": layout.upper()})
+    request = {"layout": layout, "input_dtype": "auto", "input_size": (32, 32)}
+    hand = {"in_name": "x", "out_name": "out", "layout": layout.upper()}
+    card = import_and_compare(tmp_path, photos, model, request, hand)
     assert card.preprocessing["layout"] == layout.upper() and card.preprocessing["channels"] == 3
 
 
@@ -359,7 +364,8 @@ def _spec(**kw) -> imp.ImportSpec:
          "Got --input-size 64x64, but the model's input 'x' is [?, 3, 32, 32] (NCHW); expected them to match (or "
          "leave --input-size out"),
         (lambda: classifier("x", [8, 3, 32, 32]), {}, "with a fixed batch of 8; expected a dynamic batch (or 1)"),
-        (lambda: classifier("x", ["n", 3, 32, 32], outputs={"logits": "logits", "probs": "probs", "features": "features"}),
+        (lambda: classifier("x", ["n", 3, 32, 32], outputs={"logits": "logits", "probs": "probs",
+                                                            "features": "features"}),
          {}, "Got a model with 3 outputs ('logits' [?, 4], 'probs' [?, 4], 'features' [?, 8]), 2 of them shaped like "
              "[N, 4]; expected one, or name it with --output NAME (one of ['logits', 'probs', 'features'])"),
         (lambda: classifier("x", ["n", 3, 32, 32], outputs={"a": "features", "b": "features"}), {},
@@ -541,7 +547,8 @@ def test_the_cli_imports_a_paddle_export_with_no_shape_flags(tmp_path: Path, mon
          "Got '0.5,0.5' for --mean; expected 3 comma-separated numbers (one per channel), or one for all channels"),
         (["--input-size", "48x160", "--layout", "nchwc"], "Got 'nchwc' for --layout; expected 'NCHW' or 'NHWC'"),
         (["--input-size", "48x160", "--outputs-are", "scores"], "Got 'scores' for --outputs-are"),
-        (["--input-size", "48x160", "--output", "nope"], "Got 'nope' for --output; expected one of the model's outputs"),
+        (["--input-size", "48x160", "--output", "nope"],
+         "Got 'nope' for --output; expected one of the model's outputs"),
     ],
 )
 def test_cli_refusals_exit_2_with_the_flag_to_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str],
@@ -559,4 +566,22 @@ def test_cli_checkpoint_needs_its_input_size(tmp_path: Path, monkeypatch: pytest
     ckpt.write_bytes(b"never read")
     r = _cli(tmp_path, monkeypatch, str(ckpt), "--name", "pt", "--labels", "a,b", "--arch", "resnet")
     assert r.exit_code == 2, r.output
-    assert "Got no --input-size for the PyTorch checkpoint weights.pt; expected HEIGHTxWIDTH" in " ".join(r.output.split())
+    text = " ".join(r.output.split())
+    assert "Got no --input-size for the PyTorch checkpoint weights.pt; expected HEIGHTxWIDTH" in text
+
+
+def test_a_folder_of_sample_images_is_read_at_the_size_found_in_the_model(tmp_path: Path, photos: list[bytes],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, b in enumerate(photos[:5]):
+        (folder / f"{i}.jpg").write_bytes(b)
+    src = tmp_path / "m.onnx"
+    onnx.save(classifier("x", [-1, 3, 40, 56]), str(src))
+    card = imp.import_onnx(src, Registry(tmp_path / "registry"), "m", _spec(), images=folder)
+    assert card.input_size == (40, 56) and card.metrics["import_parity"]["n"] == 5
+    assert card.lineage.steps[0]["output_values"]["n"] == 5
+    r = _cli(tmp_path, monkeypatch, str(src), "--name", "cli", "--labels", ",".join(LABELS), "--sample-images",
+             str(folder), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["metrics"]["import_parity"]["n"] == 5

@@ -180,7 +180,8 @@ def import_(
     outputs_are: Annotated[
         str,
         typer.Option(
-            "--outputs-are", help="classification output: auto (measured on sample images) | logits (adds Softmax) | probs"
+            "--outputs-are",
+            help="classification output: auto (measured on sample images) | logits (adds Softmax) | probs",
         ),
     ] = "auto",
     resize: Annotated[str, typer.Option(help="stretch | letterbox | center-crop")] = "stretch",
