@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve_apps.config import AppConfig, IngressUserConfig, ReplicaUserConfig
+from serve_apps.config import AppConfig, IngressUserConfig
 
 __all__ = [
     "APP_NAME",
@@ -119,15 +119,14 @@ def serve_config(
     options: ServeConfigOptions | None = None,
     *,
     user: IngressUserConfig | None = None,
-    replica_user: ReplicaUserConfig | None = None,
 ) -> dict[str, Any]:
     """The ``serve deploy`` document for ``app``, validated with ``ServeDeploySchema``.
 
     Args:
         app: the application's configuration (becomes ``args``).
         options: HTTP and proxy placement (spreading is ``app.replica.max_replicas_per_node``).
-        user: the ingress's runtime state: experiments and its batching knobs.
-        replica_user: the replicas' runtime batching knobs.
+        user: the ingress's runtime state: experiments and its batching knobs (the
+            ModelReplica has no runtime knobs: the ingress's batcher is the only one).
 
     Returns:
         A plain dict (``to_yaml`` writes it); ``applications[0]`` is the visionfleet app.
@@ -138,7 +137,6 @@ def serve_config(
     """
     options = options or ServeConfigOptions()
     user = user or IngressUserConfig()
-    replica_user = replica_user or ReplicaUserConfig()
     if options.request_timeout_s <= app.ingress.request_timeout_s:
         raise ValueError(
             f"Got {options.request_timeout_s:g} for request_timeout_s with the ingress's request_timeout_s="
@@ -167,7 +165,6 @@ def serve_config(
         "max_queued_requests": app.replica.max_queued_requests,
         "health_check_period_s": app.replica.health_check_period_s,
         "ray_actor_options": {"num_cpus": app.replica.num_cpus},
-        "user_config": replica_user.model_dump(mode="json", exclude_none=True),
     }
     if app.replica.max_replicas_per_node is not None:
         replica["max_replicas_per_node"] = app.replica.max_replicas_per_node
@@ -219,13 +216,19 @@ def validate_serve_config(doc: dict[str, Any]) -> None:
     for a in apps:
         app_config_from_serve_config(doc, a.get("name", APP_NAME))
         for d in a.get("deployments", []):
-            model = {INGRESS_DEPLOYMENT: IngressUserConfig, REPLICA_DEPLOYMENT: ReplicaUserConfig}.get(d.get("name"))
-            if model is None:
+            if d.get("name") not in (INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT):
                 raise ValueError(
                     f"Got deployment {d.get('name')!r}; expected {INGRESS_DEPLOYMENT!r} or {REPLICA_DEPLOYMENT!r}"
                 )
+            if d["name"] == REPLICA_DEPLOYMENT:
+                if d.get("user_config"):
+                    raise ValueError(
+                        f"Got a user_config for {REPLICA_DEPLOYMENT}; expected none (it has no runtime knobs: "
+                        f"batching is the {INGRESS_DEPLOYMENT}'s user_config: max_batch_size, batch_wait_timeout_s)"
+                    )
+                continue
             try:
-                model.model_validate(d.get("user_config") or {})
+                IngressUserConfig.model_validate(d.get("user_config") or {})
             except ValidationError as exc:
                 raise ValueError(f"Got an invalid user_config for {d['name']}: {exc}") from None
 
@@ -233,12 +236,12 @@ def validate_serve_config(doc: dict[str, Any]) -> None:
 def app_config_from_serve_config(doc: dict[str, Any], name: str = APP_NAME) -> AppConfig:
     """Parse the ``args`` of application ``name`` back into an :class:`AppConfig`.
 
-    ``app_builder`` also accepts ``user_config`` / ``replica_user_config`` inside
-    ``args``; they are runtime state, not part of the ``AppConfig``.
+    ``app_builder`` also accepts ``user_config`` inside ``args``; it is runtime state,
+    not part of the ``AppConfig``.
     """
     for a in doc.get("applications", []):
         if a.get("name") == name:
-            args = {k: v for k, v in (a.get("args") or {}).items() if k not in ("user_config", "replica_user_config")}
+            args = {k: v for k, v in (a.get("args") or {}).items() if k != "user_config"}
             try:
                 return AppConfig.model_validate(args)
             except ValidationError as exc:

@@ -6,22 +6,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "ReplicaUserConfig", "SamplingConfig", "MonitoringConfig"]
+__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "SamplingConfig", "MonitoringConfig"]
 
 
 class ReplicaConfig(BaseModel):
-    """The model replica deployment: resources, batching and ONNX Runtime threads."""
+    """The model replica deployment: resources and ONNX Runtime threads (batching is the ingress's)."""
 
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: int = Field(default=1, ge=1, le=64, description="replicas of ModelReplica")
     num_cpus: float = Field(default=0.5, gt=0, le=64, description="CPUs reserved per replica (fractional on small boxes)")
     ort_threads: int = Field(default=2, ge=1, le=64, description="ONNX Runtime intra-op threads per session")
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="@serve.batch max_batch_size")
-    batch_wait_timeout_s: float = Field(
-        default=0.0, ge=0, le=1,
-        description="@serve.batch wait for a batch to fill (0: none; the ingress already sends batches, see serve_apps.batching)")
-    max_models_per_replica: int = Field(default=4, ge=1, le=64, description="LRU size of @serve.multiplexed")
+    max_models_per_replica: int = Field(default=4, ge=1, le=64,
+                                        description="versions one replica keeps loaded (the LRU of @serve.multiplexed; "
+                                                    "with --inference-in ingress, of the ingress's sessions)")
     max_ongoing_requests: int = Field(default=64, ge=1, le=10_000, description="requests in flight per replica")
     max_queued_requests: int = Field(default=256, ge=-1, le=100_000,
                                      description="calls waiting for a replica before the ingress answers 503 (-1: no limit)")
@@ -198,15 +196,6 @@ class ExperimentConfig(BaseModel):
     def weights(self) -> dict[str, float]:
         total = sum(a.weight for a in self.arms)
         return {a.name: a.weight / total for a in self.arms}
-
-
-class ReplicaUserConfig(BaseModel):
-    """What ``reconfigure`` of the model replicas receives: batching knobs, no restart."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
-    batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=1)
 
 
 class IngressUserConfig(BaseModel):

@@ -35,7 +35,7 @@ def test_help_lists_every_area() -> None:
         (("data", "synth", "--color-cast", "1,2"), "--color-cast"),
         (("data", "synth", "--contrast", "0"), "contrast"),
         (("train", "--data", "no-such-dataset"), "no dataset"),
-        (("serve", "batching"), "--ingress-max-concurrent"),
+        (("serve", "batching"), "--max-concurrent"),
     ],
 )
 def test_bad_arguments_give_a_message_and_exit_2(home: Path, args: tuple[str, ...], needle: str) -> None:

@@ -30,7 +30,6 @@ from serve_apps.config import (
     IngressConfig,
     IngressUserConfig,
     ReplicaConfig,
-    ReplicaUserConfig,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,19 +100,18 @@ def test_args_parse_back_to_the_same_app_config_through_yaml(replica: dict) -> N
     assert _deployments(back)["ModelReplica"].get("max_replicas_per_node") == replica.get("max_replicas_per_node")
 
 
-def test_experiments_and_batching_knobs_go_to_the_deployments_user_config() -> None:
+def test_experiments_and_batching_knobs_go_to_the_ingress_user_config() -> None:
     exp = _experiment()
-    doc = serve_config(
-        _app(),
-        user=IngressUserConfig(experiments=[exp], max_batch_size=8),
-        replica_user=ReplicaUserConfig(max_batch_size=32, batch_wait_timeout_s=0.01),
-    )
-    deps = _deployments(yaml.safe_load(to_yaml(doc)))
+    doc = serve_config(_app(), user=IngressUserConfig(experiments=[exp], max_batch_size=8, batch_wait_timeout_s=0.01))
+    back = yaml.safe_load(to_yaml(doc))
+    deps = _deployments(back)
     ingress_user = IngressUserConfig.model_validate(deps["Ingress"]["user_config"])
-    assert ingress_user.experiments == [exp] and ingress_user.max_batch_size == 8
-    assert ReplicaUserConfig.model_validate(deps["ModelReplica"]["user_config"]) == ReplicaUserConfig(
-        max_batch_size=32, batch_wait_timeout_s=0.01
-    )
+    assert ingress_user.experiments == [exp] and (ingress_user.max_batch_size, ingress_user.batch_wait_timeout_s) == (8, 0.01)
+    # one batcher: the ModelReplica has no runtime knobs, and a file that gives it some is refused
+    assert "user_config" not in deps["ModelReplica"]
+    deps["ModelReplica"]["user_config"] = {"max_batch_size": 32}
+    with pytest.raises(ValueError, match="Got a user_config for ModelReplica; expected none"):
+        validate_serve_config(back)
     # runtime state stays out of args: changing it must not change Serve's code version
     assert "user_config" not in doc["applications"][0]["args"]
 

@@ -20,9 +20,9 @@ def up(
     replicas: Annotated[int, typer.Option(help="ModelReplica replicas")] = 1,
     replica_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 0.5,
     ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
-    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: images per model call (1: off)")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(
-        help="replica batching: wait for a batch to fill (0: no wait; the ingress already batches adaptively)")] = 0.0,
+        help="dynamic batching: extra wait for a batch to fill (0: a batch leaves as soon as a slot is free)")] = 0.0,
     num_cpus: Annotated[int, typer.Option(help="CPUs the head offers (0: all)")] = 0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /healthz")] = 180.0,
     retrain: Annotated[bool, typer.Option(help="start the retraining controller for --model")] = True,
@@ -46,14 +46,9 @@ def up(
         admin_token=admin_token(s, create=True),
         max_body_bytes=s.max_body_bytes,
         max_pixels=s.max_pixels,
-        replica=ReplicaConfig(
-            num_replicas=replicas,
-            num_cpus=replica_cpus,
-            ort_threads=ort_threads,
-            max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_ms / 1000,
-        ),
-        ingress=_ingress_config(inference_in, replica_cpus),
+        replica=ReplicaConfig(num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads),
+        ingress=_ingress_config(inference_in, replica_cpus, max_batch_size=max_batch_size,
+                                batch_wait_timeout_s=batch_wait_ms / 1000),
     )
     from cluster.local import ingress_mode_env
 
@@ -166,35 +161,30 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")
 @app.command()
 @cli_errors
 def batching(
-    max_batch_size: Annotated[Optional[int], typer.Option(help="replica: requests per ONNX Runtime call")] = None,
-    wait_ms: Annotated[Optional[float], typer.Option(help="replica: wait for a batch to fill (ms)")] = None,
-    ingress_max_batch_size: Annotated[Optional[int], typer.Option(help="ingress: requests per replica call")] = None,
-    ingress_wait_ms: Annotated[Optional[float], typer.Option(help="ingress: wait for a group to fill (ms)")] = None,
-    ingress_max_concurrent: Annotated[Optional[int], typer.Option(
-        help="ingress: replica calls in flight while batching (a batch leaves when one is free)")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="images per model call (1: batching off)")] = None,
+    wait_ms: Annotated[Optional[float], typer.Option(help="extra wait for a batch to fill (ms; 0: none)")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(
+        help="model calls in flight per ingress replica while batching (a batch leaves when one is free)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the new settings as JSON")] = False,
 ) -> None:
-    """Change dynamic-batching knobs of the running app in place (no restart)."""
+    """Change the dynamic-batching knobs of the running app in place (no restart).
+
+    One batcher serves every layout: the ingress's adaptive batcher (docs/serving.md).
+    """
     from cluster.local import connect
-    from serve_apps.config import ReplicaUserConfig
     from serve_apps.deploy import apply_batching
 
-    if all(v is None for v in (max_batch_size, wait_ms, ingress_max_batch_size, ingress_wait_ms, ingress_max_concurrent)):
-        raise ValueError("give at least one of --max-batch-size, --wait-ms, --ingress-max-batch-size, --ingress-wait-ms, "
-                         "--ingress-max-concurrent")
+    if all(v is None for v in (max_batch_size, wait_ms, max_concurrent)):
+        raise ValueError("Got no knob; expected at least one of --max-batch-size, --wait-ms, --max-concurrent")
     s = settings()
     connect(s)
-    doc = apply_batching(
-        s.home,
-        replica=ReplicaUserConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=None if wait_ms is None else wait_ms / 1000),
-        ingress_max_batch_size=ingress_max_batch_size,
-        ingress_batch_wait_timeout_s=None if ingress_wait_ms is None else ingress_wait_ms / 1000,
-        ingress_max_concurrent_batches=ingress_max_concurrent,
-    )
+    doc = apply_batching(s.home, max_batch_size=max_batch_size,
+                         batch_wait_timeout_s=None if wait_ms is None else wait_ms / 1000,
+                         max_concurrent_batches=max_concurrent)
     if as_json:
         print_json(doc)
     else:
-        out.print(f"batching: ingress {doc['ingress']}, replica {doc['replica']}")
+        out.print(f"batching: {doc['ingress']}")
 
 
 @app.command("telemetry")
@@ -233,9 +223,9 @@ def config(
     inference_in: Annotated[str, typer.Option(
         help="where models run: replicas (ModelReplica deployments) or ingress (in the ingress process: no hop)")] = "replicas",
     ort_threads: Annotated[int, typer.Option(help="ONNX Runtime threads per session")] = 2,
-    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: largest batch")] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: images per model call (1: off)")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(
-        help="replica batching: wait for a batch to fill (0: no wait; the ingress already batches adaptively)")] = 0.0,
+        help="dynamic batching: extra wait for a batch to fill (0: a batch leaves as soon as a slot is free)")] = 0.0,
     max_replicas_per_node: Annotated[Optional[int], typer.Option(help="spread replicas: at most N per node")] = None,
     request_timeout: Annotated[float, typer.Option(help="Serve's HTTP timeout, s (above the ingress's)")] = 60.0,
     proxy_location: Annotated[str, typer.Option(help="EveryNode, HeadOnly (one machine), Disabled")] = "EveryNode",
@@ -290,9 +280,9 @@ def config(
         max_body_bytes=s.max_body_bytes,
         max_pixels=s.max_pixels,
         replica=options_from(ReplicaConfig, num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads,
-                             max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
                              max_replicas_per_node=max_replicas_per_node),
-        ingress=options_from(IngressConfig, num_cpus=ingress_cpus, inference_in=_inference_in(inference_in)),
+        ingress=options_from(IngressConfig, num_cpus=ingress_cpus, inference_in=_inference_in(inference_in),
+                             max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000),
     )
     options = options_from(ServeConfigOptions, host=host, port=port, request_timeout_s=request_timeout,
                            proxy_location=proxy_location, wandb_mode=wandb)
@@ -352,10 +342,10 @@ def _refuse_replica_flags(inference_in: str, **values: Any) -> None:
         )
 
 
-def _ingress_config(inference_in: str, replica_cpus: float):
+def _ingress_config(inference_in: str, replica_cpus: float, **batching: Any):
     """The ingress of `serve up`: running the models itself, it reserves the replica's CPUs."""
     from serve_apps.config import IngressConfig
 
     if _inference_in(inference_in) == "ingress":
-        return IngressConfig(inference_in="ingress", num_cpus=replica_cpus)
-    return IngressConfig()
+        return IngressConfig(inference_in="ingress", num_cpus=replica_cpus, **batching)
+    return IngressConfig(**batching)
