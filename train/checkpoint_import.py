@@ -99,7 +99,7 @@ def import_checkpoint(
         "--layout": (pre.layout, Layout.NCHW),
         "--input-dtype": (pre.dtype, InputDType.FLOAT32),
         "--channel-order": (pre.channel_order, ChannelOrder.RGB),
-        "--output": (spec.output or OutputKind.LOGITS, OutputKind.LOGITS),
+        "--outputs-are": (spec.output or OutputKind.LOGITS, OutputKind.LOGITS),
     }
     for flag, (got, want) in fixed.items():
         if got is not want:

@@ -93,7 +93,7 @@ def test_import_show_list_and_predict(tmp_path: Path, files: dict[str, Path]) ->
     r = _run(
         "models", "import", str(files["clf"]), "--name", "tfnet", "--labels", str(files["labels"]),
         "--input-size", "48x48", "--layout", "NHWC", "--scale", "0-255", "--mean", "127.5,127.5,127.5",
-        "--std", "127.5,127.5,127.5", "--output", "probs", "--resize", "center-crop", "--framework", "tensorflow",
+        "--std", "127.5,127.5,127.5", "--outputs-are", "probs", "--resize", "center-crop", "--framework", "tensorflow",
         "--json", home=home,
     )
     assert r.returncode == 0, r.stderr[-3000:]

@@ -356,7 +356,7 @@ def test_checkpoint_import_exports_the_same_function_as_torch(tmp_path: Path) ->
     [
         ({"channel_order": "BGR"}, "--channel-order BGR for a PyTorch checkpoint"),
         ({"layout": "NHWC"}, "--layout NHWC for a PyTorch checkpoint"),
-        ({"output": "probs"}, "--output probs for a PyTorch checkpoint"),
+        ({"output": "probs"}, "--outputs-are probs for a PyTorch checkpoint"),
         ({"input_name": "x"}, "--input-name for a PyTorch checkpoint"),
     ],
 )
