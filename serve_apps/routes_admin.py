@@ -10,10 +10,10 @@ TelemetrySink actor (``serve_apps.telemetry``).
 """
 
 import asyncio
-from typing import Any, Dict
+from typing import Any, Dict, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from serve_apps.api import require_admin
 from serve_apps.config import AppConfig, ExperimentConfig
@@ -26,7 +26,8 @@ class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:#-]+$")
-    label: str = Field(min_length=1, max_length=256)
+    # a JSON number is a class index (the datasets store integer labels), a string a label name
+    label: Union[StrictInt, str] = Field(description="label name, or class index 0..C-1")
 
 
 class StopBody(BaseModel):
@@ -91,6 +92,8 @@ def router(cfg: AppConfig, actors: Any) -> APIRouter:
     async def feedback(request: Request) -> Dict[str, Any]:
         """Ground truth for a past prediction: ``{"request_id": ..., "label": ...}``."""
         body = await _json(request, FeedbackBody)
+        if isinstance(body.label, str) and not 1 <= len(body.label) <= 256:
+            raise ApiError(400, f"Got a label of {len(body.label)} characters; expected 1..256")
         res = await _call(actors.sink().feedback, body.request_id, body.label)
         return {"request_id": body.request_id, "accepted": True, **res}
 

@@ -51,7 +51,7 @@ class TelemetrySinkImpl:
         self.feedback_dir = self.home / "telemetry" / "feedback"
         self._lock = threading.RLock()
         self._seen: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
-        self._pending_labels: OrderedDict[str, str] = OrderedDict()
+        self._pending_labels: OrderedDict[str, str | int] = OrderedDict()  # name or class index, event not seen yet
         self._buffer: list[dict[str, Any]] = []
         self._feedback_buffer: list[dict[str, Any]] = []
         self._flush_rows = flush_rows
@@ -62,7 +62,8 @@ class TelemetrySinkImpl:
         self._monitoring = None  # MonitoringConfig; set by configure()
         self._sampler = None  # ActiveSampler; set by configure()
         self._queue = None  # LabelingQueue, opened lazily
-        self.counters = {"received": 0, "duplicates": 0, "written": 0, "labels": 0, "labels_late": 0, "dropped_reported": 0,
+        self.counters = {"received": 0, "duplicates": 0, "written": 0, "labels": 0, "labels_late": 0,
+                         "labels_refused_late": 0, "dropped_reported": 0,
                          "samples_offered": 0, "samples_kept": 0}
 
     # -------------------------------------------------------------- events
@@ -86,8 +87,17 @@ class TelemetrySinkImpl:
                 accepted += 1
                 self._aggregate(ev)
                 self._monitor_event(ev)
-                label = self._pending_labels.pop(ev["request_id"], None) if ev.get("role") == "primary" else None
-                if label is not None:
+                given = self._pending_labels.pop(ev["request_id"], None) if ev.get("role") == "primary" else None
+                if given is not None:
+                    try:
+                        label, class_id = self._resolve(ev, given)
+                    except ValueError as exc:  # e.g. a class index the model does not have: nobody to tell now
+                        self.counters["labels_refused_late"] += 1
+                        logger.warning("late label dropped: %s", exc)
+                        continue
+                    if isinstance(given, int):  # the lake learns the name now
+                        self._feedback_buffer.append({"request_id": ev["request_id"], "label": label,
+                                                      "class_id": class_id, "ts": time.time()})
                     self._apply_label(ev, label)
                     late.append((ev["request_id"], label))
             self.counters["received"] += accepted
@@ -236,32 +246,59 @@ class TelemetrySinkImpl:
         return self.labeling_queue().counts()
 
     # -------------------------------------------------------------- labels
-    def feedback(self, request_id: str, label: str, ts: float | None = None) -> dict[str, Any]:
+    def feedback(self, request_id: str, label: str | int, ts: float | None = None) -> dict[str, Any]:
+        """Ground truth for a past prediction: a label name (str) or a class index (int).
+
+        Returns what was understood (``label``, ``class_id``, ``given``: ``name`` or
+        ``class_index``) and, when the prediction is known, whether it was correct.
+        A label that arrives before its prediction is kept and joined when it comes.
+
+        Raises:
+            ValueError: a name or index the model that answered does not have.
+        """
         ts = ts or time.time()
+        given = "class_index" if isinstance(label, int) else "name"
         with self._lock:
-            self.counters["labels"] += 1
-            self._feedback_buffer.append({"request_id": request_id, "label": label, "ts": ts})
             ev = self._seen.get((request_id, "primary"))
-            if ev is not None and ev.get("model") and ev.get("version") is not None:
-                labels = self._labels(str(ev["model"]), int(ev["version"]))
-                if labels is not None and label not in labels:
-                    self.counters["labels"] -= 1
-                    self._feedback_buffer.pop()
-                    raise ValueError(f"Got label {label!r}; model {ev['model']}:{ev['version']} knows {labels[:20]}")
             if ev is None:
                 self._pending_labels[request_id] = label
+                self.counters["labels"] += 1
                 self.counters["labels_late"] += 1
                 if len(self._pending_labels) > _MAX_PENDING_LABELS:
                     self._pending_labels.popitem(last=False)
-                result = {"matched": False}
-            else:
-                self._apply_label(ev, label)
-                result = {"matched": True, "model": ev.get("model"), "version": ev.get("version"), "correct": ev.get("label") == label}
+                name = label if isinstance(label, str) else None
+                self._feedback_buffer.append({"request_id": request_id, "label": name, "class_id": None, "ts": ts})
+                return {"matched": False, "given": given, "label": name,
+                        "class_id": label if isinstance(label, int) else None}
+            name, class_id = self._resolve(ev, label)
+            self.counters["labels"] += 1
+            self._feedback_buffer.append({"request_id": request_id, "label": name, "class_id": class_id, "ts": ts})
+            self._apply_label(ev, name)
+            result = {"matched": True, "given": given, "label": name, "class_id": class_id, "model": ev.get("model"),
+                      "version": ev.get("version"), "correct": ev.get("label") == name}
         try:  # a sampled request gets its label in the labeling queue too
-            self.labeling_queue().add_labels([(request_id, label)], labeler="feedback")
+            self.labeling_queue().add_labels([(request_id, name)], labeler="feedback")
         except Exception:  # noqa: BLE001
             logger.exception("labeling queue update failed")
         return result
+
+    def _resolve(self, ev: dict[str, Any], label: str | int) -> tuple[str, int | None]:
+        """``(name, class index)`` of a label given as either, for the model that answered ``ev``."""
+        model, version = ev.get("model"), ev.get("version")
+        labels = self._labels(str(model), int(version)) if model and version is not None else None
+        if isinstance(label, int):
+            if labels is None:
+                raise ValueError(f"Got class index {label} for a prediction whose model's labels are unknown; "
+                                 "expected a label name")
+            if not 0 <= label < len(labels):
+                raise ValueError(f"Got class index {label}; model {model}:{version} has classes 0..{len(labels) - 1}")
+            return labels[label], label
+        if labels is None:
+            return label, None
+        if label not in labels:
+            raise ValueError(f"Got label {label!r}; model {model}:{version} knows {labels[:20]} "
+                             f"(or send the class index 0..{len(labels) - 1})")
+        return label, labels.index(label)
 
     def _labels(self, model: str, version: int) -> list[str] | None:
         key = (model, version)
@@ -344,9 +381,16 @@ class TelemetrySinkImpl:
                 d = self.feedback_dir / f"date={date}"
                 d.mkdir(parents=True, exist_ok=True)
                 tmp = d / f".part-{uuid.uuid4().hex}.parquet"
-                pq.write_table(pa.Table.from_pylist(items), tmp)
+                pq.write_table(pa.Table.from_pylist(items, schema=_feedback_schema()), tmp)
                 tmp.rename(d / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
         return written
+
+
+def _feedback_schema():
+    import pyarrow as pa
+
+    return pa.schema([("request_id", pa.string()), ("label", pa.string()), ("class_id", pa.int64()),
+                      ("ts", pa.float64())])
 
 
 def _event_schema():

@@ -54,7 +54,9 @@ def _feedback(home: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     for p in sorted((Path(home) / "telemetry" / "feedback").rglob("part-*.parquet")):
         t = pq.read_table(p)
-        labels.update(zip(t.column("request_id").to_pylist(), t.column("label").to_pylist()))
+        # a class index sent before its prediction has no name yet (null); its resolved row follows
+        labels.update((r, lab) for r, lab in zip(t.column("request_id").to_pylist(), t.column("label").to_pylist())
+                      if lab is not None)
     return labels
 
 

@@ -79,6 +79,13 @@ def test_bad_experiment_and_feedback_requests(serve_url, ab_model) -> None:
                 break
             time.sleep(0.3)
         assert r.status_code == 400 and "not-a-class" in r.json()["error"]
+        # a class index is a label too (the datasets store integer labels); the answer says how it was read
+        r = c.post("/v1/feedback", json={"request_id": rid, "label": 1})
+        assert r.status_code == 202 and r.json()["given"] == "class_index" and r.json()["class_id"] == 1, r.text
+        assert r.json()["label"] == c.get("/v1/models/abm").json()["card"]["labels"][1]
+        r = c.post("/v1/feedback", json={"request_id": rid, "label": 99})
+        assert r.status_code == 400 and "Got class index 99" in r.json()["error"]
+        assert c.post("/v1/feedback", json={"request_id": rid, "label": 1.5}).status_code == 400
 
 
 def test_sticky_reweight_under_load_and_shadow(serve_url, ab_model) -> None:

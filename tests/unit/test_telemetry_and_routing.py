@@ -52,7 +52,7 @@ def test_sink_deduplicates_and_joins_late_labels(tmp_path: Path) -> None:
     assert sink.stats()["duplicates"] == 1
     assert sink.record([_ev("r1")]) == 0  # a retry with the same request id never counts twice
     # label before its event (late event), and after
-    assert sink.feedback("r3", "a") == {"matched": False}
+    assert sink.feedback("r3", "a") == {"matched": False, "given": "name", "label": "a", "class_id": None}
     sink.record([_ev("r3", label="a")])
     assert sink.feedback("r2", "a")["matched"] is True
     arms = sink.experiment_summary("e1")["arms"]
@@ -179,3 +179,40 @@ def test_app_builder_accepts_experiments_in_the_serve_config() -> None:
     assert ingress._deployment_config.user_config["experiments"][0]["name"] == "e1"
     with pytest.raises(ValueError):
         app_builder({"home": "relative/path"})
+
+
+def test_feedback_takes_a_label_name_or_a_class_index_and_says_which(tmp_path: Path) -> None:
+    """The datasets store integer labels: a class index is a label too (resolved with the model's card)."""
+    import onnx
+    from test_offline_inference import _colour_model
+
+    from visionfleet.registry import Registry
+    from visionfleet.spec import ModelCard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(_colour_model(8), src / "model.onnx")
+    Registry(tmp_path / "registry").register(ModelCard(name="m", labels=["a", "b", "c"], input_size=(8, 8)),
+                                             {"onnx": src / "model.onnx"})
+    sink = TelemetrySinkImpl(str(tmp_path))
+    sink.record([{**_ev("r1", label="b"), "model": "m", "version": 1}, {**_ev("r2", label="a"), "model": "m", "version": 1}])
+    by_index = sink.feedback("r1", 1)
+    assert (by_index["given"], by_index["label"], by_index["class_id"], by_index["correct"]) == ("class_index", "b", 1, True)
+    by_name = sink.feedback("r2", "c")
+    assert (by_name["given"], by_name["label"], by_name["class_id"], by_name["correct"]) == ("name", "c", 2, False)
+    with pytest.raises(ValueError, match=r"Got class index 7; model m:1 has classes 0\.\.2"):
+        sink.feedback("r1", 7)
+    with pytest.raises(ValueError, match=r"Got label 'z'; model m:1 knows \['a', 'b', 'c'\] \(or send the class index"):
+        sink.feedback("r1", "z")
+    # an index before its prediction is kept, then resolved by the model that answered
+    early = sink.feedback("r3", 2)
+    assert (early["matched"], early["given"], early["label"], early["class_id"]) == (False, "class_index", None, 2)
+    sink.record([{**_ev("r3", label="c"), "model": "m", "version": 1}])
+    sink.feedback("r4", 9)  # out of range for m: dropped when r4 arrives, and counted
+    sink.record([{**_ev("r4", label="c"), "model": "m", "version": 1}])
+    assert sink.stats()["labels_refused_late"] == 1
+    arms = sink.experiment_summary("e1")["arms"]["control"]
+    assert (arms["labeled"], arms["correct"]) == (3, 2)  # r1 (b, right), r2 (c, wrong), r3 (index 2 = c, right)
+    sink.flush()
+    rows = [r for p in (tmp_path / "telemetry" / "feedback").rglob("part-*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert {(r["request_id"], r["label"], r["class_id"]) for r in rows} >= {("r1", "b", 1), ("r2", "c", 2), ("r3", "c", 2)}
