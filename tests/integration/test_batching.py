@@ -73,3 +73,26 @@ def test_many_image_batch_requests_are_not_merged_past_the_cap(serve_url) -> Non
     images = after["ingress"]["images"] - before["ingress"]["images"]
     # each 40-image request exceeds the cap of 16 images, so each goes alone: 12 calls of 40
     assert (calls, images) == (12, 480)
+
+
+def test_the_replica_keeps_max_models_per_replica_versions(serve_url, settings, trained) -> None:
+    """ReplicaConfig.max_models_per_replica (4 by default) is the replica's LRU size (Serve's
+    @serve.multiplexed used to be hard-coded to 8): six versions round robin evict and reload."""
+    from visionfleet.registry import Registry
+
+    reg = Registry(settings.registry_dir)
+    src = reg.local_dir("tiny", trained.card.version) / "model.onnx"
+    if "mux" not in reg.list_models():
+        for _ in range(6):
+            reg.register(trained.card.model_copy(update={"name": "mux", "version": None}), {"onnx": src})
+    data = encode_image(render_sample(8, 1, 32)[0], "png")
+    with httpx.Client(base_url=serve_url, timeout=60) as c:
+        before = c.get("/v1/stats").json()["replica"]
+        assert before["max_models"] == 4
+        for _ in range(2):
+            for v in range(1, 7):
+                r = c.post(f"/v1/predict?model=mux:{v}", content=data, headers={"Content-Type": "image/png"})
+                assert r.status_code == 200, r.text
+        after = c.get("/v1/stats").json()["replica"]
+    # an LRU of 4 over 6 versions in turn misses every time: 12 loads (an LRU of 8 would load 6)
+    assert after["loads"] - before["loads"] == 12

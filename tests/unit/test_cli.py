@@ -163,3 +163,12 @@ def test_tune_run_and_the_job_entrypoint_parse_the_same_flags_to_the_same_config
     assert cli.latency_repeats == 2
     cli, job = both(["--model", "tiny:1", "--dataset", "tiny"])
     assert cli == job == SweepConfig(model="tiny:1", dataset="tiny")  # a flag not given is the field's default
+
+
+def test_fleet_simulate_finds_its_harness_in_bench() -> None:
+    """The fleet simulator is a test harness (bench/fleet_sim.py), not product code; the CLI loads it from the checkout."""
+    from visionfleet.cli.fleet import _fleet_sim
+
+    sim_config, run_simulation = _fleet_sim()
+    assert sim_config.__module__ == "bench.fleet_sim" and run_simulation.__name__ == "run_simulation"
+    assert sim_config(model="demo:1", update="demo:2", devices=2).devices == 2
