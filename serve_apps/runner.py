@@ -11,7 +11,6 @@ ONNX Runtime run, and its error belongs to that call (STYLE 6).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 from visionfleet.inference import LoadedModel, RuntimeOptions, load_model_dir
 from visionfleet.registry import NotFound, Registry
 
-__all__ = ["ReplicaOutput", "load_version", "run_batch", "failure", "LocalModels", "valid_images"]
+__all__ = ["ReplicaOutput", "load_version", "run_batch", "failure", "LocalModels"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,6 @@ class ReplicaOutput:
     outputs: list[np.ndarray] | None
     error: str | None = None
     status: int = 200
-    infer_ms: float = 0.0
-    providers: tuple[str, ...] = ()
 
 
 def load_version(registry: Registry, runtime: RuntimeOptions, model_id: str) -> LoadedModel:
@@ -58,7 +55,7 @@ def failure(exc: BaseException, model_id: str) -> ReplicaOutput:
     return ReplicaOutput(None, f"model {model_id} could not be loaded: {exc}", 500)
 
 
-def valid_images(arr: object, h: int, w: int) -> bool:
+def _valid_images(arr: object, h: int, w: int) -> bool:
     return (
         isinstance(arr, np.ndarray)
         and arr.dtype == np.uint8
@@ -71,11 +68,10 @@ def valid_images(arr: object, h: int, w: int) -> bool:
 async def run_batch(model: LoadedModel, model_id: str, batch: np.ndarray, pool: Executor) -> ReplicaOutput:
     """One ONNX Runtime call on ``pool`` for uint8 ``[k, H, W, 3]`` images at the model's size."""
     h, w = model.card.input_size
-    if not valid_images(batch, h, w):
+    if not _valid_images(batch, h, w):
         return ReplicaOutput(None, f"expected uint8 images [k, {h}, {w}, 3] for {model_id}", 400)
-    t0 = time.perf_counter()
     outputs = await asyncio.get_running_loop().run_in_executor(pool, model.run, batch)
-    return ReplicaOutput(list(outputs), infer_ms=(time.perf_counter() - t0) * 1000, providers=tuple(model.providers))
+    return ReplicaOutput(list(outputs))
 
 
 class LocalModels:

@@ -243,12 +243,12 @@ def test_detection_stats() -> None:
     assert detection_stats(np.array([0.7]))["margin"] == pytest.approx(0.7)
 
 
-def test_detection_module_stays_light() -> None:
+def test_the_prediction_path_stays_light() -> None:
     import subprocess
     import sys
 
     code = (
-        "import visionfleet.detection, sys; "
+        "import visionfleet.predict, sys; "
         "print(sorted(m for m in ('torch', 'onnxruntime', 'ray') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
