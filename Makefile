@@ -10,7 +10,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-# constraints.txt locks every package of .[cluster,dev] (Python 3.11, Linux x86_64); pyproject.toml
+# constraints.txt locks every package of .[cluster,dev,conformance,datasets] (Python 3.11, Linux x86_64); pyproject.toml
 # keeps open ranges for library users. `make lock` refreshes it (docs/getting-started.md).
 LOCK   := constraints.txt
 UV_DIR := build/uv
@@ -21,7 +21,7 @@ TORCH_WHEELS ?= /opt/wheels
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[cluster,dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[cluster,dev,conformance,datasets]'
 	touch $(STAMP)
 
 # Keeps the current pins where pyproject.toml still allows them; UPGRADE=1 moves every
@@ -31,7 +31,7 @@ lock:
 	test -d $(TORCH_WHEELS) || { echo "TORCH_WHEELS=$(TORCH_WHEELS): expected a folder with the CPU torch wheel"; exit 2; }
 	test -x $(UV_DIR)/bin/uv || { $(PYTHON) -m venv $(UV_DIR) && $(UV_DIR)/bin/pip install -q uv; }
 	echo 'torch==2.13.0+cpu' > $(UV_DIR)/torch-cpu.txt
-	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra cluster --extra dev --quiet \
+	$(UV_DIR)/bin/uv pip compile pyproject.toml --extra cluster --extra dev --extra conformance --extra datasets --quiet \
 	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) \
 	    -c $(UV_DIR)/torch-cpu.txt --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) -o $(LOCK)
 	sed -i 's/^torch==2\.13\.0+cpu$$/torch==2.13.0/' $(LOCK)
