@@ -1,7 +1,7 @@
 """One frame in, one prediction out: the server's preprocessing and prediction path.
 
-Decoding and resizing go through :func:`visionfleet.imaging.load_for_model` /
-:func:`visionfleet.imaging.resize_image`, outputs through
+Decoding, the choice of input size and resizing go through
+:func:`visionfleet.imaging.preprocess`, outputs through
 :func:`visionfleet.predict.predictions` and the event fields through
 :func:`visionfleet.predict.event_fields` — the code the ingress runs — so a device and
 the server give the same answer, and record the same fields, for the same image.
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from visionfleet.imaging import ResizeInfo, load_for_model, resize_image
+from visionfleet.imaging import ResizeInfo, preprocess
 from visionfleet.inference import LoadedModel
 from visionfleet.predict import Prediction, event_fields, predictions
 
@@ -50,19 +50,24 @@ def _finish(model: LoadedModel, img: np.ndarray, info: ResizeInfo, t0: float, to
     return DevicePrediction(pred, event_fields(pred, img), (time.perf_counter() - t0) * 1000.0)
 
 
-def predict_bytes(model: LoadedModel, data: bytes, top_k: int = 5, max_pixels: int = 40_000_000) -> DevicePrediction:
+def predict_bytes(model: LoadedModel, data: bytes, top_k: int = 5, max_pixels: int = 40_000_000,
+                  size: str | None = None) -> DevicePrediction:
     """Decode an encoded image (JPEG, PNG, …), resize it as the card says, run the model.
+
+    ``size`` picks one of the card's ``input_sizes`` (``"320x320"``); without it the image
+    goes to the listed size nearest its own, as on the server.
 
     Raises:
         visionfleet.imaging.ImageError: the bytes are not a usable image.
+        visionfleet.imaging.SizeNotServed: ``size`` is not one of the card's sizes.
     """
     t0 = time.perf_counter()
-    img, info = load_for_model(data, tuple(model.card.input_size), model.card.resize, max_pixels=max_pixels)
+    img, info = preprocess(data, model.card.sizes, model.card.resize, size=size, max_pixels=max_pixels)
     return _finish(model, img, info, t0, top_k)
 
 
-def predict_rgb(model: LoadedModel, rgb: np.ndarray, top_k: int = 5) -> DevicePrediction:
-    """Run a decoded RGB uint8 frame (a video or camera frame)."""
+def predict_rgb(model: LoadedModel, rgb: np.ndarray, top_k: int = 5, size: str | None = None) -> DevicePrediction:
+    """Run a decoded RGB uint8 frame (a video or camera frame); ``size`` as in :func:`predict_bytes`."""
     t0 = time.perf_counter()
-    img, info = resize_image(rgb, tuple(model.card.input_size), model.card.resize)
+    img, info = preprocess(rgb, model.card.sizes, model.card.resize, size=size)
     return _finish(model, img, info, t0, top_k)

@@ -441,7 +441,8 @@ def _tensorrt_options(onnx_file: Path, card: ModelCard, prof: TargetProfile) -> 
     engine = prof.engine
     assert engine is not None  # every plan-format profile has one (visionfleet.targets checks)
     opts = ort_tensorrt_provider_options(
-        precision, ".", input_size=tuple(card.input_size), input_name=traits.get("input_name", "images"),  # type: ignore[arg-type]
+        precision, ".", input_size=tuple(card.input_size), input_sizes=card.sizes,  # type: ignore[arg-type]
+        input_name=traits.get("input_name", "images"),
         min_batch=engine.min_batch, opt_batch=engine.opt_batch, max_batch=engine.max_batch,
         workspace_bytes=engine.workspace_bytes, qdq=bool(traits.get("qdq")),
     )

@@ -1,6 +1,7 @@
 """torch -> ONNX export that obeys the artifact contract.
 
-The exported graph takes **uint8 NHWC** images at the model's size (dynamic batch),
+The exported graph takes **uint8 NHWC** images at the model's size (dynamic batch; with
+several ``input_sizes``, dynamic height and width too, checked at each size),
 folds the normalization in, and returns class probabilities. ``metadata_props`` carry
 task, labels, input size, resize mode, normalization and version, so the file describes
 itself. An export-time parity check runs ONNX Runtime and torch on real images and
@@ -29,6 +30,8 @@ __all__ = [
     "ParityReport",
     "read_metadata",
     "write_metadata",
+    "graph_hw",
+    "check_runs_at_sizes",
     "INPUT_NAME",
     "OUTPUT_NAME",
 ]
@@ -113,27 +116,47 @@ def export_onnx(
     parity_images: np.ndarray | None = None,
     atol: float = 1e-4,
     opset: int = DEFAULT_OPSET,
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> ParityReport | None:
     """Export ``core`` (float NCHW -> logits) as a contract-obeying ONNX file.
 
     Args:
         core: the trained network in eval mode.
         out_path: where to write the ``.onnx`` file.
-        input_size: (height, width) of the model input.
+        input_size: (height, width) of the model input (the default size).
         mean, std: per-channel normalization on the 0..255 scale, folded into the graph.
         metadata: written to ``metadata_props`` (task, labels, resize, version…).
-        parity_images: real uint8 NHWC images for the parity check (recommended).
+        parity_images: real uint8 NHWC images for the parity check (recommended), at
+            ``input_size``; with several ``input_sizes`` they are resized to each.
+        input_sizes: every (height, width) the model is to serve at, ``input_size``
+            first. More than one keeps height and width dynamic in the graph (the
+            built-in architectures end in global pooling, so any size from the smallest
+            listed to the largest runs), and the parity check runs at each size.
     Returns:
-        The parity report, or None when no images were given.
+        The parity report (the worst over the sizes), or None when no images were given.
     Raises:
-        ExportParityError: the exported graph disagrees with torch.
+        ExportParityError: the exported graph disagrees with torch (at any size).
+        ValueError: ``input_sizes`` does not start with ``input_size``.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     deployable = Deployable(core.eval(), mean, std).eval()
     h, w = input_size
+    sizes = [(int(a), int(b)) for a, b in (input_sizes or [(h, w)])]
+    if sizes[0] != (h, w) or len(set(sizes)) != len(sizes):
+        raise ValueError(
+            f"Got input_sizes {', '.join(f'{a}x{b}' for a, b in sizes)} with input_size {h}x{w}; expected distinct "
+            "sizes, input_size first"
+        )
+    dynamic_hw = len(sizes) > 1
     example = torch.zeros((2, h, w, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict[int, object] = {0: batch}
+    if dynamic_hw:
+        # AUTO lets torch.export find the range the network supports (strides, pooling)
+        # instead of failing on a guess; every listed size is then checked by running it.
+        dims[1] = torch.export.Dim.AUTO
+        dims[2] = torch.export.Dim.AUTO
     # The dynamo exporter is chatty on stdout/loggers; keep our progress output clean.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -143,7 +166,7 @@ def export_onnx(
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes={"images": dims},
             opset_version=opset,
             dynamo=True,
             verbose=False,
@@ -156,6 +179,7 @@ def export_onnx(
         "input_layout": "NHWC",
         "input_dtype": "uint8",
         "input_size": [h, w],
+        **({"input_sizes": [list(s) for s in sizes], "dynamic_hw": True} if dynamic_hw else {}),
         "normalization": {"mean": list(map(float, mean)), "std": list(map(float, std)), "scale": "0-255"},
         **metadata,
     }
@@ -164,6 +188,60 @@ def export_onnx(
     tmp = out_path.with_suffix(".onnx.tmp")
     onnx.save_model(proto, str(tmp))
     tmp.replace(out_path)
+    if dynamic_hw:
+        check_runs_at_sizes(out_path, sizes)
     if parity_images is None:
         return None
-    return check_parity(deployable, out_path, parity_images, atol=atol)
+    if not dynamic_hw:
+        return check_parity(deployable, out_path, parity_images, atol=atol)
+    from visionfleet.imaging import resize_image
+
+    reports = []
+    for size in sizes:
+        at = parity_images if tuple(parity_images.shape[1:3]) == size else np.stack(
+            [resize_image(img, size, "stretch")[0] for img in parity_images])
+        reports.append(check_parity(deployable, out_path, at, atol=atol))
+    return ParityReport(n=sum(r.n for r in reports), max_abs_diff=max(r.max_abs_diff for r in reports),
+                        top1_agreement=min(r.top1_agreement for r in reports))
+
+
+def graph_hw(path: str | os.PathLike[str]) -> tuple[int | None, int | None]:
+    """(height, width) of the uint8 NHWC ``images`` input as the graph declares it (None: dynamic)."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    vi = next((i for i in model.graph.input if i.name == INPUT_NAME), model.graph.input[0])
+    d = vi.type.tensor_type.shape.dim
+    if len(d) != 4:
+        raise ValueError(f"Got an input {vi.name!r} with {len(d)} dims; expected uint8 [N, H, W, 3]")
+
+    def one(x) -> int | None:
+        return int(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else None
+
+    return one(d[1]), one(d[2])
+
+
+def check_runs_at_sizes(path: str | os.PathLike[str], sizes: Sequence[tuple[int, int]]) -> None:
+    """Run the ONNX file with ONNX Runtime at every listed size (a batch of 2 gray images).
+
+    Raises:
+        ValueError: the graph's input has a fixed height/width another size needs, or
+            ONNX Runtime fails at a size (its message quoted), or the outputs' batch is off.
+    """
+    gh, gw = graph_hw(path)
+    for h, w in sizes:
+        if (gh is not None and gh != h) or (gw is not None and gw != w):
+            fixed = f"{gh or 'H'}x{gw or 'W'}"
+            raise ValueError(
+                f"Got size {h}x{w} for a model whose input is fixed at {fixed}; expected one size, {fixed} "
+                "(export or import it with a dynamic height and width to serve several sizes)"
+            )
+    sess = _session(Path(path))
+    name = sess.get_inputs()[0].name
+    for h, w in sizes:
+        try:
+            out = sess.run(None, {name: np.full((2, h, w, 3), 114, np.uint8)})
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types; quote it
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ValueError(f"Got an ONNX Runtime error at size {h}x{w}: {first}; expected the model to run at "
+                             f"every listed size") from None
+        if any(o.shape[:1] != (2,) for o in out):
+            raise ValueError(f"Got outputs {[o.shape for o in out]} at size {h}x{w}; expected a batch of 2")

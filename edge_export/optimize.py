@@ -616,11 +616,18 @@ def optimize(
     if settings.target is not None:
         metrics["target"] = settings.target.value
     steps = [*parent.lineage.steps, *({**s, "by": "visionfleet optimize"} for s in built.steps)]
+    sizes: list[tuple[int, int]] = []
+    if len(parent.sizes) > 1:  # the optimized graph must still run at every size its parent serves
+        from edge_export.onnx_export import check_runs_at_sizes
+
+        check_runs_at_sizes(built.model_path, parent.sizes)
+        sizes = list(parent.sizes)
     card = ModelCard(
         name=parent.name,
         task=parent.task,
         labels=parent.labels,
         input_size=parent.input_size,
+        input_sizes=sizes,
         resize=parent.resize,
         model_file=built.model_file,
         format="onnx",

@@ -6,6 +6,10 @@ Three input styles are accepted on ``POST /v1/predict``:
 * ``multipart/form-data`` with the image in a file field (``file`` or the first file);
 * ``application/json`` ``{"image": "<base64>", "model": "...", "version": ...}``.
 
+Each style may name the model-input size (``size``: ``320`` or ``320x320``; a query
+parameter, a form field or a JSON field), checked against the card's ``input_sizes``
+by the prediction step.
+
 Every failure is an :class:`ApiError` carrying the HTTP status of the contract
 (400 bad input, 404 unknown model, 413 too large, 415 unsupported media).
 """
@@ -58,6 +62,7 @@ class PredictInput:
     model: str | None = None
     version: str | None = None
     top_k: int | None = None
+    size: str | None = None  # the model-input size asked for ("320" or "320x320"), checked against the card
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,6 +209,7 @@ async def _parse(content_type: str | None, body: bytes, *, max_files: int, batch
             model=fields.get("model") or None,
             version=fields.get("version") or None,
             top_k=_int_field(fields.get("top_k")),
+            size=fields.get("size") or None,
         )
     if media == "application/json":
         doc = _json_body(body)
@@ -219,7 +225,8 @@ async def _parse(content_type: str | None, body: bytes, *, max_files: int, batch
                 raise ApiError(400, "JSON body needs 'image' (base64)")
             images = [_b64(doc["image"], "'image'")]
         return PredictInput(
-            images=images, model=_opt_str(doc, "model"), version=_opt_str(doc, "version"), top_k=_opt_top_k(doc)
+            images=images, model=_opt_str(doc, "model"), version=_opt_str(doc, "version"), top_k=_opt_top_k(doc),
+            size=_opt_str(doc, "size"),
         )
     if not media:
         raise ApiError(415, "missing Content-Type; send image/*, multipart/form-data or application/json")

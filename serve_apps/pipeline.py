@@ -30,7 +30,7 @@ from serve_apps.config import AppConfig
 from serve_apps.inputs import ApiError, status_for_image_error
 from serve_apps.routing import CompiledExperiment, Route, choose_route
 from serve_apps.runner import ReplicaOutput
-from visionfleet.imaging import ImageError, ResizeInfo, load_for_model, resize_image
+from visionfleet.imaging import ImageError, ResizeInfo, SizeNotServed, choose_size, preprocess
 from visionfleet.predict import Prediction, event_fields, predictions
 from visionfleet.registry import NotFound, Registry, ResolvedModel
 from visionfleet.spec import ModelCard, parse_ref
@@ -194,7 +194,7 @@ class PredictionService:
     # ------------------------------------------------------------------ the step
     async def run(self, route: Route, images: Sequence[Any], *, request_ids: Sequence[str], t0: float,
                   top_k: int | None = None, client_key: str | None = None, per_item: bool = False,
-                  name: str | None = None, role: str = "primary") -> list[Outcome]:
+                  name: str | None = None, role: str = "primary", size: str | None = None) -> list[Outcome]:
         """Predict every image of one request on the route's version; one outcome per image.
 
         Args:
@@ -208,6 +208,9 @@ class PredictionService:
                 otherwise the request fails with it.
             name: the input's name, prefixed to per-image errors (``images[2]: ...``).
             role: ``primary``, or ``shadow`` for mirrored traffic.
+            size: the model-input size asked for (``320`` or ``320x320``; one of the card's
+                ``input_sizes``, else a 400); ``None``: each image goes to the listed size
+                nearest its own (:func:`visionfleet.imaging.choose_size`).
         Raises:
             ApiError: the request fails (unknown model, bad image unless ``per_item``,
                 model unavailable); its outcomes are recorded first.
@@ -215,20 +218,33 @@ class PredictionService:
         resolved = card = None
         try:
             resolved, card = self.target(route.ref)
-            decoded = await self._decode_many(images, card)
+            if size is not None:
+                try:
+                    choose_size(card.sizes, None, size)  # before decoding: the whole request is refused
+                except ValueError as exc:  # SizeNotServed, or not a size at all
+                    raise ApiError(400, str(exc)) from None
+            decoded = await self._decode_many(images, card, size)
             if not per_item:
                 for i, d in enumerate(decoded):
                     if isinstance(d, ApiError):
                         prefix = f"{name}[{i}]: " if name else ""
                         raise ApiError(d.status, prefix + d.message, d.headers)
             ok = [i for i, d in enumerate(decoded) if not isinstance(d, ApiError)]
-            outputs: list[np.ndarray] = []
-            if ok:
-                outputs = await self._infer(resolved, np.stack([decoded[i][0] for i in ok]))
-            try:
-                preds = predictions(card, outputs, [decoded[i][1] for i in ok], top_k=top_k or self.cfg.top_k)
-            except ValueError as exc:  # the model, not the client: its outputs do not fit its card
-                raise ApiError(500, f"{resolved} returned outputs its card does not describe: {exc}") from None
+            # Images of different sizes never share a batch tensor: one batcher call per size.
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in ok:
+                groups.setdefault(tuple(decoded[i][0].shape[:2]), []).append(i)
+            runs = await asyncio.gather(*(self._infer(resolved, hw, np.stack([decoded[i][0] for i in idx]))
+                                          for hw, idx in groups.items()))
+            preds: dict[int, Prediction] = {}
+            rows: dict[int, tuple[np.ndarray, ...]] = {}
+            for idx, outputs in zip(groups.values(), runs):
+                try:
+                    got = predictions(card, outputs, [decoded[i][1] for i in idx], top_k=top_k or self.cfg.top_k)
+                except ValueError as exc:  # the model, not the client: its outputs do not fit its card
+                    raise ApiError(500, f"{resolved} returned outputs its card does not describe: {exc}") from None
+                for j, i in enumerate(idx):
+                    preds[i], rows[i] = got[j], tuple(o[j] for o in outputs)
         except ApiError as exc:
             ms = (time.perf_counter() - t0) * 1000
             for rid in request_ids:
@@ -236,7 +252,6 @@ class PredictionService:
                                     resolved=resolved, card=card, client_key=client_key, error=exc.message))
             raise
         latency_ms = (time.perf_counter() - t0) * 1000
-        at = {i: j for j, i in enumerate(ok)}
         result: list[Outcome] = []
         for i, (rid, d) in enumerate(zip(request_ids, decoded)):
             base = dict(request_id=rid, role=role, route=route, latency_ms=latency_ms, resolved=resolved, card=card,
@@ -244,46 +259,46 @@ class PredictionService:
             if isinstance(d, ApiError):
                 result.append(Outcome(status=d.status, error=d.message, **base))
                 continue
-            j = at[i]
-            result.append(Outcome(status=200, prediction=preds[j], outputs=tuple(o[j] for o in outputs),
-                                  img=d[0], info=d[1], **base))
+            result.append(Outcome(status=200, prediction=preds[i], outputs=rows[i], img=d[0], info=d[1], **base))
         for o in result:
             self.record(o)
         if role == "primary" and route.shadow_ref is not None:
             for o in result:
                 if o.ok:
-                    self._shadow(o)
+                    self._shadow(o, size)
         return result
 
-    def _decode(self, image: Any, card: ModelCard) -> tuple[np.ndarray, ResizeInfo]:
+    def _decode(self, image: Any, card: ModelCard, size: str | None) -> tuple[np.ndarray, ResizeInfo]:
         if isinstance(image, tuple):  # already decoded for this preprocessing (a shadow's input)
             return image
         try:
-            if isinstance(image, np.ndarray):
-                return resize_image(image, card.input_size, card.resize)
-            return load_for_model(image, card.input_size, card.resize, max_pixels=self.cfg.max_pixels)
+            return preprocess(image, card.sizes, card.resize, size=size, max_pixels=self.cfg.max_pixels)
         except ImageError as exc:
             raise ApiError(status_for_image_error(exc), str(exc)) from None
+        except SizeNotServed as exc:
+            raise ApiError(400, str(exc)) from None
 
-    async def _decode_many(self, images: Sequence[Any], card: ModelCard) -> list[Any]:
+    async def _decode_many(self, images: Sequence[Any], card: ModelCard, size: str | None = None) -> list[Any]:
         """Decoded ``(img, info)`` per image, or the ApiError it gets (decoded off the event loop)."""
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._decode_pool, self._decode, b, card) for b in images]
+        futures = [loop.run_in_executor(self._decode_pool, self._decode, b, card, size) for b in images]
         out = await asyncio.gather(*futures, return_exceptions=True)
         return [d if not isinstance(d, BaseException) or isinstance(d, ApiError)
                 else ApiError(400, f"could not process image ({type(d).__name__})") for d in out]
 
-    async def _infer(self, resolved: ResolvedModel, batch: np.ndarray) -> list[np.ndarray]:
-        out = await self.batcher.submit(f"{resolved.name}:{resolved.version}", batch)
+    async def _infer(self, resolved: ResolvedModel, hw: tuple[int, int], batch: np.ndarray) -> list[np.ndarray]:
+        # Batches are keyed by (version, size): the batcher's slots stay shared by every key.
+        out = await self.batcher.submit((f"{resolved.name}:{resolved.version}", hw), batch)
         if isinstance(out, ApiError):
             raise out
         return out
 
-    async def _batch(self, model_id: str, arrays: list[np.ndarray]) -> list[Any]:
-        """One model call for the requests the batcher grouped under one version.
+    async def _batch(self, key: tuple[str, tuple[int, int]], arrays: list[np.ndarray]) -> list[Any]:
+        """One model call for the requests the batcher grouped under one version and input size.
 
         Returns per request its outputs, or the ApiError that request gets.
         """
+        model_id = key[0]
         self._m["batch"].observe(len(arrays), tags={"model": model_id})
         batch = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
         try:
@@ -299,20 +314,30 @@ class PredictionService:
             start += len(a)
         return results
 
-    def _shadow(self, primary: Outcome) -> None:
-        """Mirror one image to the shadow version in the background; the caller never waits."""
+    def _shadow(self, primary: Outcome, size: str | None = None) -> None:
+        """Mirror one image to the shadow version in the background; the caller never waits.
+
+        The shadow gets the size the request asked for when it serves it, else its own
+        nearest size (a shadow never turns a request the primary accepted into an error).
+        """
 
         async def go() -> None:
             try:
                 t0 = time.perf_counter()
                 route = primary.route
                 _, card = self.target(route.shadow_ref)  # type: ignore[arg-type]
-                same = tuple(card.input_size) == tuple(primary.card.input_size) and card.resize == primary.card.resize
+                same = card.sizes == primary.card.sizes and card.resize == primary.card.resize
                 # same preprocessing: reuse the decoded input rather than decode again
                 image = (primary.img, primary.info) if same else primary.source
+                asked = size
+                if asked is not None:
+                    try:
+                        choose_size(card.sizes, None, asked)
+                    except ValueError:
+                        asked = None
                 shadow_route = Route(ref=route.shadow_ref, variant=route.variant, experiment=route.experiment)  # type: ignore[arg-type]
                 await self.run(shadow_route, [image], request_ids=[primary.request_id], t0=t0, top_k=1,
-                               client_key=primary.client_key, role="shadow")
+                               client_key=primary.client_key, role="shadow", size=asked)
             except ApiError:
                 pass  # recorded by run()
             except Exception as exc:  # noqa: BLE001 - the shadow must never affect the caller

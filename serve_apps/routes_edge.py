@@ -88,6 +88,7 @@ class EdgeRecord(BaseModel):
     latency_ms: Optional[float] = None
     width: Optional[int] = None
     height: Optional[int] = None
+    input_size: Optional[str] = Field(default=None, max_length=16, description="model-input size used, HxW")
     brightness: Optional[float] = None
     contrast: Optional[float] = None
     blur: Optional[float] = None

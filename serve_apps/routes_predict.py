@@ -64,26 +64,26 @@ def router(svc: PredictionService, runner_stats: Callable[[], Awaitable[Dict[str
 
     @r.post("/v1/predict")
     async def predict(request: Request, model: Optional[str] = None, version: Optional[str] = None,
-                      top_k: Optional[int] = None):
+                      top_k: Optional[int] = None, size: Optional[str] = None):
         t0 = time.perf_counter()
         request_id = request_id_from(request.headers.get("x-request-id"), uuid.uuid4().hex)
         inp = await parse_predict(request.headers.get("content-type"), await body(request))
         route = svc.route(request.headers, inp.model or model, inp.version or version)
         (o,) = await svc.run(route, inp.images, request_ids=[request_id], t0=t0, top_k=inp.top_k or top_k,
-                             client_key=request.headers.get("x-client-id"))
+                             client_key=request.headers.get("x-client-id"), size=inp.size or size)
         return {"request_id": request_id, "model": o.resolved.name, "version": o.resolved.version,
                 "variant": route.variant, "latency_ms": round(o.latency_ms, 3), **o.prediction.response()}
 
     @r.post("/v1/predict/batch")
     async def predict_batch(request: Request, model: Optional[str] = None, version: Optional[str] = None,
-                            top_k: Optional[int] = None):
+                            top_k: Optional[int] = None, size: Optional[str] = None):
         t0 = time.perf_counter()
         request_id = request_id_from(request.headers.get("x-request-id"), uuid.uuid4().hex)
         inp = await parse_batch(request.headers.get("content-type"), await body(request), cfg.ingress.max_batch_items)
         route = svc.route(request.headers, inp.model or model, inp.version or version)
         outs = await svc.run(route, inp.images, request_ids=[f"{request_id}#{i}" for i in range(len(inp.images))],
                              t0=t0, top_k=inp.top_k or top_k, client_key=request.headers.get("x-client-id"),
-                             per_item=True)
+                             per_item=True, size=inp.size or size)
         first = outs[0]
         return {
             "request_id": request_id,

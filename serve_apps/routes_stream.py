@@ -6,7 +6,9 @@ message ``{"type": "prediction", "frame": i, ...}`` (or ``{"type": "error", "fra
 "status", "error"}``) in frame order. A text message ``{"type": "close"}`` (or closing
 the socket) ends the stream; the server then sends ``{"type": "summary", ...}`` and
 closes. The version is resolved once when the stream opens, so a stream never mixes
-versions.
+versions. ``?size=320x320`` serves every frame at that listed size (an unlisted one
+closes the stream with a 400 error first); without it each frame goes to the listed
+size nearest its own, and every prediction says which (``size``).
 
 Flow control: the server's first message is ``{"type": "ready", "max_in_flight": N}``;
 a client keeps at most N frames unanswered (send a new frame when an answer arrives).
@@ -30,6 +32,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from serve_apps.inputs import ApiError
 from serve_apps.pipeline import PredictionService
+from visionfleet.imaging import choose_size, format_size
 
 __all__ = ["router"]
 
@@ -47,7 +50,7 @@ def router(svc: PredictionService) -> APIRouter:
 
     @r.websocket("/v1/stream")
     async def stream(ws: WebSocket, model: Optional[str] = None, version: Optional[str] = None, top_k: int = 3,
-                     max_in_flight: int = 4) -> None:
+                     max_in_flight: int = 4, size: Optional[str] = None) -> None:
         await ws.accept()
         max_body = svc.cfg.max_body_bytes
         if not 1 <= max_in_flight <= _MAX_IN_FLIGHT or not 1 <= top_k <= 1000:
@@ -55,8 +58,13 @@ def router(svc: PredictionService) -> APIRouter:
             return
         try:
             route = svc.route(ws.headers, model, version)
-            resolved, _ = svc.target(route.ref)
+            resolved, card = svc.target(route.ref)
             route = dataclasses.replace(route, ref=str(resolved))  # pinned: a stream never mixes versions
+            if size is not None:
+                try:  # refused when the stream opens, not frame by frame
+                    choose_size(card.sizes, None, size)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc)) from None
         except ApiError as exc:
             await _close_with_error(ws, exc.status, exc.message)
             return
@@ -73,7 +81,8 @@ def router(svc: PredictionService) -> APIRouter:
             try:
                 if len(data) > max_body:
                     raise ApiError(413, f"frame of {len(data)} bytes; the limit is {max_body}")
-                (o,) = await svc.run(route, [data], request_ids=[rid], t0=t0, top_k=top_k, client_key=client_key)
+                (o,) = await svc.run(route, [data], request_ids=[rid], t0=t0, top_k=top_k, client_key=client_key,
+                                     size=size)
                 return {"type": "prediction", "frame": i, "request_id": rid, "model": resolved.name,
                         "version": resolved.version, "variant": route.variant, "latency_ms": round(o.latency_ms, 3),
                         **o.prediction.response()}
@@ -99,7 +108,8 @@ def router(svc: PredictionService) -> APIRouter:
                 outstanding -= 1
 
         await ws.send_text(json.dumps({"type": "ready", "model": resolved.name, "version": resolved.version,
-                                       "variant": route.variant, "max_in_flight": max_in_flight}))
+                                       "variant": route.variant, "max_in_flight": max_in_flight,
+                                       "sizes": [format_size(s) for s in card.sizes], "size": size}))
         writer_task = asyncio.create_task(writer())
         t_start = time.perf_counter()
         closed_by_client = False

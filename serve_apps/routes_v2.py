@@ -7,7 +7,9 @@ The input is ``images``: UINT8 ``[N, H, W, 3]`` (any H and W: resized with the m
 own mode) or BYTES ``[N]`` of encoded images (decoded with the server's imaging code).
 Outputs: ``probs`` FP32 ``[N, C]`` for classification; ``boxes`` FP32 ``[N, K, 4]``
 (input-image pixels), ``scores`` FP32 ``[N, K]``, ``classes`` INT64 ``[N, K]`` for
-detection. A version-less model means ``@production`` (and takes part in a running
+detection. ``parameters.size`` (``"320x320"``) serves the images at one of the card's
+``input_sizes`` (default: the listed size nearest each image); the response's
+``parameters.sizes`` says which size each image was served at. A version-less model means ``@production`` (and takes part in a running
 experiment, like ``/v1/predict``).
 """
 
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from serve_apps.inputs import ApiError, model_ref_from, read_body
 from serve_apps.pipeline import PredictionService
 from serve_apps.v2 import encode_infer_response, parse_infer_request
+from visionfleet.imaging import format_size
 from visionfleet.spec import ModelCard, Task
 
 __all__ = ["router"]
@@ -103,7 +106,9 @@ def router(svc: PredictionService) -> APIRouter:
                 "task": card.task.value,
                 "labels": card.labels,
                 "resize": card.resize.value,
-                "accepts": "UINT8 [N,H,W,3] images of any size, or BYTES [N] encoded images",
+                "input_sizes": [format_size(s) for s in card.sizes],
+                "accepts": "UINT8 [N,H,W,3] images of any size, or BYTES [N] encoded images; "
+                           "parameters.size picks one of input_sizes (default: the nearest to each image)",
             },
         }
 
@@ -139,8 +144,12 @@ def router(svc: PredictionService) -> APIRouter:
         route = svc.route(request.headers, model, version)
         rid = req.id or uuid.uuid4().hex
         ids = [f"{rid}#{i}" if len(images) > 1 else rid for i in range(len(images))]
+        size = req.parameters.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (str, int))):
+            raise ApiError(400, f"Got {size!r} for parameters.size; expected HEIGHTxWIDTH such as \"320x320\"")
         outs = await svc.run(route, images, request_ids=ids, t0=t0, top_k=1,
-                             client_key=request.headers.get("x-client-id"), name="images")
+                             client_key=request.headers.get("x-client-id"), name="images",
+                             size=None if size is None else str(size))
         card: ModelCard = outs[0].card  # type: ignore[assignment]
         rows = [o.outputs for o in outs]
         if card.task is Task.CLASSIFICATION:
@@ -158,7 +167,8 @@ def router(svc: PredictionService) -> APIRouter:
             named = [(n, a) for n, a in named if n in wanted]
         binary = True if req.binary_default else req.binary_outputs
         resolved = outs[0].resolved
-        content, headers = encode_infer_response(resolved.name, str(resolved.version), req.id, named, binary)
+        content, headers = encode_infer_response(resolved.name, str(resolved.version), req.id, named, binary,
+                                                 parameters={"sizes": [o.prediction.size for o in outs]})
         return Response(content=content, headers=headers, media_type=headers["Content-Type"])
 
     @r.post("/v2/models/{model}/infer")

@@ -55,21 +55,24 @@ def failure(exc: BaseException, model_id: str) -> ReplicaOutput:
     return ReplicaOutput(None, f"model {model_id} could not be loaded: {exc}", 500)
 
 
-def _valid_images(arr: object, h: int, w: int) -> bool:
+def _valid_images(arr: object, sizes: tuple[tuple[int, int], ...]) -> bool:
     return (
         isinstance(arr, np.ndarray)
         and arr.dtype == np.uint8
         and arr.ndim == 4
         and arr.shape[0] >= 1
-        and arr.shape[1:] == (h, w, 3)
+        and arr.shape[3:] == (3,)
+        and arr.shape[1:3] in sizes
     )
 
 
 async def run_batch(model: LoadedModel, model_id: str, batch: np.ndarray, pool: Executor) -> ReplicaOutput:
-    """One ONNX Runtime call on ``pool`` for uint8 ``[k, H, W, 3]`` images at the model's size."""
-    h, w = model.card.input_size
-    if not _valid_images(batch, h, w):
-        return ReplicaOutput(None, f"expected uint8 images [k, {h}, {w}, 3] for {model_id}", 400)
+    """One ONNX Runtime call on ``pool`` for uint8 ``[k, H, W, 3]`` images at one of the model's sizes."""
+    sizes = model.card.sizes
+    if not _valid_images(batch, sizes):
+        got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, np.ndarray) else type(batch).__name__
+        want = " or ".join(f"[k, {h}, {w}, 3]" for h, w in sizes)
+        return ReplicaOutput(None, f"Got images {got} for {model_id}; expected uint8 {want}", 400)
     outputs = await asyncio.get_running_loop().run_in_executor(pool, model.run, batch)
     return ReplicaOutput(list(outputs))
 

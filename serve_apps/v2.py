@@ -220,9 +220,10 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def encode_infer_response(
-    model: str, version: str, request_id: str | None, outputs: Sequence[tuple[str, np.ndarray]], binary: set[str] | bool
+    model: str, version: str, request_id: str | None, outputs: Sequence[tuple[str, np.ndarray]], binary: set[str] | bool,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers; ``binary`` names the outputs sent as raw bytes."""
+    """The response body and headers; ``binary`` names the outputs sent as raw bytes; ``parameters`` the response's."""
     heads, blobs = [], []
     for name, arr in outputs:
         arr = np.ascontiguousarray(arr)
@@ -238,6 +239,8 @@ def encode_infer_response(
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": heads}
     if request_id is not None:
         doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
     head = json.dumps(doc).encode()
     if not blobs:
         return head, {"Content-Type": "application/json"}

@@ -281,6 +281,7 @@ class FleetDB:
             detections=r.get("detections"),
             width=r.get("width"),
             height=r.get("height"),
+            input_size=r.get("input_size"),
             brightness=r.get("brightness"),
             contrast=r.get("contrast"),
             blur=r.get("blur"),

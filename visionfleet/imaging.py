@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -42,6 +44,11 @@ __all__ = [
     "resize_image",
     "encode_image",
     "load_for_model",
+    "SizeNotServed",
+    "parse_size",
+    "format_size",
+    "choose_size",
+    "preprocess",
 ]
 
 
@@ -67,6 +74,10 @@ class TruncatedImage(CorruptImage):
 
 class ImageTooLarge(ImageError):
     pass
+
+
+class SizeNotServed(ValueError):
+    """A requested input size the model does not serve at (HTTP 400); the message lists the sizes it does."""
 
 
 class ImageFormat(str, enum.Enum):
@@ -279,6 +290,9 @@ class ResizeInfo:
     """How an original image maps onto the model input; used to map boxes back.
 
     model_xy = original_xy * scale - offset  (per axis)
+
+    ``input_width``/``input_height`` are the model-input size the image was resized to
+    (one of the card's ``input_sizes``; 0 when unknown, e.g. rebuilt from old rows).
     """
 
     scale_x: float
@@ -287,6 +301,13 @@ class ResizeInfo:
     offset_y: float
     original_width: int
     original_height: int
+    input_width: int = 0
+    input_height: int = 0
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) of the model input, or None when unknown."""
+        return (self.input_height, self.input_width) if self.input_width and self.input_height else None
 
     def to_original(self, boxes: np.ndarray) -> np.ndarray:
         """Map [N, 4] x1,y1,x2,y2 boxes from model pixels to original pixels (clipped)."""
@@ -323,7 +344,7 @@ def resize_image(
             out = img
         else:
             out = cv2.resize(img, (dst_w, dst_h), interpolation=_interp(src_w, src_h, dst_w, dst_h))
-        return out, ResizeInfo(dst_w / src_w, dst_h / src_h, 0.0, 0.0, src_w, src_h)
+        return out, ResizeInfo(dst_w / src_w, dst_h / src_h, 0.0, 0.0, src_w, src_h, dst_w, dst_h)
     if mode is ResizeMode.LETTERBOX:
         scale = min(dst_w / src_w, dst_h / src_h)
         new_w, new_h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
@@ -335,7 +356,7 @@ def resize_image(
         out = np.full((dst_h, dst_w, 3), LETTERBOX_FILL, dtype=np.uint8)
         top, left = (dst_h - new_h) // 2, (dst_w - new_w) // 2
         out[top : top + new_h, left : left + new_w] = resized
-        return out, ResizeInfo(new_w / src_w, new_h / src_h, -left, -top, src_w, src_h)
+        return out, ResizeInfo(new_w / src_w, new_h / src_h, -left, -top, src_w, src_h, dst_w, dst_h)
     # center-crop: scale the shorter side to fit, crop the middle
     scale = max(dst_w / src_w, dst_h / src_h)
     new_w, new_h = max(dst_w, round(src_w * scale)), max(dst_h, round(src_h * scale))
@@ -346,7 +367,7 @@ def resize_image(
     )
     top, left = (new_h - dst_h) // 2, (new_w - dst_w) // 2
     out = np.ascontiguousarray(resized[top : top + dst_h, left : left + dst_w])
-    return out, ResizeInfo(new_w / src_w, new_h / src_h, float(left), float(top), src_w, src_h)
+    return out, ResizeInfo(new_w / src_w, new_h / src_h, float(left), float(top), src_w, src_h, dst_w, dst_h)
 
 
 def encode_image(img: np.ndarray, fmt: ImageFormat | str = ImageFormat.PNG, quality: int = 95) -> bytes:
@@ -374,3 +395,81 @@ def load_for_model(
 ) -> tuple[np.ndarray, ResizeInfo]:
     """Decode and resize in one call: the exact preprocessing every model input gets."""
     return resize_image(decode_image(data, max_pixels=max_pixels), size, mode)
+
+
+# --------------------------------------------------------------------------- several input sizes
+Size = tuple[int, int]  # (height, width)
+
+
+def format_size(size: Sequence[int]) -> str:
+    """``(320, 240)`` -> ``"320x240"`` (HEIGHTxWIDTH, as requests and cards spell it)."""
+    return f"{int(size[0])}x{int(size[1])}"
+
+
+def parse_size(text: str | int, what: str = "size") -> Size:
+    """``"320"`` or ``320`` (a square) or ``"320x240"`` (HEIGHTxWIDTH) -> ``(320, 240)``.
+
+    Raises:
+        ValueError: not a size (the message names ``what``).
+    """
+    raw = str(text).strip().lower().replace(" ", "")
+    parts = raw.split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) <= 0 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"Got {str(text)!r} for {what}; expected HEIGHTxWIDTH such as 320x320 (or one number)")
+    return vals[0], vals[1]
+
+
+def _listed(sizes: Sequence[Size]) -> str:
+    return ", ".join(format_size(s) for s in sizes)
+
+
+def choose_size(sizes: Sequence[Size], image_hw: tuple[int, int] | None = None,
+                requested: str | int | Size | None = None) -> Size:
+    """The model-input size an image is served at: the one asked for, else the nearest listed one.
+
+    ``sizes`` are the card's ``input_sizes`` (first = default). With ``requested`` set it
+    must be one of them. Otherwise the size whose pixel count is nearest the image's,
+    compared as a ratio (smallest ``|log(H*W / (h*w))|``: a 100x100 image is nearer 64x64
+    than 224x224), ties going to the size listed first; a model with one size always
+    gets it, and without an ``image_hw`` the default is used.
+
+    Raises:
+        SizeNotServed: ``requested`` is not one of ``sizes``.
+        ValueError: ``requested`` is not a size.
+    """
+    listed = [(int(h), int(w)) for h, w in sizes]
+    if not listed:
+        raise ValueError("Got no input sizes; expected at least one (the card's input_size)")
+    if requested is not None:
+        want = parse_size(requested) if isinstance(requested, (str, int)) else (int(requested[0]), int(requested[1]))
+        if want not in listed:
+            fixed = " (this model's input size is fixed)" if len(listed) == 1 else ""
+            raise SizeNotServed(f"Got size {format_size(want)}; expected one of {_listed(listed)}{fixed}")
+        return want
+    if len(listed) == 1 or image_hw is None:
+        return listed[0]
+    area = max(1, int(image_hw[0]) * int(image_hw[1]))
+    return min(listed, key=lambda s: abs(math.log(s[0] * s[1] / area)))  # min keeps the first of ties
+
+
+def preprocess(image: bytes | np.ndarray, sizes: Sequence[Size], mode: ResizeMode | str, *,
+               size: str | int | Size | None = None, max_pixels: int = 40_000_000) -> tuple[np.ndarray, ResizeInfo]:
+    """The one preprocessing of every model input: decode, pick the size (:func:`choose_size`), resize.
+
+    ``image`` is encoded bytes or RGB uint8 ``[H, W, 3]`` pixels; ``sizes`` the card's
+    ``input_sizes``; ``size`` the size a request asked for. The returned
+    :class:`ResizeInfo` records the size used (``info.input_size``).
+
+    Raises:
+        ImageError: the bytes are not a usable image.
+        SizeNotServed: ``size`` is not one of ``sizes``.
+    """
+    rgb = image if isinstance(image, np.ndarray) else decode_image(bytes(image), max_pixels=max_pixels)
+    chosen = choose_size(sizes, rgb.shape[:2], size)
+    return resize_image(rgb, chosen, mode)

@@ -91,12 +91,11 @@ class LoadedModel:
         return list(self.session.get_providers())
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
-        """Run uint8 NHWC images already resized to the model's size."""
-        h, w = self.card.input_size
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
-            raise ValueError(
-                f"Got images {images.dtype} {tuple(images.shape)}; expected uint8 [N, {h}, {w}, 3]"
-            )
+        """Run uint8 NHWC images already resized to one of the model's sizes (``card.sizes``)."""
+        sizes = self.card.sizes
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3:] != (3,) or images.shape[1:3] not in sizes:
+            want = " or ".join(f"[N, {h}, {w}, 3]" for h, w in sizes)
+            raise ValueError(f"Got images {images.dtype} {tuple(images.shape)}; expected uint8 {want}")
         return self.session.run(self.output_names, {self.input_name: images})
 
 

@@ -2,7 +2,7 @@
 
 Shared by the Ray Data batch job (``cluster/jobs/batch_infer.py``) and the video runner
 (``visionfleet/video.py``), so both preprocess exactly like the server
-(:func:`visionfleet.imaging.load_for_model` with the card's size and resize mode),
+(:func:`visionfleet.imaging.preprocess` with the card's sizes and resize mode),
 predict through the server's path (:func:`visionfleet.predict.predictions`) and
 write the same columns. Models load with :func:`visionfleet.inference.load_model_dir`. Pure numpy; ``pyarrow`` is imported inside the functions that
 build Arrow schemas and tables.
@@ -21,6 +21,7 @@ column                    meaning
 ``detections``, ``count`` detection: ``[{label, class_id, score, box}]`` in
                           original-image pixels, and their number
 ``width``, ``height``     the original image (or frame) size
+``input_size``            the model-input size used, ``HEIGHTxWIDTH``
 ``error``                 why this input has no prediction (null when it has one)
 ========================  ======================================================
 """
@@ -28,11 +29,11 @@ column                    meaning
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from visionfleet.imaging import ImageError, ResizeInfo, load_for_model
+from visionfleet.imaging import ImageError, ResizeInfo, choose_size, preprocess
 from visionfleet.predict import predictions
 from visionfleet.spec import ModelCard, Task
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Preprocessed",
     "preprocess_encoded",
+    "predict_preprocessed",
     "result_rows",
     "error_row",
     "result_fields",
@@ -54,10 +56,14 @@ __all__ = [
 class Preprocessed:
     """Model inputs for a list of encoded images, with one error per undecodable input.
 
-    ``pixels[i]`` is zeros where ``errors[i]`` is set; ``ok`` indexes the good rows.
+    ``images[i]`` is the model input of input ``i`` at the size chosen for it
+    (:func:`visionfleet.imaging.choose_size`: the one asked for, else the card's size
+    nearest the image), zeros at the default size where ``errors[i]`` is set; ``ok``
+    indexes the good rows. :meth:`batches` groups the good rows by size (images of
+    different sizes never share a tensor); :attr:`pixels` stacks them when they share one.
     """
 
-    pixels: np.ndarray  # uint8 [n, H, W, 3]
+    images: tuple[np.ndarray, ...]  # uint8 [H, W, 3] each
     infos: tuple[ResizeInfo | None, ...]
     errors: tuple[str | None, ...]
 
@@ -65,30 +71,74 @@ class Preprocessed:
     def ok(self) -> np.ndarray:
         return np.array([e is None for e in self.errors], dtype=bool)
 
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) of every input's model input."""
+        return tuple((int(a.shape[0]), int(a.shape[1])) for a in self.images)
 
-def preprocess_encoded(blobs: Sequence[bytes | None], card: ModelCard, *, max_pixels: int) -> Preprocessed:
+    @property
+    def pixels(self) -> np.ndarray:
+        """uint8 ``[n, H, W, 3]``: every input at one size.
+
+        Raises:
+            ValueError: the inputs were resized to different sizes (use :meth:`batches`).
+        """
+        found = sorted(set(self.sizes))
+        if len(found) > 1:
+            raise ValueError(f"Got inputs at sizes {', '.join(f'{h}x{w}' for h, w in found)}; expected one size "
+                             "for one tensor (use Preprocessed.batches(), one per size)")
+        return np.stack(self.images) if self.images else np.zeros((0, 1, 1, 3), np.uint8)
+
+    def batches(self) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+        """``(size, indices, pixels [k, H, W, 3])`` per size among the good rows, in first-seen order."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (hw, err) in enumerate(zip(self.sizes, self.errors)):
+            if err is None:
+                groups.setdefault(hw, []).append(i)
+        return [(hw, np.array(idx), np.stack([self.images[i] for i in idx])) for hw, idx in groups.items()]
+
+
+def preprocess_encoded(blobs: Sequence[bytes | None], card: ModelCard, *, max_pixels: int,
+                       size: str | None = None) -> Preprocessed:
     """Decode and resize encoded images the way the server does; a bad image is its own error.
 
     Args:
         blobs: encoded image bytes (None counts as empty).
-        card: the model's card (input size and resize mode).
+        card: the model's card (input sizes and resize mode).
         max_pixels: refuse images declaring more pixels (from the header, before decoding).
+        size: one of the card's ``input_sizes`` for every image (``"320x320"``); default:
+            each image at the listed size nearest its own, as the server does.
+    Raises:
+        SizeNotServed: ``size`` is not one of the card's sizes.
     """
-    h, w = card.input_size
-    pixels = np.zeros((len(blobs), h, w, 3), np.uint8)
+    sizes = card.sizes
+    choose_size(sizes, None, size)  # an unlisted size fails the job, not each row
+    blank = np.zeros((*sizes[0], 3), np.uint8)
+    images: list[np.ndarray] = []
     infos: list[ResizeInfo | None] = []
     errors: list[str | None] = []
-    for i, data in enumerate(blobs):
+    for data in blobs:
         try:
-            img, info = load_for_model(bytes(data or b""), (h, w), card.resize, max_pixels=max_pixels)
+            img, info = preprocess(bytes(data or b""), sizes, card.resize, size=size, max_pixels=max_pixels)
         except ImageError as exc:
+            images.append(blank)
             infos.append(None)
             errors.append(f"{type(exc).__name__}: {exc}")
             continue
-        pixels[i] = img
+        images.append(img)
         infos.append(info)
         errors.append(None)
-    return Preprocessed(pixels, tuple(infos), tuple(errors))
+    return Preprocessed(tuple(images), tuple(infos), tuple(errors))
+
+
+def predict_preprocessed(card: ModelCard, run: Callable[[np.ndarray], Sequence[np.ndarray]], prep: Preprocessed, *,
+                         top_k: int = 5) -> list[dict[str, Any]]:
+    """One row per input of ``prep``: one ``run`` (a model call) per size, error rows where decoding failed."""
+    rows: list[dict[str, Any]] = [error_row(card.task, e) if e is not None else {} for e in prep.errors]
+    for _, idx, pixels in prep.batches():
+        for i, row in zip(idx, result_rows(card, run(pixels), [prep.infos[int(i)] for i in idx], top_k=top_k)):
+            rows[int(i)] = row
+    return rows
 
 
 def _empty_row(task: Task) -> dict[str, Any]:
@@ -97,7 +147,7 @@ def _empty_row(task: Task) -> dict[str, Any]:
         row.update(probs=None, entropy=None)
     else:
         row.update(detections=None, count=None)
-    row.update(width=None, height=None, error=None)
+    row.update(width=None, height=None, input_size=None, error=None)
     return row
 
 
@@ -149,7 +199,8 @@ def result_fields(task: Task) -> "list[pa.Field]":
     fields += [pa.field("confidence", pa.float64()), pa.field("margin", pa.float64())]
     if task is Task.CLASSIFICATION:
         fields.append(pa.field("entropy", pa.float64()))
-    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("error", pa.string())]
+    fields += [pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("input_size", pa.string()),
+               pa.field("error", pa.string())]
     return fields
 
 

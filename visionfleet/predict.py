@@ -62,6 +62,12 @@ class Prediction:
     entropy: float | None = None
     probs: tuple[tuple[str, float], ...] | None = None
     detections: tuple[Detection, ...] | None = None
+    input_size: tuple[int, int] | None = None  # (height, width) the image was served at: one of the card's sizes
+
+    @property
+    def size(self) -> str | None:
+        """The model-input size used, as ``HEIGHTxWIDTH`` (what a request's ``size`` names)."""
+        return None if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}"
 
     @property
     def count(self) -> int | None:
@@ -70,14 +76,16 @@ class Prediction:
     def response(self) -> dict[str, Any]:
         """The HTTP response's prediction fields (``/v1/predict``, batch items, the stream)."""
         if self.task is Task.CLASSIFICATION:
-            return {"label": self.label, "class_id": self.class_id, "score": self.score, "probs": dict(self.probs or ())}
-        return {"detections": [d.to_dict() for d in self.detections or ()], "score": self.score, "count": self.count}
+            return {"label": self.label, "class_id": self.class_id, "score": self.score, "probs": dict(self.probs or ()),
+                    "size": self.size}
+        return {"detections": [d.to_dict() for d in self.detections or ()], "score": self.score, "count": self.count,
+                "size": self.size}
 
     def telemetry(self) -> dict[str, Any]:
         """The prediction's fields of a telemetry event (names as in ``EVENT_FIELDS``)."""
         fields: dict[str, Any] = {"task": self.task.value, "label": self.label, "class_id": self.class_id,
                                   "confidence": self.score, "margin": self.margin,
-                                  "width": self.width, "height": self.height}
+                                  "width": self.width, "height": self.height, "input_size": self.size}
         if self.task is Task.CLASSIFICATION:
             fields["entropy"] = self.entropy
         else:
@@ -95,7 +103,7 @@ class Prediction:
         row.update(confidence=self.score, margin=self.margin)
         if self.task is Task.CLASSIFICATION:
             row["entropy"] = self.entropy
-        row.update(width=self.width, height=self.height, error=None)
+        row.update(width=self.width, height=self.height, input_size=self.size, error=None)
         return row
 
 
@@ -151,6 +159,7 @@ def _classification(probs: np.ndarray, labels: Sequence[str], top_k: int, info: 
         task=Task.CLASSIFICATION, label=labels[best], class_id=best, score=float(p[best]), margin=st["margin"],
         entropy=st["entropy"], probs=tuple((labels[int(i)], float(p[int(i)])) for i in order[:k]),
         width=info.original_width if info else None, height=info.original_height if info else None,
+        input_size=info.input_size if info else None,
     )
 
 
@@ -180,6 +189,7 @@ def _detection(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, label
         task=Task.DETECTION, label=top.label if top else None, class_id=top.class_id if top else None,
         score=float(st["confidence"]), margin=float(st["margin"]), detections=dets,
         width=info.original_width if info else None, height=info.original_height if info else None,
+        input_size=info.input_size if info else None,
     )
 
 

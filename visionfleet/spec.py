@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from visionfleet.imaging import ResizeMode
+from visionfleet.imaging import ResizeMode, format_size
 
 __all__ = ["Task", "ModelRef", "ModelCard", "Lineage", "FileEntry", "parse_ref", "DEFAULT_ALIAS", "ALIASES"]
 
@@ -99,7 +99,12 @@ class ModelCard(BaseModel):
     version: int | None = Field(default=None, description="set by the registry at registration")
     task: Task = Task.CLASSIFICATION
     labels: list[str]
-    input_size: tuple[int, int] = Field(description="model input (height, width) in pixels")
+    input_size: tuple[int, int] = Field(description="model input (height, width) in pixels; the default size")
+    input_sizes: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="every (height, width) the model is served at, the default (input_size) first; "
+        "empty: input_size only. More than one needs a graph with dynamic height and width",
+    )
     resize: ResizeMode = ResizeMode.STRETCH
     model_file: str = Field(default="model.onnx", description="the file a server loads")
     format: str = Field(default="onnx", description="onnx, ort, plan")
@@ -130,6 +135,29 @@ class ModelCard(BaseModel):
         if v[0] < 8 or v[1] < 8 or v[0] > 4096 or v[1] > 4096:
             raise ValueError(f"input_size {v} out of range 8..4096")
         return v
+
+    @field_validator("input_sizes")
+    @classmethod
+    def _sizes(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for size in v:
+            cls._size(size)
+        if len(set(v)) != len(v):
+            raise ValueError(f"Got input_sizes {[format_size(s) for s in v]}; expected each size once")
+        return v
+
+    @model_validator(mode="after")
+    def _default_first(self) -> "ModelCard":
+        if self.input_sizes and tuple(self.input_sizes[0]) != tuple(self.input_size):
+            raise ValueError(
+                f"Got input_size {format_size(self.input_size)} and input_sizes "
+                f"{', '.join(format_size(s) for s in self.input_sizes)}; expected input_size to be the first listed"
+            )
+        return self
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The sizes this version serves at, the default first (``input_sizes``, or ``input_size`` alone)."""
+        return tuple(tuple(s) for s in self.input_sizes) or (tuple(self.input_size),)  # type: ignore[return-value]
 
     @property
     def ref(self) -> str:

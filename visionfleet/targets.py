@@ -37,6 +37,7 @@ __all__ = [
     "check_budgets",
     "build_table",
     "check_engine_build",
+    "hw_profile",
 ]
 
 _GIB = 1 << 30
@@ -75,6 +76,24 @@ def check_engine_build(min_batch: int, opt_batch: int, max_batch: int, workspace
         )
     if workspace_bytes is not None and workspace_bytes < 1 << 24:
         raise ValueError(f"Got {workspace_bytes} for workspace bytes; expected at least 16 MiB")
+
+
+def hw_profile(sizes: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """A TensorRT optimization profile's (min, opt, max) height x width for a model's sizes.
+
+    ``sizes`` are the card's ``input_sizes`` (default first): min and max are the smallest
+    and largest height and width listed (per axis), opt is the default size, so one
+    engine serves every listed size without a rebuild.
+
+    Raises:
+        ValueError: no sizes, or a side < 1.
+    """
+    listed = [(int(h), int(w)) for h, w in sizes]
+    if not listed or min(min(s) for s in listed) < 1:
+        raise ValueError(f"Got sizes {listed}; expected at least one (height, width) with sides >= 1")
+    lo = (min(h for h, _ in listed), min(w for _, w in listed))
+    hi = (max(h for h, _ in listed), max(w for _, w in listed))
+    return lo, listed[0], hi
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ EVENT_FIELDS: dict[str, str] = {
     "detections": "int64",
     "width": "int64",  # original image size
     "height": "int64",
+    "input_size": "string",  # the model-input size used, HEIGHTxWIDTH (one of the card's input_sizes)
     "brightness": "float64",  # of the model input, 0..255
     "contrast": "float64",
     "blur": "float64",  # variance of the Laplacian (low = blurry)

@@ -287,14 +287,20 @@ def _decode(
 
     prep = preprocess_encoded(list(batch[image_column]), card, max_pixels=max_pixels)
     infos = [i or ResizeInfo(1.0, 1.0, 0.0, 0.0, 0, 0) for i in prep.infos]
+    if len(set(prep.sizes)) <= 1:
+        pixels = prep.pixels
+    else:  # images at several of the card's sizes: a ragged column (Ray Data's variable-shaped tensors)
+        pixels = np.empty(len(prep.images), dtype=object)
+        pixels[:] = list(prep.images)
     out: dict[str, np.ndarray] = {
         "key": np.array([str(k) for k in batch[key_column]], dtype=object),
-        "pixels": prep.pixels,
+        "pixels": pixels,
         "error": np.array(["" if e is None else e for e in prep.errors], dtype=object),
         "resize": np.array(
-            [[i.scale_x, i.scale_y, i.offset_x, i.offset_y, i.original_width, i.original_height] for i in infos],
+            [[i.scale_x, i.scale_y, i.offset_x, i.offset_y, i.original_width, i.original_height, i.input_width,
+              i.input_height] for i in infos],
             dtype=np.float64,
-        ).reshape(len(infos), 6),
+        ).reshape(len(infos), 8),
     }
     for col in passthrough:
         out[col] = np.asarray(batch[col])
@@ -334,11 +340,13 @@ class OrtPredictor:
         errors = batch["error"]
         ok = np.array([not e for e in errors], dtype=bool)
         rows: list[dict[str, Any]] = [error_row(card.task, str(e)) for e in errors]
-        if ok.any():
-            r = batch["resize"][ok]
-            infos = [ResizeInfo(float(a), float(b), float(c), float(d), int(w), int(h)) for a, b, c, d, w, h in r]
-            outputs = self.model.run(np.ascontiguousarray(batch["pixels"][ok]))
-            for i, row in zip(np.flatnonzero(ok), result_rows(card, outputs, infos, top_k=self.top_k)):
+        groups: dict[tuple[int, int], list[int]] = {}  # one ONNX Runtime call per input size
+        for i in np.flatnonzero(ok):
+            groups.setdefault(tuple(np.shape(batch["pixels"][i])[:2]), []).append(int(i))
+        for idx in groups.values():
+            infos = [ResizeInfo(*map(float, r[:4]), *map(int, r[4:])) for r in batch["resize"][idx]]
+            outputs = self.model.run(np.ascontiguousarray(np.stack([batch["pixels"][i] for i in idx])))
+            for i, row in zip(idx, result_rows(card, outputs, infos, top_k=self.top_k)):
                 rows[i] = row
         for i, row in enumerate(rows):
             row[self.key_name] = str(batch["key"][i])

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from edge_export.tensorrt.availability import Availability, TensorRTUnavailable, require_tensorrt, torch_cuda
-from visionfleet.targets import Precision, check_engine_build
+from visionfleet.targets import Precision, check_engine_build, hw_profile
 
 __all__ = ["EnginePlan", "engine_build_plan", "onnx_traits", "EngineReport", "build_engine", "run_engine"]
 
@@ -179,6 +179,7 @@ def build_engine(
     precision: Precision | str,
     *,
     input_size: tuple[int, int],
+    input_sizes: Sequence[tuple[int, int]] | None = None,
     min_batch: int = 1,
     opt_batch: int = 8,
     max_batch: int = 64,
@@ -240,7 +241,9 @@ def build_engine(
     h, w = input_size
     input_name = network.get_input(0).name
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, (min_batch, h, w, 3), (opt_batch, h, w, 3), (max_batch, h, w, 3))
+    # One profile covering every listed size (hw_profile: min/max per axis, opt = the default).
+    (lh, lw), (oh, ow), (hh, hw_) = hw_profile(input_sizes or [input_size])
+    profile.set_shape(input_name, (min_batch, lh, lw, 3), (opt_batch, oh, ow, 3), (max_batch, hh, hw_, 3))
     config.add_optimization_profile(profile)
     cache = None
     if timing_cache is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edge_export.tensorrt.availability import CPU_PROVIDER, CUDA_PROVIDER, TRT_PROVIDER, require_tensorrt
-from visionfleet.targets import Precision, check_engine_build
+from visionfleet.targets import Precision, check_engine_build, hw_profile
 
 __all__ = ["ort_tensorrt_provider_options", "ort_cuda_provider_options", "gpu_runtime_options", "create_gpu_session"]
 
@@ -30,6 +30,7 @@ def ort_tensorrt_provider_options(
     cache_dir: str | os.PathLike[str],
     *,
     input_size: tuple[int, int] | None = None,
+    input_sizes: Sequence[tuple[int, int]] | None = None,
     input_name: str = "images",
     min_batch: int = 1,
     opt_batch: int = 8,
@@ -47,7 +48,9 @@ def ort_tensorrt_provider_options(
     The engine cache is always on (building takes seconds to minutes; a cache turns
     that into a file read on the next start); ``input_size`` pins one optimization
     profile covering ``min_batch..max_batch`` so a new batch size never triggers a
-    rebuild.
+    rebuild. ``input_sizes`` (a card's sizes, default first; ``input_size`` must be the
+    first when both are given) widens the profile's height and width to cover every
+    listed size (:func:`visionfleet.targets.hw_profile`: min/max per axis, opt = default).
 
     Args:
         precision: fp32, fp16 or int8. INT8 needs either a Q/DQ model (``qdq=True``:
@@ -88,10 +91,17 @@ def ort_tensorrt_provider_options(
     if calibration_table:
         opts["trt_int8_calibration_table_name"] = calibration_table
         opts["trt_int8_use_native_calibration_table"] = False
-    if input_size is not None:
-        opts["trt_profile_min_shapes"] = _shape(input_name, min_batch, input_size)
-        opts["trt_profile_opt_shapes"] = _shape(input_name, opt_batch, input_size)
-        opts["trt_profile_max_shapes"] = _shape(input_name, max_batch, input_size)
+    if input_sizes:
+        if input_size is not None and tuple(input_size) != tuple(input_sizes[0]):
+            raise ValueError(f"Got input_size {input_size} and input_sizes {list(input_sizes)}; expected input_size "
+                             "to be the first listed")
+        lo, opt, hi = hw_profile(input_sizes)
+    elif input_size is not None:
+        lo = opt = hi = tuple(input_size)  # type: ignore[assignment]
+    if input_size is not None or input_sizes:
+        opts["trt_profile_min_shapes"] = _shape(input_name, min_batch, lo)
+        opts["trt_profile_opt_shapes"] = _shape(input_name, opt_batch, opt)
+        opts["trt_profile_max_shapes"] = _shape(input_name, max_batch, hi)
     return opts
 
 

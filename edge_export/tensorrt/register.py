@@ -125,6 +125,7 @@ def build_registered_engine(
             plan_path,
             precision,
             input_size=tuple(card.input_size),  # type: ignore[arg-type]
+            input_sizes=card.sizes,
             min_batch=batches[0],
             opt_batch=batches[1],
             max_batch=batches[2],
