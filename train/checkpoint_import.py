@@ -211,9 +211,19 @@ def import_model(
     images: np.ndarray | None = None,
     description: str = "",
 ) -> ModelCard:
-    """Import ``.onnx`` (any framework) or ``.pt``/``.pth`` (built-in architecture) by suffix."""
+    """Import ``.onnx`` (any framework), a converted format (TorchScript, …) or a built-in architecture's .pt."""
+    from edge_export.importer.convert import import_converted, source_format
+
     p = check_source_file(path)
     arch = {k: v for k, v in (arch or {}).items() if v is not None}
+    fmt = source_format(p)
+    if fmt is not None:
+        if arch:
+            raise ValueError(
+                f"Got {sorted(arch)} for {p.name}, a {fmt} model; expected architecture options only with a .pt/.pth "
+                "state dict"
+            )
+        return import_converted(p, registry, name, spec, images=images, description=description)
     if p.suffix.lower() == ".onnx":
         if arch:
             raise ValueError(f"Got {sorted(arch)} for an ONNX file; expected architecture options only with .pt/.pth")

@@ -9,11 +9,11 @@ classifier already returns probabilities (:func:`output_kind`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from edge_export.importer.spec import HeadLayout, ImportSpec, InputDType, OutputKind
+from edge_export.importer.spec import BoxFormat, HeadLayout, ImportSpec, InputDType, OutputKind
 from edge_export.importer.wrap import WrapInfo
 from visionfleet.names import INPUT_NAME
 from visionfleet.spec import Task
@@ -49,53 +49,104 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def reference_detections(
-    raw: np.ndarray, spec: ImportSpec, info: WrapInfo
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Decode a YOLO-style head and run greedy NMS in numpy (the by-hand path).
+def _nms_by_hand(
+    xywh: np.ndarray, cls: np.ndarray, spec: ImportSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's cx,cy,w,h boxes [A, 4] and class scores [A, C] -> greedy NMS, as the graph does."""
+    opts = spec.detection
+    assert opts is not None and spec.input_size is not None
+    n_cls = cls.shape[1]
+    h, w = spec.input_size
+    conf, ids = cls.max(axis=1), cls.argmax(axis=1)
+    # NMS runs on the unclipped cx,cy,w,h boxes, as in the graph; the kept boxes are clipped.
+    corners = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
+    boxes = np.minimum(np.maximum(corners, 0.0), np.array([w, h, w, h], np.float32))
+    keep_b, keep_s, keep_c = [], [], []
+    groups = [np.arange(len(conf))] if opts.class_agnostic else [np.flatnonzero(ids == c) for c in range(n_cls)]
+    for members in groups:
+        members = members[conf[members] > opts.score_threshold]
+        order = members[np.argsort(-conf[members], kind="stable")]
+        chosen: list[int] = []
+        for i in order:
+            if len(chosen) >= opts.max_detections:
+                break
+            if chosen and (_iou(corners[i], corners[chosen]) > opts.iou_threshold).any():
+                continue
+            chosen.append(int(i))
+        keep_b += [boxes[i] for i in chosen]
+        keep_s += [conf[i] for i in chosen]
+        keep_c += [ids[i] for i in chosen]
+    order = np.argsort(-np.asarray(keep_s, np.float32), kind="stable")[: opts.max_detections]
+    return (
+        np.asarray(keep_b, np.float32).reshape(-1, 4)[order],
+        np.asarray(keep_s, np.float32)[order],
+        np.asarray(keep_c, np.int64)[order],
+    )
 
-    Returns one ``(boxes [n, 4] x1y1x2y2 clipped, scores [n], classes [n])`` per image,
-    sorted by descending score, at most ``max_detections`` each.
+
+def _topk_by_hand(
+    xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray, spec: ImportSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's rows that already went through the model's NMS -> threshold and best K."""
+    opts = spec.detection
+    assert opts is not None and spec.input_size is not None
+    h, w = spec.input_size
+    keep = np.flatnonzero(scores > opts.score_threshold)
+    order = keep[np.argsort(-scores[keep], kind="stable")][: opts.max_detections]
+    boxes = np.minimum(np.maximum(xyxy[order], 0.0), np.array([w, h, w, h], np.float32))
+    return boxes.astype(np.float32).reshape(-1, 4), scores[order].astype(np.float32), classes[order].astype(np.int64)
+
+
+def _xyxy_to_cxcywh(b: np.ndarray) -> np.ndarray:
+    return np.concatenate([(b[..., :2] + b[..., 2:]) * np.float32(0.5), b[..., 2:] - b[..., :2]], axis=-1)
+
+
+def _cxcywh_to_xyxy(b: np.ndarray) -> np.ndarray:
+    half = b[..., 2:] * np.float32(0.5)
+    return np.concatenate([b[..., :2] - half, b[..., :2] + half], axis=-1)
+
+
+def reference_detections(
+    raw: np.ndarray | list[np.ndarray], spec: ImportSpec, info: WrapInfo
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Decode the head and run greedy NMS in numpy (the by-hand path); heads with NMS inside get threshold + top-K.
+
+    ``raw`` is the head's output, or its outputs in :class:`.resolve.DetectionHead`
+    order (boxes, scores; or num_dets, boxes, scores, classes). Returns one ``(boxes
+    [n, 4] x1y1x2y2 clipped, scores [n], classes [n])`` per image, sorted by descending
+    score, at most ``max_detections`` each.
     """
     opts = spec.detection
     assert opts is not None and info.head_layout is not None and spec.input_size is not None
     n_cls = len(spec.labels)
-    h, w = spec.input_size
-    p = np.asarray(raw, dtype=np.float32)
-    if info.head_layout is HeadLayout.CHANNELS_FIRST:
-        p = p.transpose(0, 2, 1)
+    kind = info.head_layout
+    cxcywh = info.head is not None and info.head.box_format is BoxFormat.CXCYWH
+    parts = [np.asarray(r, np.float32) for r in raw] if isinstance(raw, (list, tuple)) else [
+        np.asarray(raw, np.float32)]
     results = []
+    if kind is HeadLayout.END_TO_END:
+        for img in parts[0]:
+            boxes = _cxcywh_to_xyxy(img[:, :4]) if cxcywh else img[:, :4]
+            results.append(_topk_by_hand(boxes, img[:, 4], img[:, 5], spec))
+        return results
+    if kind is HeadLayout.NMS_OUTPUTS:
+        num, boxes, scores, classes = parts
+        for i in range(len(scores)):
+            valid = np.arange(scores.shape[1]) < int(np.asarray(num[i]).reshape(-1)[0])
+            b = _cxcywh_to_xyxy(boxes[i]) if cxcywh else boxes[i]
+            results.append(_topk_by_hand(b[valid], scores[i][valid], classes[i][valid], spec))
+        return results
+    if kind is HeadLayout.BOXES_SCORES:
+        boxes, scores = parts
+        for b, sc in zip(boxes, scores):
+            results.append(_nms_by_hand(b if cxcywh else _xyxy_to_cxcywh(b), sc, spec))
+        return results
+    p = parts[0]
+    if kind is HeadLayout.CHANNELS_FIRST:
+        p = p.transpose(0, 2, 1)
     for img in p:
-        xywh = img[:, :4]
         cls = img[:, 5 : 5 + n_cls] * img[:, 4:5] if info.objectness else img[:, 4 : 4 + n_cls]
-        conf, ids = cls.max(axis=1), cls.argmax(axis=1)
-        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
-        boxes = np.minimum(np.maximum(boxes, 0.0), np.array([w, h, w, h], np.float32))
-        keep_b, keep_s, keep_c = [], [], []
-        groups = [np.arange(len(conf))] if opts.class_agnostic else [np.flatnonzero(ids == c) for c in range(n_cls)]
-        for members in groups:
-            members = members[conf[members] > opts.score_threshold]
-            order = members[np.argsort(-conf[members], kind="stable")]
-            # NMS runs on the unclipped cx,cy,w,h boxes, as in the graph.
-            corners = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
-            chosen: list[int] = []
-            for i in order:
-                if len(chosen) >= opts.max_detections:
-                    break
-                if chosen and (_iou(corners[i], corners[chosen]) > opts.iou_threshold).any():
-                    continue
-                chosen.append(int(i))
-            keep_b += [boxes[i] for i in chosen]
-            keep_s += [conf[i] for i in chosen]
-            keep_c += [ids[i] for i in chosen]
-        order = np.argsort(-np.asarray(keep_s, np.float32), kind="stable")[: opts.max_detections]
-        results.append(
-            (
-                np.asarray(keep_b, np.float32).reshape(-1, 4)[order],
-                np.asarray(keep_s, np.float32)[order],
-                np.asarray(keep_c, np.int64)[order],
-            )
-        )
+        results.append(_nms_by_hand(img[:, :4], cls, spec))
     return results
 
 
@@ -121,13 +172,28 @@ def _batches(images: np.ndarray, fixed_batch: bool) -> list[np.ndarray]:
 
 
 def run_original(
-    session: Any, spec: ImportSpec, images: np.ndarray, *, input_name: str, output_name: str, batch_of_one: bool
-) -> np.ndarray:
+    session: Any,
+    spec: ImportSpec,
+    images: np.ndarray,
+    *,
+    input_name: str,
+    output_name: str | Sequence[str],
+    batch_of_one: bool,
+) -> np.ndarray | list[np.ndarray]:
     """The original graph's raw output on ``images``, preprocessed by hand (numpy) as declared.
 
     ``spec`` must be resolved (:func:`.resolve.resolve_spec`); a model whose batch is fixed
-    at 1 runs one image at a time.
+    at 1 runs one image at a time. Several output names give a list of arrays (a
+    detection head with separate outputs), one name one array.
     """
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
+    if len(names) > 1:
+        size = spec.input_size
+        if size is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*size, 3):
+            raise ValueError(f"Got images {images.dtype} {images.shape}; expected uint8 [N, H, W, 3] at the model size")
+        chunks = [session.run(names, {input_name: spec.preprocessing.apply(c)}) for c in _batches(images, batch_of_one)]
+        return [np.concatenate([np.asarray(c[j]) for c in chunks]).astype(np.float32) for j in range(len(names))]
+    output_name = names[0]
     size = spec.input_size
     if size is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (*size, 3):
         want = f"[N, {size[0]}, {size[1]}, 3]" if size else "[N, H, W, 3] at the model's size"
@@ -240,8 +306,8 @@ def check_import_parity(
     raw = reference
     if raw is None:
         raw = run_original(original_session, spec, images, input_name=info.original_input,
-                           output_name=info.original_output, batch_of_one=info.batch_relaxed)
-    elif len(raw) != len(images):
+                           output_name=info.original_outputs or info.original_output, batch_of_one=info.batch_relaxed)
+    elif len(raw[0] if isinstance(raw, list) else raw) != len(images):
         raise ValueError(f"Got a reference of {len(raw)} rows for {len(images)} images; expected one per image")
     try:
         got = wrapped_session.run(None, {INPUT_NAME: images})

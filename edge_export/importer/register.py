@@ -80,7 +80,13 @@ def card_preprocessing(
         **(found or {}),
     }
     if spec.detection is not None:
-        d["postprocessing"] = {"decode": "yolo-cxcywh", "nms": "onnx NonMaxSuppression", **spec.detection.to_dict()}
+        head = info.head if info is not None else None
+        post: dict[str, Any] = {"decode": "yolo-cxcywh", "nms": "onnx NonMaxSuppression"}
+        if head is not None:
+            post = {"head": head.kind.value, "decode": f"{head.kind.value} ({head.box_format.value} boxes)",
+                    "nms": "in the model (kept; score threshold and top-K only)" if head.nms_in_model
+                    else "onnx NonMaxSuppression"}
+        d["postprocessing"] = {**post, **spec.detection.to_dict()}
     return d
 
 
@@ -92,6 +98,7 @@ def import_onnx(
     *,
     images: np.ndarray | str | os.PathLike[str] | None = None,
     description: str = "",
+    conversion: Any = None,
 ) -> ModelCard:
     """Import an ONNX model from any framework: read what the graph says, wrap, check parity, register.
 
@@ -104,6 +111,9 @@ def import_onnx(
         images: uint8 NHWC images at the model size for the parity check, or a folder
             of image files (resized to the model's size once it is known); default
             :func:`sample_images`.
+        conversion: the :class:`.convert.ConversionInfo` when ``path`` was converted
+            from another format (:mod:`.convert`); recorded as the lineage's first step,
+            and the card names the original file.
     Returns:
         The stored card.
     Raises:
@@ -124,8 +134,8 @@ def import_onnx(
         images = sample_images(spec.input_size, spec.resize)
     elif not isinstance(images, np.ndarray):
         images = load_sample_images(images, spec.input_size, spec.resize)
-    raw = run_original(original_session, spec, images, input_name=io.input_name, output_name=io.output_name,
-                       batch_of_one=io.batch_of_one)
+    raw = run_original(original_session, spec, images, input_name=io.input_name,
+                       output_name=io.output_names or io.output_name, batch_of_one=io.batch_of_one)
     found: dict[str, Any] = {"read_from_model": list(io.read_from_model)}
     if spec.task is Task.CLASSIFICATION:
         per_image = raw[0].size if len(raw) else len(spec.labels)
@@ -157,6 +167,11 @@ def import_onnx(
         "model_name": name,
         "imported_from": {"file": p.name, "sha256": source_sha, **info.to_dict()},
     }
+    converted = conversion.to_dict() if conversion is not None else None
+    if converted is not None:
+        metadata["imported_from"]["converted_from"] = {
+            k: converted[k] for k in ("format", "source", "converter", "sha256") if k in converted
+        }
     if spec.task is Task.CLASSIFICATION:
         metadata["output_name"] = OUTPUT_NAME
     else:
@@ -193,9 +208,15 @@ def import_onnx(
         preprocessing=card_preprocessing(
             spec, info, found={k: v for k, v in found.items() if k != "output_values"}
         ),
-        metrics={"import_parity": parity.to_dict()},
-        lineage=Lineage(steps=[step]),
-        description=description or f"imported from {p.name}",
+        metrics={
+            "import_parity": parity.to_dict(),
+            **({"conversion_parity": {k: converted["conversion_parity"][k] for k in ("n", "max_abs_diff")}}
+               if converted is not None else {}),
+        },
+        lineage=Lineage(steps=[converted, step] if converted is not None else [step]),
+        description=description
+        or (f"imported from {converted['source']} ({converted['format']}, converted to ONNX)" if converted
+            else f"imported from {p.name}"),
     )
     with tempfile.TemporaryDirectory(prefix="vf-import-") as tmp:
         out = Path(tmp) / "model.onnx"

@@ -30,10 +30,13 @@ def check_source_file(path: str | os.PathLike[str]) -> Path:
             "GPU and cannot be verified); import the ONNX model and build the engine here with "
             "`visionfleet tensorrt build`"
         )
-    if suffix not in (".onnx", *CHECKPOINT_SUFFIXES):
+    from edge_export.importer.convert import CONVERTED_SUFFIXES  # formats converted to ONNX on import
+
+    if suffix not in (".onnx", *CHECKPOINT_SUFFIXES, *CONVERTED_SUFFIXES):
+        others = "".join(f", {s}" for s in CONVERTED_SUFFIXES)
         raise ValueError(
-            f"Got {p.name!r}; expected a .onnx model or a .pt/.pth PyTorch state dict "
-            "(pickles and TensorRT engines are refused)"
+            f"Got {p.name!r}; expected a .onnx model or a .pt/.pth PyTorch state dict (or a TorchScript archive: "
+            f".pt, .pth{others}; pickles and TensorRT engines are refused)"
         )
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")

@@ -30,6 +30,8 @@ __all__ = [
     "PixelScale",
     "OutputKind",
     "HeadLayout",
+    "BoxFormat",
+    "NMS_IN_MODEL",
     "DType",
     "DTYPES",
     "GRAY_WEIGHTS",
@@ -77,11 +79,26 @@ class OutputKind(str, enum.Enum):
 
 
 class HeadLayout(str, enum.Enum):
-    """Where a YOLO-style head puts its features: ``[N, 4+C, A]`` or ``[N, A, 4+C]``."""
+    """The detection head a model ends in (see the table in docs/model-import.md)."""
 
     AUTO = "auto"
     CHANNELS_FIRST = "channels-first"  # YOLOv8/v11 exports: [N, 4 + C, A]
-    ANCHORS_FIRST = "anchors-first"  # YOLOv5/v7 exports: [N, A, 5 + C]
+    ANCHORS_FIRST = "anchors-first"  # YOLOv5/v7/YOLOX exports: [N, A, 5 + C]
+    END_TO_END = "end-to-end"  # YOLOv10, Ultralytics nms=True: [N, K, 6] rows x1, y1, x2, y2, score, class
+    NMS_OUTPUTS = "nms-outputs"  # EfficientNMS-style: num_dets [N, 1], boxes [N, K, 4], scores [N, K], classes [N, K]
+    BOXES_SCORES = "boxes-scores"  # SSD/YOLOX/NanoDet-style: boxes [N, A, 4] and scores [N, A, C]
+
+
+# Heads that already ran NMS: the wrapper keeps theirs (score threshold and top-K only).
+NMS_IN_MODEL = frozenset({HeadLayout.END_TO_END, HeadLayout.NMS_OUTPUTS})
+
+
+class BoxFormat(str, enum.Enum):
+    """How a head writes a box: corners or centre and size (in model-input pixels)."""
+
+    AUTO = "auto"  # YOLO heads: cxcywh; end-to-end: xyxy; boxes-scores: from an output name saying xyxy/cxcywh
+    XYXY = "xyxy"
+    CXCYWH = "cxcywh"
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,7 @@ class DetectionOptions:
     head_layout: HeadLayout = HeadLayout.AUTO
     objectness: bool | None = None  # None: from the head's width (4 + C or 5 + C)
     class_agnostic: bool = False
+    box_format: BoxFormat = BoxFormat.AUTO
 
     def __post_init__(self) -> None:
         # A score of 0 marks padding rows, so the threshold must keep them out.
@@ -252,6 +270,7 @@ class DetectionOptions:
             "head_layout": self.head_layout.value,
             "objectness": self.objectness,
             "class_agnostic": self.class_agnostic,
+            "box_format": self.box_format.value,
         }
 
 
@@ -343,13 +362,14 @@ class ImportRequest(BaseModel):
     head_layout: HeadLayout = Field(default=HeadLayout.AUTO, description="detection: head layout")
     objectness: bool | None = Field(default=None, description="detection: head has an objectness column")
     class_agnostic: bool = Field(default=False, description="detection: one NMS across classes")
+    box_format: BoxFormat = Field(default=BoxFormat.AUTO, description="detection: xyxy or cxcywh boxes, or auto")
 
-    @field_validator("layout", "input_dtype", "channel_order", "output", "head_layout", mode="before")
+    @field_validator("layout", "input_dtype", "channel_order", "output", "head_layout", "box_format", mode="before")
     @classmethod
     def _any_case(cls, value: Any, info: ValidationInfo) -> Any:
         """``nchw``, ``NCHW`` and ``Nchw`` are the same layout (``--layout auto|nchw|nhwc``)."""
         enum_type = {"layout": Layout, "input_dtype": InputDType, "channel_order": ChannelOrder,
-                     "output": OutputKind, "head_layout": HeadLayout}[info.field_name]
+                     "output": OutputKind, "head_layout": HeadLayout, "box_format": BoxFormat}[info.field_name]
         if value is None or isinstance(value, enum_type):
             return value
         if isinstance(value, str):
@@ -382,6 +402,7 @@ class ImportRequest(BaseModel):
                 head_layout=self.head_layout,
                 objectness=self.objectness,
                 class_agnostic=self.class_agnostic,
+                box_format=self.box_format,
             )
         return ImportSpec(
             task=self.task,

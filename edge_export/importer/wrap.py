@@ -7,10 +7,13 @@
       -> Cast float16 (when the model wants it) -> Transpose (when it wants NCHW)
       -> the original graph, node for node
       -> classification: Flatten, Softmax (for logits)       -> probs [N, C]
-      -> detection (YOLO-style head): decode cx,cy,w,h boxes, NonMaxSuppression,
-         pad to K rows                                        -> boxes [N, K, 4],
+      -> detection, a head without NMS (YOLO [N, 4+C, A] / [N, A, 4|5+C], or
+         boxes [N, A, 4] + scores [N, A, C]): decode to cx,cy,w,h,
+         NonMaxSuppression, pad to K rows                     -> boxes [N, K, 4],
                                                                  scores [N, K],
                                                                  classes [N, K]
+      -> detection, a head that already ran NMS (end-to-end [N, R, 6], or
+         num_dets/boxes/scores/classes): score threshold, best K, pad (no second NMS)
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_export.importer.resolve import fmt_dims, normalize_dynamic_dims, resolve_head, resolve_spec, tensor_dims
+from edge_export.importer.resolve import DetectionHead, fmt_dims, normalize_dynamic_dims, resolve_spec, tensor_dims
 from edge_export.importer.spec import (
     GRAY_WEIGHTS,
+    BoxFormat,
     ChannelOrder,
     HeadLayout,
     ImportSpec,
@@ -63,6 +67,8 @@ class WrapInfo:
     num_anchors: int | None = None
     channels: int = 3
     dynamic_dims: tuple[str, ...] = ()  # the graph's -1/0 dims, read as dynamic
+    original_outputs: tuple[str, ...] = ()  # a detection head's outputs, in DetectionHead order
+    head: DetectionHead | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -77,6 +83,8 @@ class WrapInfo:
             d["dynamic_dims"] = list(self.dynamic_dims)
         if self.head_layout is not None:
             d |= {"head_layout": self.head_layout.value, "objectness": self.objectness, "num_anchors": self.num_anchors}
+        if self.head is not None:
+            d["head"] = self.head.to_dict()
         return d
 
 
@@ -206,38 +214,45 @@ def _classification_nodes(b: _Nodes, spec: ImportSpec, source: str, dims: list[i
     return n_labels
 
 
-def _detection_nodes(
-    b: _Nodes, spec: ImportSpec, source: str, dims: list[int | None], elem: int
-) -> tuple[HeadLayout, bool, int | None]:
-    """YOLO-style head -> boxes [N, K, 4], scores [N, K], classes [N, K] (decode + NMS + pad)."""
+def _float_in(b: _Nodes, x: str, elem: int, what: str) -> str:
+    if elem == TensorProto.FLOAT16:
+        return b.op("Cast", [x], "f32", to=TensorProto.FLOAT)
+    if elem != TensorProto.FLOAT:
+        raise ValueError(f"Got a non-float detection output {what!r}; expected float32 or float16")
+    return x
+
+
+def _slice(b: _Nodes, x: str, start: int, end: int, hint: str, axis: int = 2) -> str:
+    i64 = np.int64
+    return b.op("Slice", [x, b.const([start], i64), b.const([end], i64), b.const([axis], i64)], hint)
+
+
+def _xyxy_to_cxcywh(b: _Nodes, boxes: str) -> str:
+    x1y1, x2y2 = _slice(b, boxes, 0, 2, "x1y1"), _slice(b, boxes, 2, 4, "x2y2")
+    cxcy = b.op("Mul", [b.op("Add", [x1y1, x2y2], "sum"), b.const(0.5, np.float32)], "cxcy")
+    return b.op("Concat", [cxcy, b.op("Sub", [x2y2, x1y1], "wh")], "xywh", axis=2)
+
+
+def _cxcywh_to_xyxy(b: _Nodes, xywh: str) -> str:
+    xy, wh = _slice(b, xywh, 0, 2, "xy"), _slice(b, xywh, 2, 4, "wh")
+    half = b.op("Mul", [wh, b.const(0.5, np.float32)], "half")
+    return b.op("Concat", [b.op("Sub", [xy, half], "x1y1"), b.op("Add", [xy, half], "x2y2")], "xyxy", axis=2)
+
+
+def _clip(b: _Nodes, xyxy: str, h: int, w: int) -> str:
+    f32 = np.float32
+    return b.op("Min", [b.op("Max", [xyxy, b.const(0.0, f32)], "lo"), b.const([w, h, w, h], f32, "hi")], "clip")
+
+
+def _nms_nodes(b: _Nodes, spec: ImportSpec, xywh: str, cls_scores: str) -> None:
+    """cx,cy,w,h boxes [N, A, 4] and class scores [N, A, C] -> the contract's padded boxes, scores, classes."""
     opts = spec.detection
-    assert opts is not None
-    n_cls = len(spec.labels)
-    layout, objectness, anchors = resolve_head(dims, n_cls, opts)
+    assert opts is not None and spec.input_size is not None
     k = opts.max_detections
     h, w = spec.input_size
     i64, f32 = np.int64, np.float32
-
-    def sl(x: str, start: int, end: int, hint: str) -> str:
-        return b.op("Slice", [x, b.const([start], i64), b.const([end], i64), b.const([2], i64)], hint)
-
-    x = source
-    if elem == TensorProto.FLOAT16:
-        x = b.op("Cast", [x], "f32", to=TensorProto.FLOAT)
-    elif elem != TensorProto.FLOAT:
-        raise ValueError("Got a non-float detection output; expected float32 or float16")
-    if layout is HeadLayout.CHANNELS_FIRST:
-        x = b.op("Transpose", [x], "nac", perm=[0, 2, 1])  # [N, A, F]
-    xywh = sl(x, 0, 4, "xywh")
-    if objectness:  # YOLOv5: score = objectness * class probability
-        cls_scores = b.op("Mul", [sl(x, 5, 5 + n_cls, "cls"), sl(x, 4, 5, "obj")], "score")
-    else:
-        cls_scores = sl(x, 4, 4 + n_cls, "cls")
     conf, cls_id = b.op("TopK", [cls_scores, b.const([1], i64)], "best", n_out=2, axis=2)  # [N, A, 1]
-    xy, wh = sl(xywh, 0, 2, "xy"), sl(xywh, 2, 4, "wh")
-    half = b.op("Mul", [wh, b.const(0.5, f32)], "half")
-    xyxy = b.op("Concat", [b.op("Sub", [xy, half], "x1y1"), b.op("Add", [xy, half], "x2y2")], "xyxy", axis=2)
-    xyxy = b.op("Min", [b.op("Max", [xyxy, b.const(0.0, f32)], "lo"), b.const([w, h, w, h], f32, "hi")], "clip")
+    xyxy = _clip(b, _cxcywh_to_xyxy(b, xywh), h, w)
     nms_scores = b.op("Transpose", [conf], "nms_scores", perm=[0, 2, 1])  # [N, 1, A]
     nms_boxes = xywh
     if not opts.class_agnostic:
@@ -265,7 +280,7 @@ def _detection_nodes(
     sel_ids = b.op("Reshape", [sel_ids, b.const([-1], i64)], "sel_ids")  # [M] (also for M = 0)
     # Each selection's row within its image: how many selections of the same image come
     # before it (CumSum over a one-hot of image ids), whatever order NMS returns them in.
-    n = b.op("Gather", [b.op("Shape", [x], "shape"), b.const(0, i64)], "n")  # scalar
+    n = b.op("Gather", [b.op("Shape", [cls_scores], "shape"), b.const(0, i64)], "n")  # scalar
     per_image = b.op("Range", [b.const(0, i64), n, b.const(1, i64)], "images")  # [N]
     onehot = b.op("Cast", [b.op("Equal", [img, per_image], "same")], "onehot", to=TensorProto.INT64)
     counts = b.op("CumSum", [onehot, b.const(0, i64)], "counts")  # [M, N]
@@ -287,7 +302,88 @@ def _detection_nodes(
     shape_nk4 = b.op("Concat", [b.op("Shape", [top_idx], "shape_nk"), b.const([4], i64)], "shape_nk4", axis=0)
     idx4 = b.op("Expand", [idx3, shape_nk4], "idx4")
     b.op("GatherElements", [pad_boxes, idx4], "boxes", out=DETECTION_OUTPUTS[0], axis=1)
-    return layout, objectness, anchors
+
+
+def _topk_nodes(b: _Nodes, spec: ImportSpec, xyxy: str, scores: str, classes: str, valid: str | None) -> None:
+    """Rows that already went through the model's NMS -> threshold, best K by score, padded to K.
+
+    ``xyxy`` [N, R, 4], ``scores`` [N, R] float, ``classes`` [N, R] (any number type),
+    ``valid`` [N, R] bool (rows past num_dets are not detections) or None.
+    """
+    opts = spec.detection
+    assert opts is not None and spec.input_size is not None
+    k = opts.max_detections
+    h, w = spec.input_size
+    i64, f32 = np.int64, np.float32
+    keep = b.op("Greater", [scores, b.const([opts.score_threshold], f32, "thr")], "keep")
+    if valid is not None:
+        keep = b.op("And", [keep, valid], "keep_valid")
+    kept = b.op("Where", [keep, scores, b.const(0.0, f32)], "kept")  # [N, R]
+    rows = b.op("Slice", [b.op("Shape", [kept], "shape_nr"), b.const([1], i64), b.const([2], i64)], "rows")  # [1]
+    k_c = b.const([k], i64, "k")
+    # min(R, K) without Min (int64 Min needs opset 12; the wrapper stays valid from 11).
+    kk = b.op("Where", [b.op("Less", [rows, k_c], "fewer"), rows, k_c], "kk")
+    top_s, idx = b.op("TopK", [kept, kk], "top", n_out=2, axis=1)  # [N, kk]
+    found = b.op("Greater", [top_s, b.const(0.0, f32)], "found")
+    cls64 = b.op("Cast", [classes], "cls64", to=TensorProto.INT64)
+    top_c = b.op("Where", [found, b.op("GatherElements", [cls64, idx], "top_c", axis=1), b.const(-1, i64)], "cls")
+    idx4 = b.op("Expand", [b.op("Reshape", [idx, b.const([0, 0, 1], i64)], "idx3"),
+                           b.op("Concat", [b.op("Shape", [idx], "shape_nk"), b.const([4], i64)], "nk4", axis=0)],
+                "idx4")
+    top_b = b.op("GatherElements", [_clip(b, xyxy, h, w), idx4], "top_b", axis=1)
+    found3 = b.op("Reshape", [found, b.const([0, 0, 1], i64)], "found3")
+    top_b = b.op("Where", [found3, top_b, b.const(0.0, f32)], "box")
+    # Pad from min(R, K) up to K rows: score 0, class -1, box 0, as every other head.
+    short = b.op("Sub", [k_c, kk], "short")  # [1]
+    z2 = b.const([0, 0, 0], i64, "z3")
+    pads2 = b.op("Concat", [z2, short], "pads2", axis=0)  # [0, 0, 0, short]
+    pads3 = b.op("Concat", [b.const([0, 0, 0, 0], i64, "z4"), short, b.const([0], i64, "z1")], "pads3", axis=0)
+    b.op("Pad", [top_s, pads2, b.const(0.0, f32, "pad0")], "scores", out=DETECTION_OUTPUTS[1], mode="constant")
+    b.op("Pad", [top_c, pads2, b.const(-1, i64, "pad_1")], "classes", out=DETECTION_OUTPUTS[2], mode="constant")
+    b.op("Pad", [top_b, pads3, b.const(0.0, f32, "padb")], "boxes", out=DETECTION_OUTPUTS[0], mode="constant")
+
+
+def _detection_nodes(b: _Nodes, spec: ImportSpec, head: DetectionHead, sources: Sequence[str],
+                     elems: Sequence[int]) -> None:
+    """The head's outputs -> boxes [N, K, 4], scores [N, K], classes [N, K] (see the module docstring)."""
+    n_cls = len(spec.labels)
+    if head.kind in (HeadLayout.CHANNELS_FIRST, HeadLayout.ANCHORS_FIRST):
+        x = _float_in(b, sources[0], elems[0], head.outputs[0])
+        if head.kind is HeadLayout.CHANNELS_FIRST:
+            x = b.op("Transpose", [x], "nac", perm=[0, 2, 1])  # [N, A, F]
+        xywh = _slice(b, x, 0, 4, "xywh")
+        if head.objectness:  # YOLOv5: score = objectness * class probability
+            cls_scores = b.op("Mul", [_slice(b, x, 5, 5 + n_cls, "cls"), _slice(b, x, 4, 5, "obj")], "score")
+        else:
+            cls_scores = _slice(b, x, 4, 4 + n_cls, "cls")
+        _nms_nodes(b, spec, xywh, cls_scores)
+    elif head.kind is HeadLayout.BOXES_SCORES:
+        boxes = _float_in(b, sources[0], elems[0], head.outputs[0])
+        scores = _float_in(b, sources[1], elems[1], head.outputs[1])
+        xywh = boxes if head.box_format is BoxFormat.CXCYWH else _xyxy_to_cxcywh(b, boxes)
+        _nms_nodes(b, spec, xywh, scores)
+    elif head.kind is HeadLayout.END_TO_END:
+        x = _float_in(b, sources[0], elems[0], head.outputs[0])
+        boxes = _slice(b, x, 0, 4, "e2e_boxes")
+        if head.box_format is BoxFormat.CXCYWH:
+            boxes = _cxcywh_to_xyxy(b, boxes)
+        i64 = np.int64
+        scores = b.op("Reshape", [_slice(b, x, 4, 5, "e2e_s"), b.const([0, -1], i64)], "e2e_scores")
+        classes = b.op("Reshape", [_slice(b, x, 5, 6, "e2e_c"), b.const([0, -1], i64)], "e2e_classes")
+        _topk_nodes(b, spec, boxes, scores, classes, None)
+    else:  # NMS_OUTPUTS: num_dets, boxes, scores, classes
+        i64 = np.int64
+        num = b.op("Reshape", [b.op("Cast", [sources[0]], "num64", to=TensorProto.INT64), b.const([-1, 1], i64)],
+                   "num")  # [N, 1]
+        boxes = _float_in(b, sources[1], elems[1], head.outputs[1])
+        if head.box_format is BoxFormat.CXCYWH:
+            boxes = _cxcywh_to_xyxy(b, boxes)
+        scores = _float_in(b, sources[2], elems[2], head.outputs[2])
+        r = b.op("Gather", [b.op("Shape", [scores], "shape_s"), b.const(1, i64)], "r")
+        rng = b.op("Reshape", [b.op("Range", [b.const(0, i64), r, b.const(1, i64)], "rng"), b.const([1, -1], i64)],
+                   "rng2")  # [1, R]
+        valid = b.op("Less", [rng, num], "valid")  # [N, R]: rows past num_dets are not detections
+        _topk_nodes(b, spec, boxes, scores, sources[3], valid)
 
 
 def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto, WrapInfo]:
@@ -320,6 +416,7 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
     graph = src.graph
     vi_in = next(vi for vi in graph.input if vi.name == io.input_name)
     vi_out = next(vi for vi in graph.output if vi.name == io.output_name)
+    out_names = list(io.output_names or (io.output_name,))
     fixed_batch = io.batch_of_one
     reserved = {INPUT_NAME, OUTPUT_NAME, *DETECTION_OUTPUTS}
     names = _all_names(graph)
@@ -329,6 +426,7 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
         src = onnx.compose.add_prefix(src, "src/")
         graph = src.graph
         in_name, out_name = "src/" + in_name, "src/" + out_name
+        out_names = ["src/" + o for o in out_names]
     if fixed_batch:
         _relax_batch(graph, in_name)
     out_vi = next(v for v in graph.output if v.name == out_name)
@@ -340,14 +438,16 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
     _preprocess_nodes(b, spec, in_name)
     assert spec.input_size is not None  # resolve_spec filled it
     h, w = spec.input_size
-    head: tuple[HeadLayout, bool, int | None] | None = None
+    head = io.head
     if spec.task is Task.CLASSIFICATION:
         n_cls = _classification_nodes(b, spec, out_name, out_dims, out_elem)
         outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", n_cls])]
     else:
         assert spec.detection is not None
         n_cls = len(spec.labels)
-        head = _detection_nodes(b, spec, out_name, out_dims, out_elem)
+        assert head is not None
+        elems = [next(v for v in graph.output if v.name == o).type.tensor_type.elem_type for o in out_names]
+        _detection_nodes(b, spec, head, out_names, elems)
         k = spec.detection.max_detections
         outputs = [
             helper.make_tensor_value_info(DETECTION_OUTPUTS[0], TensorProto.FLOAT, ["batch", k, 4]),
@@ -382,9 +482,11 @@ def wrap_onnx(model: onnx.ModelProto, spec: ImportSpec) -> tuple[onnx.ModelProto
         batch_relaxed=fixed_batch,
         renamed=renamed,
         num_classes=n_cls,
-        head_layout=head[0] if head else None,
-        objectness=head[1] if head else None,
-        num_anchors=head[2] if head else None,
+        head_layout=head.kind if head else None,
+        objectness=head.objectness if head else None,
+        num_anchors=head.rows if head else None,
+        original_outputs=tuple(io.output_names) if head else (),
+        head=head,
         channels=spec.preprocessing.channels or 3,
         dynamic_dims=tuple(dynamic_dims),
     )

@@ -140,11 +140,16 @@ def _parse_depths(text: str) -> list[int]:
 @app.command("import")
 @cli_errors
 def import_(
-    file: Annotated[
-        Path, typer.Argument(help="model.onnx (any framework) or checkpoint.pt/.pth (built-in architecture)")
-    ],
     name: Annotated[str, typer.Option("--name", help="model name to register a new version under")],
     labels: Annotated[str, typer.Option("--labels", help="labels FILE (one per line) or a,b,c in output order")],
+    file: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="model.onnx (any framework), a TorchScript model.pt/.torchscript/.ts, or checkpoint.pt/.pth "
+            "(built-in architecture); leave out with --from-python",
+            show_default=False,
+        ),
+    ] = None,
     input_size: Annotated[
         Optional[str],
         typer.Option("--input-size", help="model input HEIGHTxWIDTH, e.g. 224x224 (default: the model's fixed size)"),
@@ -184,7 +189,10 @@ def import_(
             help="classification output: auto (measured on sample images) | logits (adds Softmax) | probs",
         ),
     ] = "auto",
-    resize: Annotated[str, typer.Option(help="stretch | letterbox | center-crop")] = "stretch",
+    resize: Annotated[
+        Optional[str],
+        typer.Option(help="stretch | letterbox | center-crop (default: letterbox for detection, as YOLO exporters)"),
+    ] = None,
     framework: Annotated[
         Optional[str], typer.Option(help="where the model came from: pytorch, tensorflow, paddle… (recorded)")
     ] = None,
@@ -199,7 +207,15 @@ def import_(
     ] = None,
     head_layout: Annotated[
         Optional[str],
-        typer.Option("--head-layout", help="detection: auto | channels-first [N,4+C,A] | anchors-first [N,A,4+C]"),
+        typer.Option(
+            "--head-layout",
+            help="detection: auto | channels-first [N,4+C,A] | anchors-first [N,A,4+C] | end-to-end [N,K,6] | "
+            "nms-outputs (num_dets, boxes, scores, classes) | boxes-scores ([N,A,4] and [N,A,C])",
+        ),
+    ] = None,
+    box_format: Annotated[
+        Optional[str],
+        typer.Option("--box-format", help="detection, boxes-scores heads: xyxy | cxcywh (auto only from output names)"),
     ] = None,
     objectness: Annotated[
         Optional[bool], typer.Option("--objectness/--no-objectness", help="detection: YOLOv5-style objectness column")
@@ -213,6 +229,17 @@ def import_(
         Optional[Path],
         typer.Option("--sample-images", help="folder of images for the parity check (default: synthetic)"),
     ] = None,
+    from_python: Annotated[
+        Optional[str],
+        typer.Option(
+            "--from-python",
+            help="package.module:function returning an nn.Module or (module, example_input); runs that code",
+        ),
+    ] = None,
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(help="--from-python: a state dict for the module, loaded with torch.load(weights_only=True)"),
+    ] = None,
     description: Annotated[str, typer.Option(help="free text for the card")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="print the stored card as JSON")] = False,
 ) -> None:
@@ -223,6 +250,7 @@ def import_(
     is measured on sample images unless --outputs-are says.
     The wrapped model is checked against running the original by hand on real images, then registered.
     A .pt/.pth state dict of a built-in architecture is loaded with torch.load(weights_only=True) and exported.
+    TorchScript archives and --from-python modules are converted to ONNX (checked against torch), then imported.
     TensorRT engines and pickles are refused. See docs/model-import.md.
     """
     from edge_export.importer import (
@@ -232,12 +260,23 @@ def import_(
         load_sample_images,
         parse_labels,
     )
+    from edge_export.importer.convert import import_python, source_format
     from train.checkpoint_import import import_model
     from visionfleet.spec import validate_name
 
-    src = check_source_file(file)
+    if (file is None) == (from_python is None):
+        raise ValueError(
+            f"Got {'both a FILE and --from-python' if file else 'neither a FILE nor --from-python'}; expected one "
+            "(a model file to import, or --from-python package.module:function)"
+        )
+    if weights is not None and from_python is None:
+        raise ValueError("Got --weights without --from-python; expected it only with --from-python")
+    src = check_source_file(file) if file is not None else None
     validate_name(name)
-    is_checkpoint = src.suffix.lower() in CHECKPOINT_SUFFIXES
+    converted = from_python is not None or source_format(src) is not None
+    is_checkpoint = src is not None and src.suffix.lower() in CHECKPOINT_SUFFIXES and not converted
+    if resize is None:
+        resize = "letterbox" if task.strip().lower() == "detection" else "stretch"
     detection = {
         "score_threshold": score_threshold,
         "iou_threshold": iou_threshold,
@@ -245,6 +284,7 @@ def import_(
         "head_layout": head_layout,
         "objectness": objectness,
         "class_agnostic": class_agnostic or None,
+        "box_format": box_format,
     }
     given = {k: v for k, v in detection.items() if v is not None}
     if task != "detection" and given:
@@ -279,7 +319,7 @@ def import_(
         output=outputs_kind,
         input_name=input_name,
         output_name=output,
-        framework=framework or ("pytorch" if is_checkpoint else "onnx"),
+        framework=framework or ("pytorch" if is_checkpoint or converted else "onnx"),
         **given,
     )
     spec = request.to_spec()
@@ -294,7 +334,14 @@ def import_(
         # An ONNX model's size may only be known once its graph is read: import_onnx
         # loads the folder then; a checkpoint's size is declared.
         images = load_sample_images(sample_images, spec.input_size, spec.resize) if spec.input_size else sample_images
-    card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description)
+    if from_python is not None:
+        if any(v is not None for v in arch_opts.values()):
+            raise ValueError("Got --arch/--width/--depths/--stem-stride with --from-python; expected none (the "
+                             "function builds the module)")
+        card = import_python(from_python, _registry(), name, spec, weights=weights, images=images,
+                             description=description)
+    else:
+        card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description)
     if as_json:
         print_json(card.model_dump(mode="json"))
         return
