@@ -137,6 +137,33 @@ def _export_dynamo(module: Any, example: Any, names: list[str]) -> onnx.ModelPro
     return program.model_proto
 
 
+def _declare_output_shapes(model: onnx.ModelProto, outputs: list[Any]) -> list[str]:
+    """Write the outputs' non-batch dims, as torch gave them on the example, where the exporter left them unknown.
+
+    The TorchScript-based exporter often loses them (a traced head comes out ``[?, ?, ?]``),
+    and the importer reads a head's kind from its shape; the parity check then runs the
+    graph on another batch size and compares every shape with torch's.
+    """
+    notes = []
+    for vi, t in zip(model.graph.output, outputs):
+        shape = list(t.shape)
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 0:
+            for _ in shape:
+                dims.add()
+        if len(dims) != len(shape):
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if axis == 0:
+                if not dim.HasField("dim_value") and not dim.dim_param:
+                    dim.dim_param = "batch"
+            elif not (dim.HasField("dim_value") and dim.dim_value > 0):
+                dim.Clear()
+                dim.dim_value = int(size)
+                notes.append(f"{vi.name} axis {axis}")
+    return notes
+
+
 def _run_torch(module: Any, x: np.ndarray) -> list[np.ndarray]:
     import torch
 
@@ -203,8 +230,8 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _probe_channels(module: Any, spec: ImportSpec, what: str) -> tuple[Any, list[str]]:
-    """An example batch the module takes: 3 channels, else 1 (a grayscale model); and its output names."""
+def _probe_channels(module: Any, spec: ImportSpec, what: str) -> tuple[Any, list[str], list[Any]]:
+    """An example batch the module takes (3 channels, else 1: a grayscale model), its output names and outputs."""
     import torch
 
     dtype = _export_dtype(spec)
@@ -214,8 +241,8 @@ def _probe_channels(module: Any, spec: ImportSpec, what: str) -> tuple[Any, list
         example = torch.zeros(shape, dtype=_torch_dtype(dtype))
         try:
             with torch.no_grad():
-                names = [n for n, _ in _flatten(module(example))]
-            return example, names
+                flat = _flatten(module(example))
+            return example, [n for n, _ in flat], [t for _, t in flat]
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the model raises
@@ -260,7 +287,7 @@ def torchscript_to_onnx(
             "saved with torch.jit.save(torch.jit.script(model) or torch.jit.trace(model, x), path)"
         ) from None
     module.eval()
-    example, names = _probe_channels(module, spec, f"the TorchScript model {p.name}")
+    example, names, outs = _probe_channels(module, spec, f"the TorchScript model {p.name}")
     converter = f"torch.onnx.export (TorchScript-based, dynamo=False), opset {LEGACY_OPSET}"
     try:
         model = _export_legacy(module, example, names)
@@ -270,9 +297,12 @@ def torchscript_to_onnx(
             f"ops the ONNX exporter knows at opset {LEGACY_OPSET} (replace the op in the model, or export it to "
             "ONNX yourself and import the .onnx)"
         ) from None
+    notes = []
+    filled = _declare_output_shapes(model, outs)
+    if filled:
+        notes.append(f"output dims the exporter left unknown, written from torch's outputs: {', '.join(filled)}")
     resolved, _, x = _inputs_for(model, spec, images)
     parity = _parity(module, model, x, names)
-    notes = []
     if spec.preprocessing.layout is Layout.AUTO:
         notes.append("layout auto: exported as NCHW, torch's convention (say --layout nhwc for an NHWC model)")
     if spec.preprocessing.dtype is InputDType.AUTO:
@@ -476,7 +506,8 @@ def module_to_onnx(
                 )
         with torch.no_grad():
             try:
-                names = [n for n, _ in _flatten(module(example))]
+                flat = _flatten(module(example))
+                names, outs = [n for n, _ in flat], [t for _, t in flat]
             except ValueError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -490,7 +521,7 @@ def module_to_onnx(
                 f"Got --from-python {target} returning a module without an example input and no --input-size; "
                 "expected HEIGHTxWIDTH (or return (module, example_input) from the function)"
             )
-        example, names = _probe_channels(module, spec, f"the module from {target}")
+        example, names, outs = _probe_channels(module, spec, f"the module from {target}")
     errors = []
     model = None
     converter = ""
@@ -510,6 +541,9 @@ def module_to_onnx(
         )
     if errors:
         notes.append(f"the torch.export-based exporter failed ({errors[0][:200]}); the TorchScript-based one converted")
+    filled = _declare_output_shapes(model, outs)
+    if filled:
+        notes.append(f"output dims the exporter left unknown, written from torch's outputs: {', '.join(filled)}")
     resolved, imgs, x = _inputs_for(model, spec, images)
     parity = _parity(module, model, x, names)
     info = ConversionInfo(
