@@ -416,7 +416,11 @@ def count_macs(model: Any, batch: int = 1) -> int:
     # flatten before a classifier) that onnx's own inference leaves unknown.
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # noqa: BLE001 - e.g. a detector's NMS tail (data-dependent shapes) trips it
+        # onnx's own inference still gives the static shapes of every Conv before the tail
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     shapes: dict[str, list[int]] = {}
     for vi in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
         dims = vi.type.tensor_type.shape.dim

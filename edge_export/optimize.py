@@ -405,7 +405,16 @@ def _quantize_step(
     q = settings.quantize
     size, resize = tuple(parent.input_size), parent.resize.value
     calib = validation = None
-    if q.mode is QuantizeMode.INT8_STATIC:
+    if q.mode is QuantizeMode.INT8_STATIC and parent.task is Task.DETECTION:
+        from edge_export.quantize import detection_calibration_images, detection_validation
+
+        on_event("calibration data", None, None, f"{q.calibration} images from {dataset.name}")
+        calib = detection_calibration_images(dataset, size, resize, q.calibration, seed=settings.seed)  # type: ignore[arg-type]
+        if q.max_drop_pt is not None:  # mAP@0.5 on train images the calibration did not use
+            validation = detection_validation(
+                dataset, parent, settings.validation_images, split="train", offset=q.calibration, seed=settings.seed
+            )
+    elif q.mode is QuantizeMode.INT8_STATIC:
         on_event("calibration data", None, None, f"{q.calibration} images from {dataset.name}")
         calib = calibration_images(dataset, size, resize, q.calibration, seed=settings.seed)  # type: ignore[arg-type]
         if q.max_drop_pt is not None:
@@ -479,6 +488,8 @@ def measure_variant(
 
     threads = settings.resolved_threads
     size = tuple(card.input_size)
+    if card.task is Task.DETECTION:
+        return _measure_detector(variant_path, parent_path, card, dataset, settings, on_event)
     on_event("holdout", None, None, f"decoding {dataset.name}:holdout")
     hx, hy = load_arrays(dataset, "holdout", size, card.resize.value, limit=settings.holdout_limit)  # type: ignore[arg-type]
     variant = M.OrtRunner(variant_path, threads, name="variant")
@@ -509,6 +520,67 @@ def measure_variant(
         "offline_b8_images_per_s": float(np.median(rounds["variant"])),
         "parent_offline_b8_images_per_s": float(np.median(rounds["parent"])),
         "speedup_offline_b8": speedup.to_dict(),
+        "threads": threads,
+    }
+    if settings.peak_memory:
+        on_event("memory", None, None, "peak memory in a fresh process")
+        metrics["peak_memory_mb"] = M.peak_memory_mb(variant_path, threads=threads)
+    metrics["measured_on"] = M.machine_info(threads)
+    return metrics
+
+
+def _measure_detector(
+    variant_path: Path, parent_path: Path, card: ModelCard, dataset: Path, settings: OptimizeSettings, on_event: Event
+) -> dict[str, Any]:
+    """:func:`measure_variant` for a detector: COCO mAP of both on the holdout instead of top-1."""
+    from edge_export import measure as M
+    from visionfleet.datasets.detect import coco_split
+    from visionfleet.evaluation import evaluate_detector
+    from visionfleet.imaging import load_for_model
+    from visionfleet.names import DETECTION_OUTPUTS, INPUT_NAME
+
+    threads = settings.resolved_threads
+    split = coco_split(dataset, "holdout")
+    variant = M.OrtRunner(variant_path, threads, name="variant")
+    parent = M.OrtRunner(parent_path, threads, name="parent")
+    n = min(len(split), settings.holdout_limit or len(split))
+    on_event("accuracy", None, None, f"COCO mAP on {n} holdout images")
+    scores = {}
+    for r in (variant, parent):
+        scores[r.name] = evaluate_detector(
+            lambda x, r=r: r.session.run(list(DETECTION_OUTPUTS), {INPUT_NAME: x}), card, split,
+            limit=settings.holdout_limit,
+        )
+    v, p = scores["variant"], scores["parent"]
+    hx = np.stack([load_for_model(split.image_path(im).read_bytes(), tuple(card.input_size), card.resize)[0]
+                   for im in split.doc["images"][:64]])
+    on_event("latency", None, None, f"batch 1, {threads} threads")
+    lat = M.single_stream(variant, hx, queries=settings.latency_queries)
+    rounds = M.alternate(
+        [parent, variant],
+        lambda r: M.offline(r, hx, batch=8, batches=4).images_per_s,
+        rounds=settings.compare_rounds,
+        on_round=lambda k: on_event("offline", k, settings.compare_rounds, "alternating with the parent"),
+    )
+    metrics: dict[str, Any] = {
+        "holdout_map50": v.map50,
+        "holdout_map50_95": v.map50_95,
+        "parent_holdout_map50": p.map50,
+        "parent_holdout_map50_95": p.map50_95,
+        "map50_drop_pt": (p.map50 - v.map50) * 100.0,
+        "map50_95_drop_pt": (p.map50_95 - v.map50_95) * 100.0,
+        "holdout_n": v.images,
+        "holdout_boxes": v.gt_boxes,
+        "evaluator": v.evaluator,
+        "size_mb": M.file_mb(variant_path),
+        "parent_size_mb": M.file_mb(parent_path),
+        "macs_per_image": M.count_macs(variant_path),
+        "parent_macs_per_image": M.count_macs(parent_path),
+        "latency_b1_p50_ms": lat.p50_ms,
+        "latency_b1_p95_ms": lat.p95_ms,
+        "offline_b8_images_per_s": float(np.median(rounds["variant"])),
+        "parent_offline_b8_images_per_s": float(np.median(rounds["parent"])),
+        "speedup_offline_b8": M.ratio_stats(rounds["variant"], rounds["parent"]).to_dict(),
         "threads": threads,
     }
     if settings.peak_memory:
@@ -586,8 +658,11 @@ def optimize(
     """
     resolved = registry.resolve(parent_ref)
     parent = registry.card(resolved.name, resolved.version)
-    if parent.task is not Task.CLASSIFICATION:
-        raise ValueError(f"Got a {parent.task.value} model {parent.ref}; expected a classification model")
+    if parent.task is Task.DETECTION and settings.prune > 0:
+        raise ValueError(
+            f"Got --prune for the detector {parent.ref}; expected --quantize only for detectors "
+            "(pruning fine-tunes with the classification loss)"
+        )
     if parent.format != "onnx":
         raise ValueError(f"Got {parent.ref} in {parent.format} format; expected an ONNX parent")
     dataset = _dataset(parent, settings, datasets_dir)
@@ -663,6 +738,21 @@ def _dataset(parent: ModelCard, settings: OptimizeSettings, datasets_dir: Path |
         )
     path = resolve_dataset(ref, datasets_dir) if datasets_dir else Path(ref).expanduser().resolve()
     info = read_info(path)  # FileNotFoundError with the path when it is gone
+    if parent.task is Task.DETECTION:
+        from visionfleet.datasets.detect import coco_split, is_detection_dataset
+
+        if not is_detection_dataset(path):
+            raise ValueError(
+                f"Got the classification dataset {path} for the detector {parent.ref}; expected a detection dataset "
+                "with COCO boxes (visionfleet data synth --task detection), e.g. --data DATASET"
+            )
+        cats = set(coco_split(path, "holdout").categories)
+        if not cats & set(parent.labels):
+            raise ValueError(
+                f"Got dataset {path} with categories {sorted(cats)[:10]}; expected some of the model's labels "
+                f"{parent.labels[:10]}"
+            )
+        return path
     if info.labels != list(parent.labels):
         raise ValueError(f"Got dataset {path} with labels {info.labels}; expected the model's labels {parent.labels}")
     return path

@@ -45,6 +45,9 @@ __all__ = [
     "CalibrationMissing",
     "calibration_images",
     "labeled_images",
+    "detection_calibration_images",
+    "DetectionValidation",
+    "detection_validation",
     "describe",
     "fold_normalization",
     "quantize_nncf",
@@ -252,6 +255,76 @@ def labeled_images(
     return out, lab[order].astype(np.int64)
 
 
+def _coco_subset(dataset: str | os.PathLike[str], split: str, n: int, offset: int, seed: int):
+    """A seeded random subset of a detection split's COCO images (disjoint slices for calibration and validation)."""
+    from dataclasses import replace
+
+    from visionfleet.datasets.detect import coco_split
+
+    try:
+        full = coco_split(Path(dataset), split)
+    except FileNotFoundError as exc:
+        raise CalibrationMissing(f"no calibration data: {exc}") from None
+    if len(full) < offset + n:
+        raise CalibrationMissing(f"Got {len(full)} images in {dataset} split {split!r}; expected at least {offset + n}")
+    order = np.random.default_rng(seed).permutation(len(full))[offset : offset + n]
+    images = [full.doc["images"][int(i)] for i in order]
+    ids = {int(im["id"]) for im in images}
+    doc = {**full.doc, "images": images, "annotations": [a for a in full.doc["annotations"] if int(a["image_id"]) in ids]}
+    return replace(full, doc=doc)
+
+
+def detection_calibration_images(
+    dataset: str | os.PathLike[str], size: tuple[int, int], resize: str, n: int, *, split: str = "train",
+    offset: int = 0, seed: int = 0,
+) -> np.ndarray:
+    """Like :func:`calibration_images` for a detection dataset (COCO-labeled image files)."""
+    from visionfleet.imaging import load_for_model
+
+    sub = _coco_subset(dataset, split, n, offset, seed)
+    return np.stack([load_for_model(sub.image_path(im).read_bytes(), size, resize)[0] for im in sub.doc["images"]])
+
+
+@dataclass(frozen=True)
+class DetectionValidation:
+    """Labeled detection images for accuracy control: mAP@0.5 is the metric NNCF keeps within the drop."""
+
+    card: Any  # visionfleet.spec.ModelCard: labels, input size, resize
+    split: Any  # visionfleet.datasets.detect.CocoSplit (the subset)
+
+    def map50(self, run, images: list[dict] | None = None) -> float:
+        """mAP@0.5 of ``run`` (images -> boxes, scores, classes) on the split (or on some of its images)."""
+        from dataclasses import replace
+
+        from visionfleet.evaluation import evaluate_detector
+
+        split = self.split
+        if images is not None:
+            ids = {int(im["id"]) for im in images}
+            split = replace(split, doc={**split.doc, "images": list(images),
+                                        "annotations": [a for a in split.doc["annotations"] if int(a["image_id"]) in ids]})
+        return evaluate_detector(run, self.card, split).map50
+
+
+def detection_validation(
+    dataset: str | os.PathLike[str], card: Any, n: int, *, split: str = "train", offset: int = 0, seed: int = 0
+) -> DetectionValidation:
+    """``n`` labeled images of a detection split (after the first ``offset`` of the shuffled order)."""
+    return DetectionValidation(card, _coco_subset(dataset, split, n, offset, seed))
+
+
+def _detection_tail(proto: Any) -> list[str]:
+    """A detector's decode + NMS tail (nodes named ``vf_*`` by the exporter and the importer), kept in FP32.
+
+    Quantized, box coordinates and scores would come in 8-bit steps and NMS would
+    compare rounded boxes; the tail is cheap, the convolutions are what INT8 speeds up.
+    """
+    meta = _meta(proto)
+    if meta.get("task") != "detection":
+        return []
+    return [n.name for n in proto.graph.node if n.name.startswith("vf_")]
+
+
 def _check_images(images: np.ndarray | None, what: str) -> np.ndarray:
     if images is None or len(images) == 0:
         raise CalibrationMissing(
@@ -392,6 +465,7 @@ def quantize_nncf(
     model = _load(src)
     meta = _meta(model)
     folded = fold_normalization(model)
+    tail = _detection_tail(model)
     with _stdout_to_stderr():
         quantized = nncf.quantize(
             model,
@@ -399,11 +473,14 @@ def quantize_nncf(
             subset_size=len(calib),
             target_device=nncf.TargetDevice.CPU,
             advanced_parameters=_nncf_advanced(per_channel),
+            ignored_scope=nncf.IgnoredScope(names=tail) if tail else None,
         )
     settings = {
         "mode": "int8-static", "engine": "nncf", "calibration": len(calib), "per_channel": per_channel,
         "normalization_as_conv": folded,
     }
+    if tail:
+        settings["fp32_tail_nodes"] = len(tail)
     _finish(quantized, meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
     return QuantizeReport("int8-static", Precision.INT8.value, settings, len(calib), time.perf_counter() - t0)
 
@@ -509,6 +586,77 @@ def quantize_nncf_accuracy_control(
     )
 
 
+def quantize_nncf_accuracy_control_detection(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    calib: np.ndarray,
+    validation: DetectionValidation,
+    *,
+    max_drop_pt: float,
+    per_channel: bool = True,
+    threads: int = 2,
+) -> QuantizeReport:
+    """NNCF INT8 with accuracy control for a detector: mAP@0.5 on ``validation`` is the metric.
+
+    Layers go back to FP32 until the mAP@0.5 drop (points) fits; the decode + NMS tail is
+    never quantized. Keep the validation images apart from the holdout you report.
+    """
+    import time
+
+    import nncf
+
+    from visionfleet.names import DETECTION_OUTPUTS
+
+    calib = _check_images(calib, "calibration")
+    _quiet_nncf()
+    t0 = time.perf_counter()
+    model = _load(src)
+    meta = _meta(model)
+    folded = fold_normalization(model)
+    tail = _detection_tail(model)
+    sessions = _SessionCache(threads)
+    items = list(validation.split.doc["images"])
+
+    def validate(m: Any, subset) -> float:
+        sess = sessions.get(m)
+        return validation.map50(lambda x: sess.run(list(DETECTION_OUTPUTS), {INPUT_NAME: x}), list(subset))
+
+    def to_input(item: dict) -> dict:  # NNCF runs the validation items through the model for its ranking
+        from visionfleet.imaging import load_for_model
+
+        x, _ = load_for_model(validation.split.image_path(item).read_bytes(), validation.card.input_size,
+                              validation.card.resize)
+        return {INPUT_NAME: x[None]}
+
+    with _stdout_to_stderr():
+        quantized = nncf.quantize_with_accuracy_control(
+            model,
+            _nncf_dataset(calib),
+            nncf.Dataset(items, to_input),
+            validate,
+            max_drop=max_drop_pt / 100.0,
+            drop_type=nncf.DropType.ABSOLUTE,
+            subset_size=len(calib),
+            target_device=nncf.TargetDevice.CPU,
+            ignored_scope=nncf.IgnoredScope(names=tail) if tail else None,
+            advanced_quantization_parameters=_nncf_advanced(per_channel),
+        )
+    map_fp32, map_int8 = validate(model, items), validate(quantized, items)
+    settings = {
+        "mode": "int8-static", "engine": "nncf", "calibration": len(calib), "per_channel": per_channel,
+        "max_drop_pt": max_drop_pt, "validation_images": len(items), "validation_metric": "mAP@0.5",
+        "normalization_as_conv": folded, "fp32_tail_nodes": len(tail),
+    }
+    _finish(quantized, meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
+    return QuantizeReport(
+        "int8-static", Precision.INT8.value, settings, len(calib), time.perf_counter() - t0,
+        accuracy_control={
+            "validation_map50_fp32": map_fp32, "validation_map50_int8": map_int8,
+            "drop_pt": (map_fp32 - map_int8) * 100.0, "convs_left_fp32": _count_unquantized_convs(quantized),
+        },
+    )
+
+
 def _count_unquantized_convs(proto: Any) -> int:
     """Convs whose weight does not come from a DequantizeLinear (kept in FP32)."""
     producers = {o: n.op_type for n in proto.graph.node for o in n.output}
@@ -583,6 +731,10 @@ def quantize_ort_static(
         # Keep the output Softmax in float: quantized to 8 bits the probabilities come
         # in steps of 1/255 and no longer sum to 1, which spoils confidence monitoring.
         softmax = [n.name for n in _load(pre).graph.node if n.op_type == "Softmax"]
+        pre_model = _load(pre)
+        del pre_model.metadata_props[:]
+        pre_model.metadata_props.extend(_load(src).metadata_props)
+        tail = _detection_tail(pre_model)  # the detection decode + NMS stays in float too
         with _quiet_ort_quantization():
             quantize_static(
                 os.fspath(pre),
@@ -594,7 +746,7 @@ def quantize_ort_static(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=_ort_method(method),
-                nodes_to_exclude=softmax,
+                nodes_to_exclude=softmax + tail,
                 extra_options=extra,
             )
         settings: dict[str, Any] = {
@@ -607,6 +759,8 @@ def quantize_ort_static(
         }
         if method is CalibrationMethod.PERCENTILE:
             settings["percentile"] = percentile
+        if tail:
+            settings["fp32_tail_nodes"] = len(tail)
         _finish(_load(out), meta, Path(dst), {"precision": Precision.INT8.value, "quantization": settings})
     return QuantizeReport("int8-static", Precision.INT8.value, settings, len(calib), time.perf_counter() - t0)
 
@@ -669,10 +823,13 @@ def quantize(
     config: QuantizeConfig,
     *,
     calib: np.ndarray | None = None,
-    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    validation: "tuple[np.ndarray, np.ndarray] | DetectionValidation | None" = None,
     threads: int = 2,
 ) -> QuantizeReport:
     """Apply one :class:`QuantizeConfig` to ``src``, writing ``dst``.
+
+    ``validation`` drives ``--max-drop``: labeled images (top-1) or, for a detector,
+    a :class:`DetectionValidation` (mAP@0.5).
 
     Raises:
         CalibrationMissing: int8-static without calibration images, or accuracy control
@@ -696,6 +853,10 @@ def quantize(
     if config.max_drop_pt is not None:
         if validation is None:
             raise CalibrationMissing("Got --max-drop without validation images; expected labeled images to measure the drop")
+        if isinstance(validation, DetectionValidation):
+            return quantize_nncf_accuracy_control_detection(
+                src, dst, calib, validation, max_drop_pt=config.max_drop_pt, per_channel=per_channel, threads=threads,
+            )
         return quantize_nncf_accuracy_control(
             src, dst, calib, validation[0], validation[1],
             max_drop_pt=config.max_drop_pt, per_channel=per_channel, threads=threads,

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from train.detect_models import AnchorFreeDetector
+
 __all__ = ["ArchSpec", "ResNet", "MobileNetV3", "build_model", "ARCHS", "count_params"]
 
 
@@ -185,7 +187,8 @@ class MobileNetV3(nn.Module):
         return self.fc(self.dropout(x))
 
 
-ARCHS: dict[str, type[nn.Module]] = {"resnet": ResNet, "mobilenetv3": MobileNetV3}
+# "anchorfree" is the built-in detector (train/detect_models.py, trained by train/detect.py).
+ARCHS: dict[str, type[nn.Module]] = {"resnet": ResNet, "mobilenetv3": MobileNetV3, "anchorfree": AnchorFreeDetector}
 
 
 def build_model(spec: ArchSpec) -> nn.Module:

@@ -27,13 +27,23 @@ def bench(
     p99_bound: Annotated[float, typer.Option(help="Server: p99 latency bound in ms")] = 100.0,
     trial_seconds: Annotated[float, typer.Option(help="Server: seconds of arrivals per tried rate")] = 2.0,
     data: Annotated[Optional[str], typer.Option(help="dataset for images and top-1 (default: each card's lineage)")] = None,
-    holdout_limit: Annotated[Optional[int], typer.Option(help="top-1 on the first N holdout images")] = None,
+    holdout_limit: Annotated[Optional[int], typer.Option(help="top-1 (mAP) on the first N holdout images")] = None,
+    annotations: Annotated[
+        Optional[Path],
+        typer.Option("--annotations", "--labels", help="detectors: COCO annotations.json of a labeled holdout (mAP)"),
+    ] = None,
+    images_dir: Annotated[
+        Optional[Path], typer.Option("--images", help="folder the annotations' file_name entries are relative to")
+    ] = None,
     ceiling: Annotated[bool, typer.Option(help="measure the GEMM ceiling and each model's share of it")] = True,
     gemm_sizes: Annotated[str, typer.Option(help="square GEMM sizes tried for the ceiling")] = "512,1024,2048,4096",
     plot: Annotated[Optional[Path], typer.Option(help="write a PNG chart here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
-    """Benchmark versions side by side: the scenario's numbers, speed-ups, top-1, size and efficiency.
+    """Benchmark versions side by side: the scenario's numbers, speed-ups, top-1 or mAP, size and efficiency.
+
+    Detectors are scored with COCO mAP@0.5 and mAP@0.5:0.95 (pycocotools) on --annotations, or on the
+    holdout of a detection dataset (--data, else the card's lineage); the card records the result.
 
     Runs every version in this process, alternating round by round on the same threads;
     each speed-up is the median of the per-round ratios against the first version, with
@@ -44,6 +54,7 @@ def bench(
     from edge_export import measure as M
     from visionfleet.datasets.store import load_arrays, resolve_dataset
     from visionfleet.registry import Registry
+    from visionfleet.spec import Task
     from visionfleet.targets import check_budgets, profile
 
     s = settings().ensure()
@@ -73,6 +84,13 @@ def bench(
         t = p.add_task("loading", total=len(cards), info="")
         for card in cards:
             p.update(t, info=card.ref)
+            if card.task is Task.DETECTION:
+                path = reg.local_dir(card.name, card.version) / card.model_file  # type: ignore[arg-type]
+                r = M.OrtRunner(path, n_threads, name=card.ref)
+                runners.append(r)
+                info[card.ref] = _detector_info(card, r, path, reg, s, annotations, images_dir, data, holdout_limit)
+                p.advance(t)
+                continue
             ds_ref = data or card.lineage.dataset
             if not ds_ref:
                 raise ValueError(f"Got no dataset for {card.ref} (no lineage.dataset); expected --data DATASET")
@@ -128,6 +146,7 @@ def bench(
             "speedup": v.get("speedup_vs_baseline"),
             "top1": i["top1"],
             "holdout_n": i["holdout_n"],
+            **({k: i[k] for k in ("map50", "map50_95", "map_on")} if "map50" in i else {}),
             "size_mb": i["size_mb"],
             "macs_per_image": i["macs_per_image"],
             "path": i["path"],
@@ -176,6 +195,48 @@ def bench(
                 err.print(f"[bold yellow]budget exceeded[/] ({target}) {row['name']}: {b['message']}")
 
 
+def _detector_info(card, runner, path: Path, reg, s, annotations, images_dir, data, limit) -> dict[str, Any]:
+    """mAP of a detector on its labeled split (recorded in its card), and images for the timing rounds."""
+    import datetime as _dt
+
+    import numpy as np
+
+    from edge_export import measure as M
+    from visionfleet.datasets.detect import coco_split, is_detection_dataset, read_coco
+    from visionfleet.datasets.store import resolve_dataset
+    from visionfleet.evaluation import evaluate_detector
+    from visionfleet.imaging import load_for_model
+    from visionfleet.names import DETECTION_OUTPUTS, INPUT_NAME
+
+    if annotations is not None:
+        split = read_coco(annotations, images_dir)
+    else:
+        ds_ref = data or card.lineage.dataset
+        ds = resolve_dataset(ds_ref, s.datasets_dir) if ds_ref else None
+        if ds is None or not is_detection_dataset(ds):
+            raise ValueError(
+                f"Got no labeled boxes for the detector {card.ref} ({'dataset ' + str(ds) if ds else 'no dataset'}); "
+                "expected --annotations annotations.json (COCO) or --data DETECTION_DATASET"
+            )
+        split = coco_split(ds, "holdout")
+    m = evaluate_detector(
+        lambda x: runner.session.run(list(DETECTION_OUTPUTS), {INPUT_NAME: x}), card, split, limit=limit
+    )
+    record = {
+        "map50": m.map50, "map50_95": m.map50_95, "map75": m.map75, "images": m.images, "gt_boxes": m.gt_boxes,
+        "annotations": str(split.path), "evaluator": m.evaluator,
+        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+    reg.update_metrics(card.name, card.version, {"map": record})
+    ims = split.doc["images"][: min(len(split.doc["images"]), 64)]
+    images = np.stack([load_for_model(split.image_path(im).read_bytes(), card.input_size, card.resize)[0] for im in ims])
+    return {
+        "images": images, "top1": None, "holdout_n": m.images, "map50": m.map50, "map50_95": m.map50_95,
+        "map_on": str(split.path), "size_mb": M.file_mb(path), "macs_per_image": M.count_macs(path),
+        "precision": card.precision, "input_size": list(card.input_size), "path": str(path),
+    }
+
+
 def _choice(value: str, flag: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"Got {value!r} for {flag}; expected one of {', '.join(allowed)}")
@@ -187,7 +248,8 @@ def _print(doc: dict[str, Any]) -> None:
 
     unit = doc["rows"][0]["unit"] if doc["rows"] else ""
     t = Table(title=f"{doc['scenario']} — {doc['threads']} threads, {doc['rounds']} alternating rounds")
-    for col in ("version", "precision", f"{unit} median (min–max)", "speed-up vs first", "top-1", "MB", "GMAC/img", "of ceiling"):
+    acc = "top-1" if all(r["top1"] is not None for r in doc["rows"]) else "top-1 / mAP50, mAP50:95"
+    for col in ("version", "precision", f"{unit} median (min–max)", "speed-up vs first", acc, "MB", "GMAC/img", "of ceiling"):
         t.add_column(col, justify="left" if col in ("version", "precision") else "right")
     for r in doc["rows"]:
         sp = r.get("speedup")
@@ -196,13 +258,17 @@ def _print(doc: dict[str, Any]) -> None:
             r["precision"],
             f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})",
             f"{sp['median']:.2f}x ({sp['min']:.2f}–{sp['max']:.2f})" if sp else "baseline",
-            f"{r['top1']:.4f} (n={r['holdout_n']})",
+            f"{r['top1']:.4f} (n={r['holdout_n']})" if r["top1"] is not None
+            else f"{r['map50']:.4f}, {r['map50_95']:.4f} (n={r['holdout_n']})",
             f"{r['size_mb']:.2f}",
             f"{r['macs_per_image'] / 1e9:.3f}",
             f"{r['efficiency']:.0%}" if "efficiency" in r else "-",
         )
     # Not a terminal (a pipe, a log): do not squeeze the table into 80 columns.
     out.print(t, width=None if out.is_terminal else 150)
+    for r in doc["rows"]:
+        if r.get("map_on"):
+            out.print(f"{r['name']}: COCO mAP (pycocotools) on {r['map_on']}, recorded in its card")
     for prec, c in doc["gemm_ceiling"].items():
         out.print(f"GEMM ceiling {prec}: {c['gmacs']:.0f} GMAC/s (n={c['best_size']})")
     m = doc["machine"]

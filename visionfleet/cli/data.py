@@ -33,10 +33,17 @@ def synth(
     noise: Annotated[float, typer.Option(help="drift: Gaussian noise std")] = 0.0,
     color_cast: Annotated[str, typer.Option(help="drift: R,G,B offsets")] = "0,0,0",
     jpeg_quality: Annotated[Optional[int], typer.Option(help="drift: re-encode as JPEG at this quality")] = None,
+    task: Annotated[str, typer.Option(help="classification (one shape per image, Parquet) | detection (several, COCO boxes)")] = "classification",
+    max_objects: Annotated[int, typer.Option(help="detection: at most this many shapes per image")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print the dataset manifest as JSON")] = False,
 ) -> None:
-    """Generate the procedural shapes dataset (train and holdout splits) as Parquet."""
+    """Generate the procedural shapes dataset (train and holdout splits): Parquet, or COCO boxes with --task detection."""
     from visionfleet.datasets.store import synthesize
+
+    if task not in ("classification", "detection"):
+        raise ValueError(f"Got {task!r} for --task; expected classification or detection")
+    if task == "detection":
+        return _synth_detection(_dest(out_path, name), n_train, n_holdout, size, seed, max_objects, as_json)
     from visionfleet.datasets.synth import Drift
 
     drift = Drift(
@@ -66,6 +73,22 @@ def synth(
         print_json({"path": str(dest), **info.__dict__})
     else:
         out.print(f"dataset {info.name}: {info.splits} at {dest}")
+
+
+def _synth_detection(dest: Path, n_train: int, n_holdout: int, size: int, seed: int, max_objects: int, as_json: bool) -> None:
+    """Detection variant: several shapes per image on cluttered backgrounds, COCO annotations per split."""
+    from visionfleet.datasets.detect import synthesize_detection
+
+    with progress() as p:
+        task = p.add_task("generating", total=n_train + n_holdout, info=str(dest))
+        manifest = synthesize_detection(
+            dest, n_train=n_train, n_holdout=n_holdout, size=size, seed=seed, max_objects=max_objects,
+            name=dest.name, progress=lambda k: p.advance(task, k),
+        )
+    if as_json:
+        print_json({"path": str(dest), **manifest})
+    else:
+        out.print(f"detection dataset {manifest['name']}: {manifest['splits']}, {manifest['params']['boxes']} boxes at {dest}")
 
 
 @app.command("import-folder")

@@ -25,7 +25,7 @@ def optimize(
         Optional[bool], typer.Option("--per-channel/--no-per-channel", help="per-channel weight scales (int8)")
     ] = None,
     max_drop: Annotated[
-        Optional[float], typer.Option(help="NNCF accuracy control: largest top-1 drop allowed, in points")
+        Optional[float], typer.Option(help="NNCF accuracy control: largest top-1 (detectors: mAP@0.5) drop allowed, in points")
     ] = None,
     prune: Annotated[float, typer.Option(help="share of MACs to remove by channel pruning (0.5 = half)")] = 0.0,
     finetune_epochs: Annotated[
@@ -131,8 +131,14 @@ def _print(result) -> None:
     head = "already registered as" if result.reused else "registered"
     out.print(f"{head} [bold]{card.ref}[/] ({card.precision}, {card.model_file}) from {card.lineage.parent}")
     t = Table("metric", "variant", "parent", show_header=True)
-    t.add_row("holdout top-1", f"{m['holdout_top1']:.4f}", f"{m['parent_holdout_top1']:.4f}")
-    t.add_row("top-1 drop (points)", f"{m['top1_drop_pt']:+.2f}", "")
+    if "holdout_map50" in m:  # a detector: COCO mAP on the holdout (pycocotools)
+        t.add_row(f"holdout mAP@0.5 (n={m['holdout_n']})", f"{m['holdout_map50']:.4f}", f"{m['parent_holdout_map50']:.4f}")
+        t.add_row("mAP@0.5 drop (points)", f"{m['map50_drop_pt']:+.2f}", "")
+        t.add_row("holdout mAP@0.5:0.95", f"{m['holdout_map50_95']:.4f}", f"{m['parent_holdout_map50_95']:.4f}")
+        t.add_row("mAP@0.5:0.95 drop (points)", f"{m['map50_95_drop_pt']:+.2f}", "")
+    else:
+        t.add_row("holdout top-1", f"{m['holdout_top1']:.4f}", f"{m['parent_holdout_top1']:.4f}")
+        t.add_row("top-1 drop (points)", f"{m['top1_drop_pt']:+.2f}", "")
     t.add_row("file size (MB)", f"{m['size_mb']:.2f}", f"{m['parent_size_mb']:.2f}")
     t.add_row("MACs / image (M)", f"{m['macs_per_image'] / 1e6:.1f}", f"{m['parent_macs_per_image'] / 1e6:.1f}")
     t.add_row(
