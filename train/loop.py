@@ -46,6 +46,12 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     init_checkpoint: str | None = None  # a model.pt to fine-tune from
+    init_weights: str | None = None  # a torch state dict of the same built-in architecture to start from
+    val_fraction: float = 0.0  # > 0: hold back this share of train (stratified) for early stopping
+    patience: int | None = None  # stop after this many epochs without a better validation top-1
+    flips: str = "dihedral"  # augmentation flips: off | horizontal | dihedral (all 8 flips and turns)
+    class_weights: tuple[float, ...] | None = None  # per-class loss weights (class imbalance)
+    plan: dict | None = None  # what train.auto chose and why, kept in the checkpoint and the card
     extra_datasets: tuple[str, ...] = ()  # more datasets whose train split joins the base
     extra_repeat: int = 1  # repeat the extra datasets' images this many times (new data is scarce)
     limit_train: int | None = None
@@ -67,6 +73,14 @@ class TrainConfig:
             raise ValueError(f"Got {self.lr} for lr; expected > 0")
         if self.extra_repeat < 1:
             raise ValueError(f"Got {self.extra_repeat} for extra_repeat; expected >= 1")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ValueError(f"Got {self.val_fraction} for val_fraction; expected 0 <= f < 0.5")
+        if self.flips not in ("off", "horizontal", "dihedral"):
+            raise ValueError(f"Got {self.flips!r} for flips; expected off, horizontal or dihedral")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"Got {self.patience} for patience; expected >= 1 or unset")
+        if self.init_checkpoint and self.init_weights:
+            raise ValueError("Got both init_checkpoint and init_weights; expected at most one starting point")
 
 
 @dataclass
@@ -136,18 +150,21 @@ def _metrics_from_stats(v, num_classes: int, labels: list[str], bins: int = 15) 
     }
 
 
-def _augment(xb, pad: int):
-    """Flips, 90-degree turns and a random translation (reflect padding)."""
+def _augment(xb, pad: int, flips: str = "dihedral"):
+    """Flips (``off``, ``horizontal`` or ``dihedral``: all 8 flips and 90-degree turns) and a
+    random translation (reflect padding)."""
     import torch
     import torch.nn.functional as F
 
     n = xb.shape[0]
-    flip = torch.rand(n, device=xb.device) < 0.5  # on the batch's device (a GPU too: bench/gpu_heavy.py)
-    xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-    flip = torch.rand(n, device=xb.device) < 0.5
-    xb = torch.where(flip[:, None, None, None], xb.flip(2), xb)
-    if xb.shape[2] == xb.shape[3] and torch.rand(()) < 0.5:
-        xb = xb.transpose(2, 3)  # with the flips above, any of the 8 dihedral turns
+    if flips != "off":
+        flip = torch.rand(n, device=xb.device) < 0.5  # on the batch's device (a GPU too: bench/gpu_heavy.py)
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+    if flips == "dihedral":
+        flip = torch.rand(n, device=xb.device) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(2), xb)
+        if xb.shape[2] == xb.shape[3] and torch.rand(()) < 0.5:
+            xb = xb.transpose(2, 3)  # with the flips above, any of the 8 dihedral turns
     if pad:
         h, w = xb.shape[2:]
         padded = F.pad(xb, (pad, pad, pad, pad), mode="reflect")
@@ -185,10 +202,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from train.checkpoint import load_checkpoint, save_checkpoint
-    from train.models import ArchSpec, build_model
+    from train.models import ArchSpec, build_model, load_init_weights
     from visionfleet.datasets.store import load_arrays, read_info
 
-    cfg = TrainConfig(**{**config["train"], "extra_datasets": tuple(config["train"]["extra_datasets"])})
+    cfg = TrainConfig(**{**config["train"], "extra_datasets": tuple(config["train"]["extra_datasets"]),
+                         "class_weights": tuple(config["train"]["class_weights"]) if config["train"].get("class_weights") else None})
     torch.set_num_threads(cfg.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -199,43 +217,66 @@ def train_loop_per_worker(config: dict) -> None:
     size = (cfg.input_size, cfg.input_size)
     info = read_info(Path(cfg.dataset))
     labels = info.labels
+    k = len(labels)
     xs, ys = [], []
-    for k, ds in enumerate((cfg.dataset, *cfg.extra_datasets)):
+    for j, ds in enumerate((cfg.dataset, *cfg.extra_datasets)):
         ds_info = read_info(Path(ds))
         if ds_info.labels != labels:
             raise ValueError(f"dataset {ds} has labels {ds_info.labels}; expected {labels}")
         x, y = load_arrays(Path(ds), "train", size, cfg.resize, shard=(rank, world), limit=cfg.limit_train)
-        repeat = cfg.extra_repeat if k > 0 else 1
+        repeat = cfg.extra_repeat if j > 0 else 1
         xs.extend([x] * repeat)
         ys.extend([y] * repeat)
-    x_train = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
-    y_train = torch.from_numpy(np.concatenate(ys))
-    x_hold, y_hold = load_arrays(Path(cfg.dataset), "holdout", size, cfg.resize, shard=(rank, world))
-    x_hold = torch.from_numpy(x_hold).permute(0, 3, 1, 2).contiguous()
-    y_hold = torch.from_numpy(y_hold)
 
     # --- model
     init_meta: dict = {}
+    init_note: dict = {}
     if cfg.init_checkpoint:
         model, init_meta = load_checkpoint(cfg.init_checkpoint)
         spec = ArchSpec.from_dict(init_meta["arch"])
         if list(init_meta["labels"]) != labels:
             raise ValueError("the checkpoint's labels differ from the dataset's")
     else:
-        spec = ArchSpec.from_dict({**cfg.arch, "num_classes": len(labels)})
+        spec = ArchSpec.from_dict({**cfg.arch, "num_classes": k})
         model = build_model(spec)
+        if cfg.init_weights:
+            init_note = load_init_weights(model, cfg.init_weights)
+    ch = spec.in_channels  # a grayscale model trains on 1 channel (the images' R = G = B)
+
+    def nchw(a: np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a[..., :ch])).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+
+    x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+    x_val = y_val = None
+    if cfg.val_fraction > 0:
+        # stratified: every class gives the same share (at least one image when it has two)
+        rng = np.random.default_rng(cfg.seed + 1000 * rank)
+        is_val = np.zeros(len(y_all), bool)
+        for c in range(k):
+            idx = np.flatnonzero(y_all == c)
+            take = int(round(len(idx) * cfg.val_fraction)) if len(idx) > 1 else 0
+            if len(idx) > 1:
+                take = max(1, take)
+            is_val[rng.choice(idx, take, replace=False)] = True
+        x_val, y_val = nchw(x_all[is_val]), torch.from_numpy(y_all[is_val])
+        x_all, y_all = x_all[~is_val], y_all[~is_val]
+    x_train, y_train = nchw(x_all), torch.from_numpy(y_all)
+    x_hold, y_hold = load_arrays(Path(cfg.dataset), "holdout", size, cfg.resize, shard=(rank, world))
+    x_hold, y_hold = nchw(x_hold), torch.from_numpy(y_hold)
+
     if cfg.init_checkpoint:
-        mean = torch.tensor(init_meta["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(init_meta["std"]).view(1, 3, 1, 1)
+        mean = torch.tensor(init_meta["mean"][:ch]).view(1, ch, 1, 1)
+        std = torch.tensor(init_meta["std"][:ch]).view(1, ch, 1, 1)
     else:
         # per-channel statistics of the training pixels, averaged over workers
         stats = torch.stack([x_train.float().mean((0, 2, 3)), x_train.float().pow(2).mean((0, 2, 3))])
         if world > 1:
             dist.all_reduce(stats)
             stats /= world
-        mean = stats[0].view(1, 3, 1, 1)
-        std = (stats[1].view(1, 3, 1, 1) - mean**2).clamp_min(1.0).sqrt()
+        mean = stats[0].view(1, ch, 1, 1)
+        std = (stats[1].view(1, ch, 1, 1) - mean**2).clamp_min(1.0).sqrt()
     model = ray.train.torch.prepare_model(model)
+    raw = model.module if hasattr(model, "module") else model
 
     local_batch = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, len(x_train) // local_batch)
@@ -246,13 +287,16 @@ def train_loop_per_worker(config: dict) -> None:
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total))
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+    if weight is not None and len(weight) != k:
+        raise ValueError(f"Got {len(weight)} class weights; expected {k} (one per label)")
 
     wandb_run = None
     if cfg.wandb and rank == 0:
         from ray.air.integrations.wandb import setup_wandb
 
         wandb_run = setup_wandb(
-            config={k: v for k, v in asdict(cfg).items() if k != "extra_datasets"},
+            config={kk: v for kk, v in asdict(cfg).items() if kk not in ("extra_datasets", "plan")},
             project=cfg.wandb_project,
             group=cfg.wandb_group or "train",
             name=config["run_id"],
@@ -265,22 +309,36 @@ def train_loop_per_worker(config: dict) -> None:
     def normalize(xb):
         return (xb.float() - mean) / std
 
-    def evaluate() -> dict:
+    def evaluate(xe, ye, confusion: bool = False) -> dict:
         model.eval()
         chunks = []
         with torch.no_grad():
-            for i in range(0, len(x_hold), 256):
-                chunks.append(F.softmax(model(normalize(x_hold[i : i + 256])), 1))
-        probs = torch.cat(chunks) if chunks else torch.zeros(0, len(labels))
-        v = _stats_vector(probs, y_hold, len(labels))
+            for i in range(0, len(xe), 256):
+                chunks.append(F.softmax(model(normalize(xe[i : i + 256])), 1))
+        probs = torch.cat(chunks) if chunks else torch.zeros(0, k)
+        v = _stats_vector(probs, ye, k)
+        nll = -torch.log(probs.gather(1, ye.view(-1, 1)).clamp_min(1e-12)).sum().double().view(1)
+        cm = torch.zeros(k * k, dtype=torch.float64)
+        if confusion:
+            cm.index_add_(0, ye * k + probs.argmax(1), torch.ones(len(ye), dtype=torch.float64))
+        v = torch.cat([v, nll, cm])
         if world > 1:
             dist.all_reduce(v)
-        return _metrics_from_stats(v, len(labels), labels)
+        m = _metrics_from_stats(v[: -1 - k * k], k, labels)
+        m["nll"] = float(v[-1 - k * k]) / max(m["n"], 1)
+        if confusion:
+            m["confusion"] = v[-k * k :].view(k, k).long().tolist()  # rows: true label, columns: predicted
+            pcs = [a for a in m["per_class"].values() if a is not None]
+            m["balanced_top1"] = sum(pcs) / max(1, len(pcs))
+        return m
 
     progress_path = Path(config["progress_path"])
     pad = max(1, cfg.input_size // 16) if cfg.augment else 0
     step = 0
     t0 = time.time()
+    best: tuple | None = None  # (val top-1, -val nll) of the best epoch
+    best_state, best_epoch, since_best = None, 0, 0
+    metrics: dict = {}
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(x_train))
@@ -289,8 +347,8 @@ def train_loop_per_worker(config: dict) -> None:
             idx = perm[i * local_batch : (i + 1) * local_batch]
             xb = normalize(x_train[idx])
             if cfg.augment:
-                xb = _augment(xb, pad)
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=cfg.label_smoothing)
+                xb = _augment(xb, pad, cfg.flips)
+            loss = F.cross_entropy(model(xb), y_train[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -299,10 +357,22 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             if rank == 0 and (step % 10 == 0 or step == total):
                 _write_progress(progress_path, {"step": step, "total": total, "epoch": epoch + 1, "loss": float(loss)})
-        metrics = evaluate()
+        # with a validation split, epochs are judged on it and the holdout is read once, at the end
+        on_val = x_val is not None
+        metrics = evaluate(x_val, y_val) if on_val else evaluate(x_hold, y_hold)
         metrics.update(
-            epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch, seconds=time.time() - t0, step=step
+            epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch, seconds=time.time() - t0, step=step,
+            split="validation" if on_val else "holdout",
         )
+        stop = False
+        if on_val:
+            score = (round(metrics["top1"], 6), -metrics["nll"])
+            if best is None or score > best:
+                best, best_epoch, since_best = score, epoch + 1, 0
+                best_state = {kk: v.detach().clone() for kk, v in raw.state_dict().items()}
+            else:
+                since_best += 1
+            stop = cfg.patience is not None and since_best >= cfg.patience  # same on every rank (all-reduced)
         if wandb_run is not None:
             wandb_run.log(
                 {
@@ -315,32 +385,51 @@ def train_loop_per_worker(config: dict) -> None:
             )
         if rank == 0:
             _write_progress(progress_path, {"step": step, "total": total, "epoch": epoch + 1, "metrics": metrics})
-        checkpoint = None
-        if rank == 0 and epoch == cfg.epochs - 1:
-            tmp = tempfile.mkdtemp(prefix="vf-ckpt-")
-            raw = model.module if hasattr(model, "module") else model
-            save_checkpoint(
-                os.path.join(tmp, CHECKPOINT_FILE),
-                raw,
-                {
-                    "arch": spec.to_dict(),
-                    "labels": labels,
-                    "input_size": [cfg.input_size, cfg.input_size],
-                    "resize": cfg.resize,
-                    "mean": mean.flatten().tolist(),
-                    "std": std.flatten().tolist(),
-                    "metrics": json.dumps(metrics),
-                    "dataset": cfg.dataset,
-                    # a pruned starting point keeps its channel counts: the loader rebuilds from them
-                    **({"pruned": init_meta["pruned"]} if init_meta.get("pruned") else {}),
-                },
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in metrics.items() if k != "per_class"} | {
-            "per_class": json.dumps(metrics["per_class"])
-        }, checkpoint=checkpoint)
+        # one report to Ray Train, at the end (per-epoch figures go to the progress file and W&B)
+        if stop:
+            break
+
+    # --- the final model: the best validation epoch's weights (or the last epoch's), judged on the holdout
+    last_epoch = metrics.get("epoch", 0)
+    val_summary = {}
+    if best_state is not None:
+        raw.load_state_dict(best_state)
+        val_summary = {"val_top1": best[0], "val_nll": -best[1], "best_epoch": best_epoch,
+                       "stopped_early": last_epoch < cfg.epochs}
+    final = evaluate(x_hold, y_hold, confusion=True)
+    final.update(epoch=last_epoch, epochs_run=last_epoch, step=step, seconds=time.time() - t0,
+                 train_loss=metrics.get("train_loss"), split="holdout", **val_summary)
+    if init_note:
+        final["init_weights"] = init_note
+    checkpoint = None
+    if rank == 0:
+        tmp = tempfile.mkdtemp(prefix="vf-ckpt-")
+        save_checkpoint(
+            os.path.join(tmp, CHECKPOINT_FILE),
+            raw,
+            {
+                "arch": spec.to_dict(),
+                "labels": labels,
+                "input_size": [cfg.input_size, cfg.input_size],
+                "resize": cfg.resize,
+                # 3 values even for a gray model: RGB input is normalized per channel, then turned to luma
+                "mean": mean.flatten().tolist() * (3 // ch),
+                "std": std.flatten().tolist() * (3 // ch),
+                "metrics": json.dumps(final),
+                "dataset": cfg.dataset,
+                **({"training": json.dumps(cfg.plan)} if cfg.plan else {}),
+                # a pruned starting point keeps its channel counts: the loader rebuilds from them
+                **({"pruned": init_meta["pruned"]} if init_meta.get("pruned") else {}),
+            },
+        )
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+    ray.train.report({kk: v for kk, v in final.items() if kk not in ("per_class", "confusion", "init_weights")} | {
+        "per_class": json.dumps(final["per_class"]),
+        "confusion": json.dumps(final["confusion"]),
+        **({"init_weights": json.dumps(init_note)} if init_note else {}),
+    }, checkpoint=checkpoint)
     if wandb_run is not None:
-        wandb_run.summary.update({"eval/top1": metrics["top1"], "eval/ece": metrics["ece"]})
+        wandb_run.summary.update({"eval/top1": final["top1"], "eval/ece": final["ece"]})
         wandb_run.finish()
 
 
@@ -375,6 +464,13 @@ def fit(
         read_info(Path(ds))
     if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint at {cfg.init_checkpoint}")
+    if cfg.init_weights:  # refuse a state dict that does not fit before any worker starts
+        from train.models import ArchSpec, build_model, load_init_weights
+
+        if not Path(cfg.init_weights).is_file():
+            raise FileNotFoundError(f"Got no file at {cfg.init_weights} for init weights; expected a torch state dict (.pt)")
+        labels = read_info(Path(cfg.dataset)).labels
+        load_init_weights(build_model(ArchSpec.from_dict({**cfg.arch, "num_classes": len(labels)})), cfg.init_weights)
     run_id = cfg.run_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     runs_dir = Path(runs_dir)
     run_dir = runs_dir / run_id
@@ -386,7 +482,8 @@ def fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": {**asdict(cfg), "extra_datasets": list(cfg.extra_datasets)},
+            "train": {**asdict(cfg), "extra_datasets": list(cfg.extra_datasets),
+                      "class_weights": list(cfg.class_weights) if cfg.class_weights else None},
             "run_id": run_id,
             "progress_path": str(progress_path),
             "wandb_dir": str(wandb_dir),
@@ -434,7 +531,9 @@ def fit(
         dest = run_dir / CHECKPOINT_FILE
         dest.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
     metrics = dict(result.metrics)
-    metrics["per_class"] = json.loads(metrics["per_class"])
+    for key in ("per_class", "confusion", "init_weights"):
+        if key in metrics:
+            metrics[key] = json.loads(metrics[key])
     if on_progress and progress_path.exists():
         on_progress(json.loads(progress_path.read_text()))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

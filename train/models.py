@@ -16,7 +16,22 @@ import torch.nn.functional as F
 
 from train.detect_models import AnchorFreeDetector
 
-__all__ = ["ArchSpec", "ResNet", "MobileNetV3", "build_model", "ARCHS", "count_params"]
+__all__ = ["ArchSpec", "ResNet", "MobileNetV3", "build_model", "ARCHS", "count_params", "infer_arch", "load_init_weights"]
+
+# ITU-R BT.601 luma: how a grayscale model sees an RGB image (exact for gray images, R = G = B)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _to_model_channels(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A 1-channel model takes 1-channel input as is and turns 3-channel input into luma.
+
+    The normalization folded in at export is per channel with equal values for a gray
+    model, so luma of normalized RGB equals normalized luma.
+    """
+    if in_channels == 1 and x.shape[1] == 3:
+        w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    return x
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,7 @@ class ArchSpec:
     depths: tuple[int, ...] = (1, 1, 1, 1)
     stem_stride: int = 2  # 1 gives a CIFAR-style stem (no downsampling at the start)
     dropout: float = 0.0
+    in_channels: int = 3  # 1: a grayscale model (its stem sees one channel; RGB input is turned to luma)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -41,10 +57,14 @@ class ArchSpec:
             raise ValueError(f"Got {self.stem_stride} for stem_stride; expected 1 or 2")
         if not self.depths or any(d < 1 for d in self.depths):
             raise ValueError(f"Got {self.depths} for depths; expected positive stage depths")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"Got {self.in_channels} for in_channels; expected 1 (grayscale) or 3 (RGB)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["depths"] = list(self.depths)
+        if d["in_channels"] == 3:  # RGB, the default: cards and checkpoints from before keep their form
+            del d["in_channels"]
         return d
 
     @classmethod
@@ -80,8 +100,9 @@ class ResNet(nn.Module):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
         w = spec.width
+        self.in_channels = spec.in_channels
         self.stem = nn.Sequential(
-            nn.Conv2d(3, w, 3, spec.stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+            nn.Conv2d(spec.in_channels, w, 3, spec.stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
         )
         stages: list[nn.Module] = []
         cin = w
@@ -95,7 +116,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
+        x = self.stages(self.stem(_to_model_channels(x, self.in_channels)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(self.dropout(x))
 
@@ -162,8 +183,9 @@ class MobileNetV3(nn.Module):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
         w = spec.width
+        self.in_channels = spec.in_channels
         self.stem = nn.Sequential(
-            nn.Conv2d(3, w, 3, spec.stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.Hardswish()
+            nn.Conv2d(spec.in_channels, w, 3, spec.stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.Hardswish()
         )
         blocks: list[nn.Module] = [InvertedResidual(w, w, w, 3, 1, True, False)]
         cin = w
@@ -182,7 +204,7 @@ class MobileNetV3(nn.Module):
         self.fc = nn.Linear(last, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.blocks(self.stem(x)))
+        x = self.head(self.blocks(self.stem(_to_model_channels(x, self.in_channels))))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(self.dropout(x))
 
@@ -198,3 +220,80 @@ def build_model(spec: ArchSpec) -> nn.Module:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ pretrained weights
+
+
+def _read_state_dict(path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the ``state_dict`` of a visionfleet ``model.pt``; never unpickles code."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same refusal
+        raise ValueError(
+            f"Got a file {path} that torch.load(weights_only=True) cannot read ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); expected a state dict saved with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
+        blob = blob["state_dict"]
+    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ValueError(
+            f"Got {type(blob).__name__} in {path}; expected a state dict (a dict of tensors) of a built-in "
+            f"architecture ({', '.join(sorted(ARCHS))})"
+        )
+    return blob
+
+
+def infer_arch(path) -> dict:
+    """The architecture fields a state dict shows: arch, width, in_channels and (ResNet) depths."""
+    sd = _read_state_dict(path)
+    stem = sd.get("stem.0.weight")
+    if stem is None or stem.ndim != 4:
+        raise ValueError(
+            f"Got a state dict without stem.0.weight (first keys: {', '.join(list(sd)[:4])}); "
+            f"expected the state dict of a built-in architecture ({', '.join(sorted(ARCHS))})"
+        )
+    out: dict = {"width": int(stem.shape[0]), "in_channels": int(stem.shape[1])}
+    if any(k.startswith("stages.") for k in sd):
+        out["arch"] = "resnet"
+        w = out["width"]
+        blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("stages.") and k.endswith("conv1.weight")})
+        stage_of = [int(round(torch.log2(torch.tensor(sd[f"stages.{b}.conv1.weight"].shape[0] / w)).item())) for b in blocks]
+        out["depths"] = [stage_of.count(i) for i in range(max(stage_of) + 1)]
+    elif any(k.startswith("blocks.") for k in sd):
+        out["arch"] = "mobilenetv3"
+    return out
+
+
+def load_init_weights(model: nn.Module, path) -> dict:
+    """Load the state dict at ``path`` into ``model``; a head of another class count is left new.
+
+    Returns ``{"loaded": n, "head_reinitialized": [keys]}``.
+
+    Raises:
+        ValueError: ``Got ...; expected ...`` listing every missing, unexpected or mis-shaped key.
+    """
+    sd = _read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    head = [k for k, _, _ in shapes if k.startswith("fc.")]
+    body = [s for s in shapes if not s[0].startswith("fc.")]
+    if missing or unexpected or body:
+        parts = []
+        if body:
+            parts.append("shape mismatches " + ", ".join(f"{k}: got {g}, expected {e}" for k, g, e in body[:12])
+                         + (f" (+{len(body) - 12} more)" if len(body) > 12 else ""))
+        if missing:
+            parts.append(f"missing keys {', '.join(missing[:12])}" + (f" (+{len(missing) - 12} more)" if len(missing) > 12 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {', '.join(unexpected[:12])}"
+                         + (f" (+{len(unexpected) - 12} more)" if len(unexpected) > 12 else ""))
+        raise ValueError(
+            f"Got a state dict in {path} that does not fit the model ({'; '.join(parts)}); expected the state dict "
+            f"of the same architecture: pass the --arch, --width, --depths and --stem-stride it was trained with "
+            f"(leave --width unset to take arch, width and depths from the file)"
+        )
+    model.load_state_dict({k: (own[k] if k in head else v) for k, v in sd.items()})
+    return {"loaded": len(sd) - len(head), "head_reinitialized": head}

@@ -45,6 +45,12 @@ def register_checkpoint(
         "holdout_ece": trained.get("ece"),
         "holdout_n": trained.get("n"),
         "per_class_top1": trained.get("per_class"),
+        "balanced_top1": trained.get("balanced_top1"),
+        # rows: true label, columns: predicted, in the order of "labels"
+        "confusion_matrix": {"labels": labels, "matrix": trained["confusion"]} if trained.get("confusion") else None,
+        "validation_top1": trained.get("val_top1"),
+        "best_epoch": trained.get("best_epoch"),
+        "epochs_run": trained.get("epochs_run"),
         **(metrics or {}),
     }
     card_metrics = {k: v for k, v in card_metrics.items() if v is not None}
@@ -91,7 +97,8 @@ def register_checkpoint(
                 parent=parent,
                 dataset=str(meta.get("dataset")) if meta.get("dataset") else None,
                 run=run_id,
-                steps=steps or [{"op": "train", "run": run_id}],
+                steps=steps or [{"op": "train", "run": run_id,
+                                 **({"training": json.loads(meta["training"])} if meta.get("training") else {})}],
             ),
             description=description,
         )

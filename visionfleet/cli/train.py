@@ -30,6 +30,13 @@ def run_training(
     wandb: bool,
     address: Optional[str],
     description: str = "",
+    flips: str = "dihedral",
+    val_fraction: float = 0.0,
+    patience: Optional[int] = None,
+    class_weights: Optional[list[float]] = None,
+    in_channels: int = 3,
+    init_weights: Optional[str] = None,
+    plan: Optional[dict] = None,
 ):
     """Train, export, register; returns ``(card, train_result)``. Ray is started if needed."""
     import ray
@@ -53,7 +60,8 @@ def run_training(
         raise ValueError(f"Got {depths!r} for --depths; expected comma-separated integers like 1,1,1,1") from None
     cfg = TrainConfig(
         dataset=str(ds),
-        arch={"arch": arch, "width": width, "depths": list(depth_t), "stem_stride": stem_stride},
+        arch={"arch": arch, "width": width, "depths": list(depth_t), "stem_stride": stem_stride,
+              **({"in_channels": in_channels} if in_channels != 3 else {})},
         input_size=input_size,
         resize=resize,
         epochs=epochs,
@@ -63,6 +71,12 @@ def run_training(
         cpus_per_worker=cpus_per_worker,
         seed=seed,
         wandb=wandb,
+        flips=flips,
+        val_fraction=val_fraction,
+        patience=patience,
+        class_weights=tuple(class_weights) if class_weights else None,
+        init_weights=init_weights,
+        plan=plan,
     )
     from train.models import ArchSpec
 
@@ -77,13 +91,15 @@ def run_training(
         def on_progress(doc: dict) -> None:
             info = f"epoch {doc.get('epoch')}/{epochs}"
             if "metrics" in doc:
-                info += f"  holdout top-1 {doc['metrics']['top1']:.3f}"
+                info += f"  {doc['metrics'].get('split', 'holdout')} top-1 {doc['metrics']['top1']:.3f}"
             elif "loss" in doc:
                 info += f"  loss {doc['loss']:.3f}"
             p.update(task, total=doc.get("total"), completed=doc.get("step", 0), info=info)
 
         result = fit(cfg, runs_dir=s.runs_dir, wandb_dir=s.home / "wandb", on_progress=on_progress)
-    err.print(f"trained in {result.seconds:.0f}s: holdout top-1 {result.metrics['top1']:.4f}, ECE {result.metrics['ece']:.4f}")
+    m = result.metrics
+    early = f", best epoch {m['best_epoch']} of {m['epochs_run']} (validation top-1 {m['val_top1']:.4f})" if "best_epoch" in m else ""
+    err.print(f"trained in {result.seconds:.0f}s: holdout top-1 {m['top1']:.4f}, ECE {m['ece']:.4f}{early}")
     size = (input_size, input_size)
     parity, _ = load_arrays(ds, "holdout", size, resize, limit=64)
     card = register_checkpoint(
@@ -93,8 +109,18 @@ def run_training(
         parity_images=parity,
         run_id=result.run_id,
         description=description,
+        steps=[{"op": "train", "run": result.run_id, **({"training": plan} if plan else {})}],
     )
     return card, result
+
+
+def _print_plan(plan) -> None:
+    from rich.table import Table
+
+    table = Table("setting", "value", "why", title="training settings", title_justify="left")
+    for key, value in plan.values.items():
+        table.add_row(key, str(value), plan.why[key])
+    err.print(table)
 
 
 @app.command()
@@ -102,15 +128,21 @@ def run_training(
 def train(
     data: Annotated[str, typer.Option(help="dataset name in the state dir, or a dataset folder")] = "synth",
     name: Annotated[str, typer.Option(help="model name to register under")] = "demo",
-    arch: Annotated[str, typer.Option(help="resnet|mobilenetv3")] = "resnet",
-    width: Annotated[int, typer.Option(help="channels of the first stage")] = 16,
-    depths: Annotated[str, typer.Option(help="blocks per stage, e.g. 2,2,2,2 for ResNet-18")] = "1,1,1,1",
-    stem_stride: Annotated[int, typer.Option(help="1 (CIFAR-style stem) or 2")] = 2,
-    input_size: Annotated[int, typer.Option(help="model input side in pixels")] = 64,
+    arch: Annotated[Optional[str], typer.Option(help="resnet|mobilenetv3 (default: resnet)")] = None,
+    width: Annotated[Optional[int], typer.Option(help="channels of the first stage (default: from the data size)")] = None,
+    depths: Annotated[Optional[str], typer.Option(help="blocks per stage, e.g. 2,2,2,2 for ResNet-18")] = None,
+    stem_stride: Annotated[Optional[int], typer.Option(help="1 (CIFAR-style stem) or 2 (default: from the input size)")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="model input side in pixels (default: from the images)")] = None,
     resize: Annotated[str, typer.Option(help="stretch|letterbox|center-crop")] = "stretch",
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 12,
-    batch_size: Annotated[int, typer.Option(help="global batch size")] = 128,
-    lr: Annotated[float, typer.Option(help="peak learning rate (one-cycle)")] = 0.2,
+    epochs: Annotated[Optional[int], typer.Option(help="most training epochs (default: from the data size)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="global batch size (default: 128, less for small data)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate, warm-up then cosine (default: 0.2 x batch/128)")] = None,
+    flips: Annotated[str, typer.Option(help="augmentation flips: auto|off|horizontal|dihedral")] = "auto",
+    grayscale: Annotated[Optional[bool], typer.Option("--grayscale/--rgb", help="1-channel model (default: when R = G = B)")] = None,
+    balance: Annotated[Optional[bool], typer.Option("--balance/--no-balance", help="class-weighted loss (default: when skewed)")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="share of train held back for early stopping (0: none)")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="epochs without a better validation top-1 before stopping")] = None,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="torch state dict (.pt) of a built-in architecture to start from")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker")] = 0.5,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -118,19 +150,58 @@ def train(
     address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: embedded local Ray)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the registered card as JSON")] = False,
 ) -> None:
-    """Train a built-in architecture with Ray Train, export it to ONNX and register it."""
+    """Train a built-in architecture with Ray Train, export it to ONNX and register it.
+
+    Settings left unset adapt to the data (train.auto): input size, model size, batch,
+    learning rate, epoch budget with early stopping on a validation split, flips,
+    grayscale and class weights. The choices are printed and kept in the card.
+    """
+    from pathlib import Path
+
+    from train.auto import plan_training
+    from visionfleet.datasets.store import resolve_dataset
+
+    ds = resolve_dataset(data, settings().ensure().datasets_dir)
+    inferred: dict = {}
+    if init_from:
+        from train.models import infer_arch
+
+        if not Path(init_from).is_file():
+            raise FileNotFoundError(f"Got no file at {init_from} for --init-from; expected a torch state dict (.pt)")
+        if width is None:  # the file tells the architecture
+            inferred = infer_arch(init_from)
+    depth_list = [int(d) for d in depths.split(",")] if depths and depths.replace(",", "").isdigit() else None
+    if depths and depth_list is None:
+        raise ValueError(f"Got {depths!r} for --depths; expected comma-separated integers like 1,1,1,1")
+    given = {"arch": arch or inferred.get("arch"), "width": width or inferred.get("width"),
+             "depths": depth_list or inferred.get("depths"), "stem_stride": stem_stride, "input_size": input_size,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "val_fraction": val_fraction, "patience": patience,
+             "grayscale": grayscale if grayscale is not None else (inferred["in_channels"] == 1 if inferred else None),
+             "balance": balance}
+    plan = plan_training(ds, given=given, flips=flips)
+    if inferred:
+        plan.why.update({k: f"from {Path(init_from).name}" for k in ("arch", "width", "depths") if k in inferred})
+    _print_plan(plan)
+    v = plan.values
     card, result = run_training(
-        dataset=data,
+        dataset=str(ds),
         model_name=name,
-        arch=arch,
-        width=width,
-        depths=depths,
-        stem_stride=stem_stride,
-        input_size=input_size,
+        arch=v["arch"],
+        width=v["width"],
+        depths=",".join(str(d) for d in v["depths"]),
+        stem_stride=v["stem_stride"],
+        input_size=v["input_size"],
         resize=resize,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
+        epochs=v["epochs"],
+        batch_size=v["batch_size"],
+        lr=v["lr"],
+        flips=v["flips"],
+        val_fraction=v["val_fraction"],
+        patience=v["patience"] if v["val_fraction"] > 0 else None,
+        class_weights=plan.data.get("class_weights") if v["balance"] else None,
+        in_channels=1 if v["grayscale"] else 3,
+        init_weights=init_from,
+        plan=plan.to_dict(),
         workers=workers,
         cpus_per_worker=cpus_per_worker,
         seed=seed,
