@@ -36,6 +36,7 @@ __all__ = [
     "OUTPUT_NAME",
 ]
 
+from edge_export.input_sizes import check_runs_at_sizes, graph_hw  # noqa: E402  (re-exported)
 from edge_export.onnx_metadata import read_metadata, write_metadata  # noqa: E402  (re-exported)
 from visionfleet.names import INPUT_NAME, OUTPUT_NAME  # noqa: E402  (re-exported)
 DEFAULT_OPSET = 18
@@ -204,44 +205,3 @@ def export_onnx(
     return ParityReport(n=sum(r.n for r in reports), max_abs_diff=max(r.max_abs_diff for r in reports),
                         top1_agreement=min(r.top1_agreement for r in reports))
 
-
-def graph_hw(path: str | os.PathLike[str]) -> tuple[int | None, int | None]:
-    """(height, width) of the uint8 NHWC ``images`` input as the graph declares it (None: dynamic)."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    vi = next((i for i in model.graph.input if i.name == INPUT_NAME), model.graph.input[0])
-    d = vi.type.tensor_type.shape.dim
-    if len(d) != 4:
-        raise ValueError(f"Got an input {vi.name!r} with {len(d)} dims; expected uint8 [N, H, W, 3]")
-
-    def one(x) -> int | None:
-        return int(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else None
-
-    return one(d[1]), one(d[2])
-
-
-def check_runs_at_sizes(path: str | os.PathLike[str], sizes: Sequence[tuple[int, int]]) -> None:
-    """Run the ONNX file with ONNX Runtime at every listed size (a batch of 2 gray images).
-
-    Raises:
-        ValueError: the graph's input has a fixed height/width another size needs, or
-            ONNX Runtime fails at a size (its message quoted), or the outputs' batch is off.
-    """
-    gh, gw = graph_hw(path)
-    for h, w in sizes:
-        if (gh is not None and gh != h) or (gw is not None and gw != w):
-            fixed = f"{gh or 'H'}x{gw or 'W'}"
-            raise ValueError(
-                f"Got size {h}x{w} for a model whose input is fixed at {fixed}; expected one size, {fixed} "
-                "(export or import it with a dynamic height and width to serve several sizes)"
-            )
-    sess = _session(Path(path))
-    name = sess.get_inputs()[0].name
-    for h, w in sizes:
-        try:
-            out = sess.run(None, {name: np.full((2, h, w, 3), 114, np.uint8)})
-        except Exception as exc:  # noqa: BLE001 - ORT raises several types; quote it
-            first = str(exc).strip().splitlines()[0][:300]
-            raise ValueError(f"Got an ONNX Runtime error at size {h}x{w}: {first}; expected the model to run at "
-                             f"every listed size") from None
-        if any(o.shape[:1] != (2,) for o in out):
-            raise ValueError(f"Got outputs {[o.shape for o in out]} at size {h}x{w}; expected a batch of 2")

@@ -18,7 +18,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -78,8 +78,12 @@ def import_checkpoint(
     *,
     images: np.ndarray | None = None,
     description: str = "",
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> ModelCard:
     """Import a state dict of a built-in architecture: load safely, export, register.
+
+    ``input_sizes`` (the default size first) exports with a dynamic height and width,
+    parity-checked at each size, and lists them on the card.
 
     Args:
         path: a ``.pt``/``.pth`` file loaded with ``torch.load(weights_only=True)``.
@@ -149,6 +153,7 @@ def import_checkpoint(
             model,
             onnx_path,
             input_size=spec.input_size,
+            input_sizes=[tuple(sz) for sz in input_sizes] if input_sizes and len(input_sizes) > 1 else None,
             mean=mean255,
             std=std255,
             metadata={
@@ -183,6 +188,7 @@ def import_checkpoint(
             task=Task.CLASSIFICATION,
             labels=list(spec.labels),
             input_size=spec.input_size,
+            input_sizes=[tuple(sz) for sz in input_sizes] if input_sizes and len(input_sizes) > 1 else [],
             resize=spec.resize,
             model_file="model.onnx",
             format="onnx",
@@ -210,13 +216,21 @@ def import_model(
     arch: Mapping[str, Any] | None = None,
     images: np.ndarray | None = None,
     description: str = "",
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> ModelCard:
-    """Import ``.onnx`` (any framework), a converted format (TorchScript, …) or a built-in architecture's .pt."""
+    """Import ``.onnx`` (any framework), a converted format (TorchScript, …) or a built-in architecture's .pt.
+
+    ``input_sizes``: serve at several sizes (``.onnx`` classifiers with a dynamic height and
+    width, and built-in architectures, exported with a dynamic height and width).
+    """
     from edge_export.importer.convert import import_converted, source_format
 
     p = check_source_file(path)
     arch = {k: v for k, v in (arch or {}).items() if v is not None}
     fmt = source_format(p)
+    if fmt is not None and input_sizes and len(input_sizes) > 1:
+        raise ValueError(f"Got --input-sizes for {p.name}, a {fmt} model; expected it only for .onnx files and "
+                         ".pt/.pth state dicts (import the converted ONNX with --input-sizes)")
     if fmt is not None:
         if arch:
             raise ValueError(
@@ -227,7 +241,8 @@ def import_model(
     if p.suffix.lower() == ".onnx":
         if arch:
             raise ValueError(f"Got {sorted(arch)} for an ONNX file; expected architecture options only with .pt/.pth")
-        return import_onnx(p, registry, name, spec, images=images, description=description)
+        return import_onnx(p, registry, name, spec, images=images, description=description, input_sizes=input_sizes)
     if not arch.get("arch"):
         raise ValueError(f"Got {p.name!r} without --arch; expected the built-in architecture (resnet or mobilenetv3)")
-    return import_checkpoint(p, registry, name, spec, arch, images=images, description=description)
+    return import_checkpoint(p, registry, name, spec, arch, images=images, description=description,
+                             input_sizes=input_sizes)

@@ -74,12 +74,14 @@ class Prediction:
         return None if self.detections is None else len(self.detections)
 
     def response(self) -> dict[str, Any]:
-        """The HTTP response's prediction fields (``/v1/predict``, batch items, the stream)."""
+        """The HTTP response's prediction fields (``/v1/predict``, batch items, the stream), with ``size`` used."""
         if self.task is Task.CLASSIFICATION:
-            return {"label": self.label, "class_id": self.class_id, "score": self.score, "probs": dict(self.probs or ()),
-                    "size": self.size}
-        return {"detections": [d.to_dict() for d in self.detections or ()], "score": self.score, "count": self.count,
-                "size": self.size}
+            out = {"label": self.label, "class_id": self.class_id, "score": self.score, "probs": dict(self.probs or ())}
+        else:
+            out = {"detections": [d.to_dict() for d in self.detections or ()], "score": self.score, "count": self.count}
+        if self.input_size is not None:  # the size the image was served at (always known on the server)
+            out["size"] = self.size
+        return out
 
     def telemetry(self) -> dict[str, Any]:
         """The prediction's fields of a telemetry event (names as in ``EVENT_FIELDS``)."""

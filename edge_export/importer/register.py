@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -99,8 +99,12 @@ def import_onnx(
     images: np.ndarray | str | os.PathLike[str] | None = None,
     description: str = "",
     conversion: Any = None,
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> ModelCard:
     """Import an ONNX model from any framework: read what the graph says, wrap, check parity, register.
+
+    ``input_sizes`` (the default size first) serves a classifier whose graph has a dynamic
+    height and width at several sizes (:func:`edge_export.input_sizes.import_at_sizes`).
 
     Args:
         path: the ``.onnx`` file (external data, if any, must sit inside its folder).
@@ -150,6 +154,11 @@ def import_onnx(
         spec = replace(spec, output=check.kind)
         found |= check.to_dict()
     wrapped, info = wrap_onnx(original, spec)
+    sizes = [tuple(sz) for sz in input_sizes or ()]
+    if len(sizes) > 1:
+        from edge_export.input_sizes import import_at_sizes
+
+        wrapped = import_at_sizes(wrapped, sizes, spec, io)  # dynamic H x W, run at every size
     wrapped_session = _ort_session(wrapped.SerializeToString(), f"the wrapped {p.name}")
     parity = check_import_parity(original_session, wrapped_session, spec, info, images, reference=raw)
     source_sha = source_sha256(p)
@@ -161,6 +170,7 @@ def import_onnx(
         "input_layout": "NHWC",
         "input_dtype": "uint8",
         "input_size": list(spec.input_size),
+        **({"input_sizes": [list(sz) for sz in sizes]} if len(sizes) > 1 else {}),
         "resize": spec.resize.value,
         "normalization": spec.preprocessing.to_dict(),
         "framework": spec.framework,
@@ -200,6 +210,7 @@ def import_onnx(
         task=spec.task,
         labels=list(spec.labels),
         input_size=spec.input_size,
+        input_sizes=sizes if len(sizes) > 1 else [],
         resize=spec.resize,
         model_file="model.onnx",
         format="onnx",

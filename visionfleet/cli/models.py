@@ -77,6 +77,8 @@ def show(
         print_json(doc)
         return
     out.print(f"[bold]{card.ref}[/]  {card.task.value}, {len(card.labels)} classes, input {card.input_size[0]}x{card.input_size[1]} ({card.resize.value}), {card.precision}")
+    if len(card.sizes) > 1:
+        out.print("serves at: " + ", ".join(f"{h}x{w}" for h, w in card.sizes) + " (the first is the default)")
     out.print(f"labels: {', '.join(card.labels[:20])}{' …' if len(card.labels) > 20 else ''}")
     out.print(f"files: " + ", ".join(f"{f.name} ({f.bytes / 1e6:.2f} MB)" for f in card.files))
     out.print("metrics: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in card.metrics.items() if not isinstance(v, dict)))
@@ -112,6 +114,16 @@ def _parse_size(text: str) -> tuple[int, int]:
     if len(vals) != 2 or min(vals) <= 0:
         raise ValueError(f"Got {text!r} for --input-size; expected HEIGHTxWIDTH such as 224x224 (or one number)")
     return vals[0], vals[1]
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``--input-sizes 224x224,320x320``: distinct HEIGHTxWIDTH sizes, the default first."""
+    from visionfleet.imaging import parse_size
+
+    sizes = [parse_size(part, "--input-sizes") for part in text.split(",") if part.strip()]
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise ValueError(f"Got {text!r} for --input-sizes; expected distinct sizes such as 224x224,320x320")
+    return sizes
 
 
 def _parse_per_channel(text: str, flag: str) -> tuple[float, ...]:
@@ -153,6 +165,14 @@ def import_(
     input_size: Annotated[
         Optional[str],
         typer.Option("--input-size", help="model input HEIGHTxWIDTH, e.g. 224x224 (default: the model's fixed size)"),
+    ] = None,
+    input_sizes: Annotated[
+        Optional[str],
+        typer.Option(
+            "--input-sizes",
+            help="serve at several sizes, HxW,HxW,… the default first (a dynamic height and width: .onnx "
+            "classifiers; .pt checkpoints are exported so). See docs/serving.md",
+        ),
     ] = None,
     task: Annotated[str, typer.Option(help="classification | detection")] = "classification",
     mean: Annotated[
@@ -290,6 +310,16 @@ def import_(
     if task != "detection" and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ValueError(f"Got {flags} for task {task!r}; expected them only with --task detection")
+    sizes = _parse_sizes(input_sizes) if input_sizes is not None else None
+    if sizes is not None:
+        if input_size is None:
+            input_size = f"{sizes[0][0]}x{sizes[0][1]}"
+        elif _parse_size(input_size) != sizes[0]:
+            raise ValueError(f"Got --input-size {input_size} and --input-sizes {input_sizes}; expected --input-size to "
+                             "be the first of --input-sizes (the default), or left out")
+        if from_python is not None and len(sizes) > 1:
+            raise ValueError("Got --input-sizes with --from-python; expected one size (import the exported ONNX with "
+                             "--input-sizes)")
     outputs_kind: Optional[str] = outputs_are
     if is_checkpoint:
         # A built-in architecture is what "auto" reads: RGB, NCHW, float32, logits; only
@@ -341,7 +371,8 @@ def import_(
         card = import_python(from_python, _registry(), name, spec, weights=weights, images=images,
                              description=description)
     else:
-        card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description)
+        card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description,
+                            input_sizes=sizes)
     if as_json:
         print_json(card.model_dump(mode="json"))
         return
@@ -350,6 +381,8 @@ def import_(
         f"registered [bold]{card.ref}[/]: {card.task.value}, {len(card.labels)} labels, input "
         f"{card.input_size[0]}x{card.input_size[1]} ({card.resize.value}), {card.precision}, from {card.framework}"
     )
+    if len(card.sizes) > 1:
+        out.print("serves at " + ", ".join(f"{h}x{w}" for h, w in card.sizes) + " (dynamic height and width)")
     agreement = parity.get("agreement", parity.get("top1_agreement"))
     out.print(
         f"parity on {parity.get('n')} images: max |diff| {parity.get('max_abs_diff', 0):.2e}, "
