@@ -27,6 +27,7 @@ from visionfleet.spec import Task
 CPU = RuntimeOptions(threads=1, providers=("CPUExecutionProvider",))
 LABELS = ("cat", "dog", "bird")
 VF = str(Path(sys.executable).parent / "visionfleet")
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Net(torch.nn.Module):
@@ -205,27 +206,30 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "proj"
 
 
-def test_from_python_module_with_weights_is_exported_and_checked(tmp_path: Path, user_package: Path) -> None:
+def test_from_python_docs_example_with_weights_is_exported_and_checked(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from edge_export.importer.convert_torch import load_python_module
 
+    # The module docs/model-import.md shows, imported from its folder as the doc's command does.
+    monkeypatch.chdir(REPO / "docs" / "examples")
+    monkeypatch.delitem(sys.modules, "from_python_model", raising=False)
     torch.manual_seed(3)
-    trained = load_python_module("mymodels.zoo:build")().eval()  # "trained": weights of its own, saved below
+    trained = load_python_module("from_python_model:build")()[0].eval()  # "trained": weights of its own
     weights = tmp_path / "tiny.pt"
     torch.save(trained.state_dict(), weights)
     reg = Registry(tmp_path / "reg")
-    s = spec(size=None)
-    card = import_python("mymodels.zoo:with_example", reg, "tiny", s, weights=weights)
+    card = import_python("from_python_model:build", reg, "tiny", spec(size=None), weights=weights)
     convert = card.lineage.steps[0]
-    assert convert["format"] == "pytorch-module" and convert["source"] == "mymodels.zoo:with_example"
+    assert convert["format"] == "pytorch-module" and convert["source"] == "from_python_model:build"
     assert "torch.export-based, dynamo=True" in convert["converter"]
     assert convert["example_input"]["shape"] == [2, 3, 24, 40]
     assert convert["sha256"] and any("weights_only=True" in n for n in convert["notes"])
-    assert card.input_size == (24, 40) and card.lineage.steps[1]["output_kind"] == "probs"  # measured: softmax inside
+    assert card.input_size == (24, 40) and card.lineage.steps[1]["output_kind"] == "logits"  # measured
     loaded = load_model_dir(reg.local_dir("tiny", 1), CPU)
     images = imp.sample_images((24, 40), imp.ResizeMode.STRETCH, n=4, seed=2)
-    with torch.no_grad():
-        want = trained(torch.from_numpy(imp.Preprocessing(mean=(0.5,), std=(0.25,)).apply(images))).numpy()
-    np.testing.assert_allclose(loaded.run(images)[0], want, atol=1e-5)  # the trained weights, not fresh ones
+    pre = imp.Preprocessing(mean=(0.5,), std=(0.25,))
+    # The trained weights, not the fresh ones build() makes.
+    np.testing.assert_allclose(loaded.run(images)[0], probs_by_torch(trained, images, pre), atol=1e-5)
 
 
 def test_from_python_refusals_say_what_was_found_and_what_is_expected(tmp_path: Path, user_package: Path) -> None:

@@ -383,11 +383,20 @@ def import_(
     )
     if len(card.sizes) > 1:
         out.print("serves at " + ", ".join(f"{h}x{w}" for h, w in card.sizes) + " (dynamic height and width)")
+    steps = card.lineage.steps
+    if steps and steps[0].get("op") == "convert":
+        conv = steps[0]["conversion_parity"]
+        runtimes = conv.get("runtimes", "the source runtime vs onnxruntime")
+        out.print(f"converted from {steps[0]['format']} ({steps[0]['converter']}): {runtimes} max |diff| "
+                  f"{conv['max_abs_diff']:.2e} on {conv['n']} images")
     agreement = parity.get("agreement", parity.get("top1_agreement"))
     out.print(
         f"parity on {parity.get('n')} images: max |diff| {parity.get('max_abs_diff', 0):.2e}, "
         f"agreement {agreement:.2%}"
     )
+    head = next((st["head"] for st in card.lineage.steps if isinstance(st.get("head"), dict)), None)
+    if head:
+        out.print(f"head: {head['kind']}, {head['family']}; added: {head['import_added']}")
     pre = card.preprocessing
     read = pre.get("read_from_model")
     if read:
