@@ -14,7 +14,10 @@ wrapper graph around the unchanged original. One job per module:
 * :mod:`.wrap` — the wrapper graph (preprocessing in, probabilities or decoded boxes out);
 * :mod:`.reference` — the original run by hand (numpy), logits or probabilities, the parity check;
 * :mod:`.samples` — real images for that check;
-* :mod:`.register` — :func:`import_onnx`: all of the above, then the card and the registry.
+* :mod:`.register` — :func:`import_onnx`: all of the above, then the card and the registry;
+* :mod:`.convert` — other formats converted to ONNX first (:func:`.convert.convert_to_onnx`, by
+  what the file is), parity-checked against their own runtime; :mod:`.convert_torch` holds the
+  TorchScript and ``--from-python`` (``nn.Module``) converters.
 
 A PyTorch checkpoint of a built-in architecture is imported by ``train.checkpoint_import``
 (``edge_export`` never imports ``train``), which also holds ``import_model``, the
@@ -30,12 +33,28 @@ from edge_export.importer.reference import (
     reference_detections,
     run_original,
 )
+from edge_export.importer.convert import (
+    ConversionInfo,
+    ConversionParityError,
+    convert_to_onnx,
+    import_converted,
+    import_python,
+    source_format,
+)
 from edge_export.importer.register import card_preprocessing, import_onnx, source_sha256
-from edge_export.importer.resolve import GraphIO, normalize_dynamic_dims, read_dim, resolve_spec
+from edge_export.importer.resolve import (
+    DetectionHead,
+    GraphIO,
+    normalize_dynamic_dims,
+    read_dim,
+    resolve_detection_head,
+    resolve_spec,
+)
 from edge_export.importer.safe_load import CHECKPOINT_SUFFIXES, check_source_file, load_onnx_safely
 from edge_export.importer.samples import load_sample_images, sample_images
 from edge_export.importer.spec import (
     GRAY_WEIGHTS,
+    BoxFormat,
     ChannelOrder,
     DetectionOptions,
     HeadLayout,
@@ -60,6 +79,15 @@ __all__ = [
     "PixelScale",
     "OutputKind",
     "HeadLayout",
+    "BoxFormat",
+    "DetectionHead",
+    "resolve_detection_head",
+    "ConversionInfo",
+    "ConversionParityError",
+    "convert_to_onnx",
+    "import_converted",
+    "import_python",
+    "source_format",
     "Preprocessing",
     "DetectionOptions",
     "ImportSpec",
