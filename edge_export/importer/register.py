@@ -86,7 +86,11 @@ def card_preprocessing(
             post = {"head": head.kind.value, "decode": f"{head.kind.value} ({head.box_format.value} boxes)",
                     "nms": "in the model (kept; score threshold and top-K only)" if head.nms_in_model
                     else "onnx NonMaxSuppression"}
-        d["postprocessing"] = {**post, **spec.detection.to_dict()}
+        settings = spec.detection.to_dict()
+        if head is not None and head.nms_in_model:
+            # The model's own NMS ran with its own settings; ours do not apply.
+            settings = {k: v for k, v in settings.items() if k not in ("iou_threshold", "class_agnostic")}
+        d["postprocessing"] = {**post, **settings}
     return d
 
 

@@ -200,6 +200,7 @@ class DetectionHead:
     rows: int | None  # anchors (decoded heads) or rows (heads that already ran NMS); None: dynamic
     box_format: BoxFormat
     picked_by: str
+    metadata: tuple[tuple[str, str], ...] = ()  # what the exporter's own metadata said about the head
 
     @property
     def nms_in_model(self) -> bool:
@@ -217,6 +218,7 @@ class DetectionHead:
             if self.nms_in_model
             else "box decode, NonMaxSuppression, top-K",
             "picked_by": self.picked_by,
+            **({"from_metadata": dict(self.metadata)} if self.metadata else {}),
         }
 
 
@@ -321,6 +323,10 @@ def resolve_detection_head(model: onnx.ModelProto, spec: ImportSpec) -> Detectio
     assert opts is not None
     _refuse_plugins(model)
     n_cls = len(spec.labels)
+    meta = {p.key: p.value for p in model.metadata_props}
+    from_meta: list[tuple[str, str]] = []
+    if meta.get("description"):
+        from_meta.append(("description", meta["description"][:200]))
     outputs = list(model.graph.output)
     names = [o.name for o in outputs]
     cands, picked = outputs, ("only output" if len(outputs) == 1 else "shape")
@@ -356,12 +362,16 @@ def resolve_detection_head(model: onnx.ModelProto, spec: ImportSpec) -> Detectio
                 )
             dims = tensor_dims(single[0])
             widths = (4 + n_cls, 5 + n_cls)
+            said = meta.get("end2end")  # Ultralytics writes end2end True/False into the file's metadata
             # [N, K, 6] rows; a [N, 4 + C, 6] output stays a channels-first head of 6 anchors (as before
             # end-to-end heads were known), so only a 6 that could be a YOLO feature axis is ambiguous; a
             # square [N, 6, 6] is no head auto can tell.
             e2e = (len(dims) == 3 and dims[2] == 6 and opts.objectness is not True and dims[1] not in widths
                    and dims[1] != 6)
             yolo = len(dims) == 3 and dims[2] in widths
+            if said in ("True", "False") and len(dims) == 3 and dims[2] == 6:
+                e2e, yolo = said == "True", said == "False"
+                from_meta.append(("end2end", said))
             if e2e and yolo:
                 raise ValueError(
                     f"Got a detection output {single[0].name!r} of shape {fmt_dims(dims)} for {n_cls} labels: it reads "
@@ -420,6 +430,11 @@ def resolve_detection_head(model: onnx.ModelProto, spec: ImportSpec) -> Detectio
     if kind is HeadLayout.END_TO_END and not _is_float(found[0].type.tensor_type.elem_type):
         raise ValueError(f"Got a non-float end-to-end output {found[0].name!r}; expected float32 or float16 rows")
     boxes = found[1] if kind is HeadLayout.NMS_OUTPUTS else found[0]
+    if kind in NMS_IN_MODEL and opts.class_agnostic:
+        raise ValueError(
+            f"Got --class-agnostic for an {kind.value} head, whose NMS is already inside the model; expected it only "
+            "for heads the import runs NMS on (leave it out)"
+        )
     return DetectionHead(
         kind=kind,
         outputs=tuple(o.name for o in found),
@@ -428,6 +443,7 @@ def resolve_detection_head(model: onnx.ModelProto, spec: ImportSpec) -> Detectio
         rows=rows,
         box_format=_box_format(kind, opts, boxes),
         picked_by=picked,
+        metadata=tuple(from_meta),
     )
 
 

@@ -194,6 +194,24 @@ def test_an_end_to_end_shape_that_also_reads_as_a_yolo_head_is_refused_until_nam
     assert info.head_layout is imp.HeadLayout.CHANNELS_FIRST
 
 
+def test_ultralytics_end2end_metadata_settles_the_shape_and_class_agnostic_is_refused(tmp_path: Path) -> None:
+    # Ultralytics writes str(end2end) into the file's metadata: it says which of the two readings is meant.
+    for said, kind in (("True", imp.HeadLayout.END_TO_END), ("False", imp.HeadLayout.ANCHORS_FIRST)):
+        model = graph([("output0", e2e_rows(), None, F32)],
+                      meta={"description": "Ultralytics YOLO26n model", "end2end": said, "task": "detect"})
+        _, info = imp.wrap_onnx(model, spec(labels=("a", "b")))
+        assert info.head_layout is kind and info.head is not None
+        assert info.head.to_dict()["from_metadata"] == {"description": "Ultralytics YOLO26n model", "end2end": said}
+    with pytest.raises(ValueError) as err:
+        imp.wrap_onnx(graph([("output0", e2e_rows(), None, F32)]), spec(class_agnostic=True))
+    assert str(err.value).startswith("Got --class-agnostic for an end-to-end head, whose NMS is already inside the "
+                                     "model; expected it only for heads the import runs NMS on")
+    src = tmp_path / "e2e.onnx"
+    onnx.save(graph([("output0", e2e_rows(), None, F32)]), str(src))
+    post = imp.import_onnx(src, Registry(tmp_path / "reg"), "e2e", spec()).preprocessing["postprocessing"]
+    assert "iou_threshold" not in post and "class_agnostic" not in post and post["score_threshold"] == 0.25
+
+
 def nms_outputs(num: int, names=("num_dets", "det_boxes", "det_scores", "det_classes")) -> onnx.ModelProto:
     rows = e2e_rows()[0]
     rows[5] = [50, 50, 60, 60, 0.95, 2]  # past num_dets: not a detection, however high its score
