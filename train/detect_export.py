@@ -328,14 +328,23 @@ def export_ultralytics_style(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     h, w = input_size
     module = _UltralyticsStyle(core.eval(), mean, std, (h, w)).eval()
-    # The TorchScript exporter, opset 17 and a dynamic batch axis: what `yolo export format=onnx dynamic=True` runs.
+    # The TorchScript exporter, opset 17, a dynamic batch: what `yolo export format=onnx dynamic=True` runs.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, (torch.zeros((1, 3, h, w)),), str(out_path), input_names=["images"], output_names=["output0"],
             dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}}, opset_version=17, dynamo=False,
         )
-    onnx.checker.check_model(onnx.load(str(out_path)))
+    proto = onnx.load(str(out_path))
+    # The tracer leaves the output's feature and anchor dims unknown; at a fixed input size they are
+    # [batch, 4 + C, A], as Ultralytics' files state them.
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    n_anchors = len(grid_points(h, w))
+    for d, v in zip(list(dims)[1:], (4 + int(core.num_classes), n_anchors)):
+        d.Clear()
+        d.dim_value = v
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(out_path))
     if check_images is not None:
         x = check_images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         got = _session(out_path).run(None, {"images": x})[0]

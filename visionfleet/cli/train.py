@@ -128,7 +128,7 @@ def _print_plan(plan) -> None:
 def train(
     data: Annotated[str, typer.Option(help="dataset name in the state dir, or a dataset folder")] = "synth",
     name: Annotated[str, typer.Option(help="model name to register under")] = "demo",
-    arch: Annotated[Optional[str], typer.Option(help="resnet|mobilenetv3 (default: resnet)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="resnet|mobilenetv3|anchorfree (default: resnet; anchorfree for detection data)")] = None,
     width: Annotated[Optional[int], typer.Option(help="channels of the first stage (default: from the data size)")] = None,
     depths: Annotated[Optional[str], typer.Option(help="blocks per stage, e.g. 2,2,2,2 for ResNet-18")] = None,
     stem_stride: Annotated[Optional[int], typer.Option(help="1 (CIFAR-style stem) or 2 (default: from the input size)")] = None,
@@ -162,6 +162,14 @@ def train(
     from visionfleet.datasets.store import resolve_dataset
 
     ds = resolve_dataset(data, settings().ensure().datasets_dir)
+    from visionfleet.datasets.detect import is_detection_dataset
+
+    if is_detection_dataset(ds) or arch == "anchorfree":  # boxes: the built-in detector (docs/detection.md)
+        from visionfleet.cli._detect import train_detector
+
+        return train_detector(ds, name=name, arch=arch, width=width, input_size=input_size, resize=resize, epochs=epochs,
+                              batch_size=batch_size, lr=lr, workers=workers, cpus_per_worker=cpus_per_worker,
+                              seed=seed, address=address, as_json=as_json)
     inferred: dict = {}
     if init_from:
         from train.models import infer_arch
