@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_events", "write_loop_report"]
+__all__ = ["load_events", "write_loop_report", "confusion_png", "model_quality_html", "write_model_report"]
 
 _MARKERS = {
     "degraded": ("#d62728", "drift / degradation detected"),
@@ -76,6 +76,76 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def confusion_png(labels: list[str], matrix: list[list[int]], title: str = "") -> str:
+    """The confusion matrix (rows: true label, columns: predicted) as a base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=float)
+    rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+    k = len(labels)
+    side = min(9.0, 2.2 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true label")
+    ax.set_title(title or "held-out confusion matrix (counts; colour: share of the true label)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def model_quality_html(cards: list[Any]) -> str:
+    """Per-class accuracy and the confusion matrix of each card that has them (trained here)."""
+    parts = []
+    for card in cards:
+        metrics = card.metrics or {}
+        cm = metrics.get("confusion_matrix")
+        per_class = metrics.get("per_class_top1") or {}
+        if not cm and not per_class:
+            continue
+        ref = f"{card.name}:{card.version}"
+        head = (f"<h3>{html.escape(ref)}</h3><p>holdout top-1 {metrics.get('holdout_top1', float('nan')):.4f}"
+                + (f", balanced {metrics['balanced_top1']:.4f}" if metrics.get("balanced_top1") is not None else "")
+                + f" on {metrics.get('holdout_n', '?')} images</p>")
+        rows = "".join(f"<tr><td>{html.escape(str(lab))}</td><td>{'-' if acc is None else f'{acc:.4f}'}</td></tr>"
+                       for lab, acc in per_class.items())
+        table = f"<table><tr><th>class</th><th>accuracy</th></tr>{rows}</table>" if rows else ""
+        img = (f'<img src="data:image/png;base64,{confusion_png(cm["labels"], cm["matrix"], f"{ref}: held-out confusion matrix")}" '
+               f'alt="confusion matrix of {html.escape(ref)}" style="max-width:560px">') if cm else ""
+        parts.append(head + f'<div style="display:flex;gap:2em;align-items:flex-start">{table}{img}</div>')
+    return "".join(parts)
+
+
+def write_model_report(card: Any, out: Path) -> Path:
+    """One HTML page for a trained version: its training choices, per-class accuracy, confusion matrix."""
+    steps = [s for s in (card.lineage.steps or []) if s.get("op") == "train"]
+    plan = (steps[0].get("training") or {}) if steps else {}
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td><td>{html.escape(str(plan.get('why', {}).get(k, '')))}</td></tr>"
+                   for k, v in (plan.get("chosen") or {}).items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(card.name)}:{card.version}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+table{{border-collapse:collapse;margin:1em 0}}</style></head><body>
+<h1>{html.escape(card.name)}:{card.version}</h1>
+{model_quality_html([card]) or '<p>no per-class figures in this card</p>'}
+<h2>Training settings</h2><table><tr><th>setting</th><th>value</th><th>why</th></tr>{rows or '<tr><td colspan=3>not recorded</td></tr>'}</table>
+</body></html>"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
 
 
 def _timeline(home: Path) -> list[dict[str, Any]]:
@@ -169,6 +239,20 @@ def write_loop_report(home: Path, out: Path, *, model: str | None = None, window
         acc = np.mean([a == b for a, b in lab]) if lab else float("nan")
         per_version.append(f"<tr><td>{m}:{v}</td><td>{int(sel.sum())}</td><td>{ev['confidence'][sel].astype(float).mean():.4f}</td>"
                            f"<td>{len(lab)}</td><td>{'-' if np.isnan(acc) else f'{acc:.4f}'}</td></tr>")
+    quality = ""
+    try:  # the held-out quality of each version seen, from its card (trained versions have it)
+        from visionfleet.registry import Registry
+
+        reg = Registry(home / "registry")
+        cards = []
+        for m, v in versions:
+            try:
+                cards.append(reg.card(m, v))
+            except Exception:  # noqa: BLE001 - a version without a readable card just has no section
+                continue
+        quality = model_quality_html(cards)
+    except OSError:
+        quality = ""
     extra_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in (extra or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>visionfleet closed loop</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
@@ -178,6 +262,7 @@ table{{border-collapse:collapse;margin:1em 0}}code{{font-size:11px}}</style></he
 {'<h2>Figures</h2><table>' + extra_rows + '</table>' if extra_rows else ''}
 <img src="data:image/png;base64,{plot}" alt="confidence and accuracy per version" style="max-width:100%">
 <h2>Per version</h2><table><tr><th>version</th><th>predictions</th><th>mean confidence</th><th>labeled</th><th>accuracy (labeled)</th></tr>{''.join(per_version)}</table>
+{'<h2>Held-out quality per version</h2>' + quality if quality else ''}
 <h2>Timeline of the retraining controller</h2><table><tr><th>time</th><th>since start</th><th>event</th><th>details</th></tr>{''.join(rows) or '<tr><td colspan=4>no events</td></tr>'}</table>
 <h2>Experiments</h2><table><tr><th>name</th><th>arms</th><th>status</th><th>decision</th></tr>{''.join(exp_rows) or '<tr><td colspan=4>none</td></tr>'}</table>
 </body></html>"""

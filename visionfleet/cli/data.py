@@ -128,6 +128,31 @@ def import_folder(
         err.print(f"[yellow]… and {len(skipped) - 20} more skipped[/]")
 
 
+@app.command("import-builtin")
+@cli_errors
+def import_builtin_cmd(
+    dataset: Annotated[str, typer.Argument(help="lfw-faces | elpv | digits (real images shipped in PyPI wheels)")],
+    name: Annotated[Optional[str], typer.Option(help="dataset name (default: the built-in's name)")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="dataset folder to create")] = None,
+    holdout_fraction: Annotated[float, typer.Option(help="share of images held out (a stable hash of each id)")] = 0.25,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Import a real image dataset that ships inside a package (the `datasets` extra)."""
+    from visionfleet.datasets.builtin import BUILTIN, import_builtin
+
+    if dataset not in BUILTIN:
+        raise ValueError(f"Got {dataset!r} for the built-in dataset; expected one of {', '.join(sorted(BUILTIN))}")
+    dest = _dest(out_path, name or dataset)
+    with progress() as p:
+        task = p.add_task("importing", total=None, info=f"{dataset}: {BUILTIN[dataset].summary}")
+        info = import_builtin(dataset, dest, holdout_fraction=holdout_fraction, progress=lambda k: p.advance(task, k))
+    if as_json:
+        print_json({"path": str(dest), **info.__dict__})
+        return
+    out.print(f"dataset {info.name}: {len(info.labels)} classes {info.labels}, {info.splits} at {dest} "
+              f"(from {BUILTIN[dataset].package}; licence {BUILTIN[dataset].licence})")
+
+
 @app.command("list")
 @cli_errors
 def list_(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:

@@ -143,6 +143,7 @@ def train(
     val_fraction: Annotated[Optional[float], typer.Option(help="share of train held back for early stopping (0: none)")] = None,
     patience: Annotated[Optional[int], typer.Option(help="epochs without a better validation top-1 before stopping")] = None,
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="torch state dict (.pt) of a built-in architecture to start from")] = None,
+    report: Annotated[Optional[str], typer.Option("--report", help="write an HTML page: settings, per-class accuracy, confusion matrix")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker")] = 0.5,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -216,6 +217,10 @@ def train(
         wandb=wandb,
         address=address,
     )
+    if report:
+        from visionfleet.report import write_model_report
+
+        err.print(f"report: {write_model_report(card, Path(report))}")
     if as_json:
         print_json(card.model_dump(mode="json"))
     else:
