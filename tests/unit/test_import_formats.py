@@ -290,6 +290,8 @@ def test_cli_refusals_for_from_python_and_formats(tmp_path: Path, user_package: 
         ([str(ts)], "Got no --input-size for the TorchScript model net.pt; expected HEIGHTxWIDTH"),
         (["--from-python", "mymodels.zoo:build", "--arch", "resnet", "--input-size", "32"],
          "Got --arch/--width/--depths/--stem-stride with --from-python; expected none"),
+        (["--from-python", "mymodels.zoo:build", "--input-sizes", "32x32,48x48"],
+         "Got --input-sizes with --from-python; expected one size"),
     ]:
         r = CliRunner().invoke(app, [*base, *args])
         text = " ".join(r.output.split())
