@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 
-from visionfleet.imaging import resize_image
+from visionfleet.imaging import choose_size, resize_image
 from visionfleet.inference import LoadedModel
 from visionfleet.offline import result_rows
 from visionfleet.spec import Task
@@ -510,7 +510,9 @@ def infer_video(
     t0 = time.perf_counter()
     try:
         frames = iter_frames(path, sampling, on_seen=count, allow_truncated=True)
-        for group, pixels, infos in _prefetch(_batches(frames, tuple(card.input_size), card.resize, batch_size), 2):
+        # A video has one frame size: every frame goes to the card's size nearest it (choose_size).
+        size = choose_size(card.sizes, (info.height, info.width) if info.width and info.height else None)
+        for group, pixels, infos in _prefetch(_batches(frames, size, card.resize, batch_size), 2):
             outputs = model.run(pixels)
             rows = result_rows(card, outputs, infos, top_k=top_k)
             for (index, ts), row in zip(group, rows):

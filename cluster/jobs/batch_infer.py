@@ -287,9 +287,10 @@ def _decode(
 
     prep = preprocess_encoded(list(batch[image_column]), card, max_pixels=max_pixels)
     infos = [i or ResizeInfo(1.0, 1.0, 0.0, 0.0, 0, 0) for i in prep.infos]
-    if len(set(prep.sizes)) <= 1:
+    if len(card.sizes) == 1:
         pixels = prep.pixels
-    else:  # images at several of the card's sizes: a ragged column (Ray Data's variable-shaped tensors)
+    else:  # a card with several sizes: always a ragged column (Ray Data's variable-shaped tensors), so every block
+        # has the same column type whatever sizes its images went to
         pixels = np.empty(len(prep.images), dtype=object)
         pixels[:] = list(prep.images)
     out: dict[str, np.ndarray] = {

@@ -55,7 +55,7 @@ def predict(
 def _local(data: bytes, model: Optional[str], top_k: int) -> dict:
     import time
 
-    from visionfleet.imaging import load_for_model
+    from visionfleet.imaging import preprocess
     from visionfleet.inference import RuntimeOptions, load_model_dir
     from visionfleet.predict import predictions
     from visionfleet.registry import Registry
@@ -65,7 +65,7 @@ def _local(data: bytes, model: Optional[str], top_k: int) -> dict:
     resolved = reg.resolve(model or "demo")
     loaded = load_model_dir(reg.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=2))
     t0 = time.perf_counter()
-    img, info = load_for_model(data, loaded.card.input_size, loaded.card.resize, max_pixels=s.max_pixels)
+    img, info = preprocess(data, loaded.card.sizes, loaded.card.resize, max_pixels=s.max_pixels)  # nearest size
     (pred,) = predictions(loaded.card, loaded.run(img[None]), [info], top_k=top_k)
     return {
         "model": resolved.name,
