@@ -35,8 +35,8 @@ def check_source_file(path: str | os.PathLike[str]) -> Path:
     if suffix not in (".onnx", *CHECKPOINT_SUFFIXES, *CONVERTED_SUFFIXES):
         others = "".join(f", {s}" for s in CONVERTED_SUFFIXES)
         raise ValueError(
-            f"Got {p.name!r}; expected a .onnx model or a .pt/.pth PyTorch state dict (or a TorchScript archive: "
-            f".pt, .pth{others}; pickles and TensorRT engines are refused)"
+            f"Got {p.name!r}; expected a .onnx model or a .pt/.pth PyTorch state dict (or a format converted on "
+            f"import: a .pt/.pth TorchScript archive{others}; pickles and TensorRT engines are refused)"
         )
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")

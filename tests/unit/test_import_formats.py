@@ -151,7 +151,8 @@ def test_torchscript_refusals_say_what_was_found_and_what_is_expected(tmp_path: 
         convert_to_onnx(wrong, spec())
     (tmp_path / "model.h5").write_bytes(b"\x89HDF")
     with pytest.raises(ValueError, match=r"Got 'model.h5'; expected a .onnx model or a .pt/.pth PyTorch state dict "
-                                         r"\(or a TorchScript archive: .pt, .pth, .torchscript, .ts"):
+                                         r"\(or a format converted on import: a .pt/.pth TorchScript archive, "
+                                         r".torchscript, .ts"):
         imp.check_source_file(tmp_path / "model.h5")
     state = tmp_path / "state.pt"
     torch.save(Net().state_dict(), state)
