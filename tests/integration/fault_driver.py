@@ -6,7 +6,8 @@
 Each scenario keeps an open-loop load running (``--rate`` requests per second) while a
 fault happens, and reports sent / failed requests, status counts and the latency blip.
 ``remove-node`` builds a multi-node cluster with ``ray.cluster_utils.Cluster``; the
-others use one local node. Prints one JSON document.
+others use one local node, or that cluster too with ``--one-cluster`` (one Ray start and
+one deploy for every scenario; remove-node runs last). Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+_T0 = time.monotonic()
+
+
+def _log(msg: str) -> None:
+    """A timestamped progress line on stderr (seconds since the driver started)."""
+    print(f"[fault_driver {time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 class Load:
@@ -100,7 +107,7 @@ class Load:
                 "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": float(lat.max()) if lat.size else float("nan")}
 
 
-def _deploy(home: Path, model: str, replicas: int, per_node: int | None, port: int) -> None:
+def _deploy(home: Path, model: str, replicas: int, per_node: int | None, port: int, health_check_period_s: float = 2.0) -> None:
     from ray import serve
 
     from serve_apps.config import AppConfig, IngressConfig, ReplicaConfig
@@ -111,16 +118,24 @@ def _deploy(home: Path, model: str, replicas: int, per_node: int | None, port: i
         AppConfig(home=str(home), default_model=model, admin_token="faults",
                   ingress=IngressConfig(num_cpus=0.1, max_in_flight=64, request_timeout_s=10.0),
                   replica=ReplicaConfig(num_replicas=replicas, num_cpus=0.2, ort_threads=1, max_queued_requests=32,
-                                        health_check_period_s=2.0, max_replicas_per_node=per_node)),
+                                        health_check_period_s=health_check_period_s, max_replicas_per_node=per_node)),
         http={"host": "127.0.0.1", "port": port},
     )
 
 
 def _replica_pids() -> list[int]:
+    """This driver's ModelReplica processes (descendants of this process: its own Ray, never
+    another run's on the same machine)."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "ServeReplica:visionfleet:ModelReplica" in " ".join(p.info.get("cmdline") or [])]
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ServeReplica:visionfleet:ModelReplica" in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
 
 
 def _wait_replicas(n: int, timeout: float = 120.0) -> float:
@@ -149,6 +164,7 @@ def kill_replica(url: str, body: bytes, seconds: float, rate: float) -> dict[str
     t_kill = time.perf_counter()
     os.kill(pids[0], signal.SIGKILL)
     recovered = _wait_replicas(2)
+    _log(f"killed replica back after {recovered:.1f}s")
     time.sleep(max(0.0, seconds * 2 / 3 - recovered))
     load.stop()
     return {"scenario": "kill-replica", "killed_pid": pids[0], "replicas_back_s": recovered,
@@ -171,6 +187,7 @@ def unhealthy(url: str, body: bytes, seconds: float, rate: float) -> dict[str, A
     while time.monotonic() < deadline and before <= set(_replica_pids()):
         time.sleep(0.5)
     replaced = not before <= set(_replica_pids())
+    _log(f"unhealthy replica replaced={replaced} {time.perf_counter() - t_mark:.1f}s after the mark")
     back = _wait_replicas(2)
     time.sleep(max(0.0, seconds * 2 / 3 - back))
     load.stop()
@@ -191,6 +208,7 @@ def overload(url: str, body: bytes, seconds: float) -> dict[str, Any]:
     frame = encode_image(render_sample(2, 2, 320)[0], "jpeg")
     make = lambda i: (frame, {"Content-Type": "image/jpeg"})  # noqa: E731
     cap = closed_loop(url, make, 16, seconds, warmup=1.0).throughput
+    _log(f"capacity {cap:.1f} req/s")
     # Open-loop phases last at most 15 s: with adaptive batching the capacity here is
     # ~150 req/s, and 5x that from one Python client on the same 2 cores is more than
     # client and server together can parse; the unsent backlog of a 60 s phase then
@@ -201,13 +219,53 @@ def overload(url: str, body: bytes, seconds: float) -> dict[str, Any]:
     for factor in (2, 5):
         r = open_loop(url, make, cap * factor, phase, max_connections=128)
         out[f"x{factor}"] = {**r.__dict__, "offered_req_s": cap * factor}
+        _log(f"x{factor} phase done")
     r = open_loop(url, make, max(1.0, cap * 0.5), phase, max_connections=128)
     out["recovery_x0.5"] = r.__dict__
     return out
 
 
-def remove_node(home: Path, model: str, body: bytes, seconds: float, rate: float) -> dict[str, Any]:
-    """Two worker nodes with one replica each; one node is removed under load."""
+def remove_node(cluster: Any, node: Any, url: str, body: bytes, seconds: float, rate: float) -> dict[str, Any]:
+    """One of the two worker nodes (one replica each) is removed under load."""
+    _wait_replicas(2)
+    load = Load(url, body, rate)
+    load.start()
+    time.sleep(seconds / 3)
+    t_cut = time.perf_counter()
+    cluster.remove_node(node)
+    back = _wait_replicas(2, timeout=120)
+    t_back = time.perf_counter()
+    _log(f"node removed; 2 replicas back after {back:.1f}s")
+    time.sleep(max(0.0, seconds * 2 / 3 - back))
+    load.stop()
+    _log("load stopped")
+    return {"scenario": "remove-node", "replicas_back_s": back, "before": load.summary(until=t_cut),
+            "during": load.summary(since=t_cut, until=t_back), "after": load.summary(since=t_back), "all": load.summary()}
+
+
+def single_node_scenarios(url: str, body: bytes, wanted: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """kill-replica, unhealthy and overload, in that order, on the deployed app at ``url``."""
+    import urllib.request
+
+    results: dict[str, Any] = {}
+    for _ in range(5):  # warm both replicas
+        urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"}), timeout=60).read()
+    _log("deployed and warm")
+    if "kill-replica" in wanted:
+        results["kill-replica"] = kill_replica(url, body, args.seconds, args.rate)
+        _log("kill-replica done")
+    if "unhealthy" in wanted:
+        results["unhealthy"] = unhealthy(url, body, args.seconds, args.rate)
+        _log("unhealthy done")
+    if "overload" in wanted:
+        results["overload"] = overload(url, body, max(5.0, args.seconds / 2))
+        _log("overload done")
+    return results
+
+
+def on_multinode(home: Path, args: argparse.Namespace, body: bytes, wanted: list[str]) -> dict[str, Any]:
+    """A head and two worker nodes (``ray.cluster_utils.Cluster``), one replica per worker;
+    the single-node scenarios first (when asked for), remove-node last."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -218,29 +276,23 @@ def remove_node(home: Path, model: str, body: bytes, seconds: float, rate: float
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
+    _log("3-node cluster up")
     ray.init(address=cluster.address, runtime_env=runtime_env(s), logging_level="WARNING")
     port = free_port()
     try:
-        _deploy(home, model, replicas=2, per_node=1, port=port)
+        _deploy(home, args.model, replicas=2, per_node=1, port=port, health_check_period_s=args.health_check_period)
         url = f"http://127.0.0.1:{port}/v1/predict"
         _wait_replicas(2)
-        load = Load(url, body, rate)
-        load.start()
-        time.sleep(seconds / 3)
-        t_cut = time.perf_counter()
-        cluster.remove_node(workers[0])
-        back = _wait_replicas(2, timeout=120)
-        t_back = time.perf_counter()
-        time.sleep(max(0.0, seconds * 2 / 3 - back))
-        load.stop()
-        return {"scenario": "remove-node", "replicas_back_s": back, "before": load.summary(until=t_cut),
-                "during": load.summary(since=t_cut, until=t_back), "after": load.summary(since=t_back), "all": load.summary()}
+        _log("deployed on 2 workers")
+        results = single_node_scenarios(url, body, [w for w in wanted if w != "remove-node"], args)
+        if "remove-node" in wanted:
+            results["remove-node"] = remove_node(cluster, workers[0], url, body, args.seconds, args.rate)
+        return results
     finally:
-        from ray import serve
-
-        serve.shutdown()
+        # the driver exits next: shutting Ray down stops Serve with it (no graceful drain needed)
         ray.shutdown()
         cluster.shutdown()
+        _log("cluster down")
 
 
 def main() -> None:
@@ -250,6 +302,10 @@ def main() -> None:
     ap.add_argument("--scenarios", default="kill-replica,unhealthy,overload")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rate", type=float, default=10.0)
+    ap.add_argument("--health-check-period", type=float, default=2.0,
+                    help="the replicas' Serve health-check period (s): how soon an unhealthy one is noticed")
+    ap.add_argument("--one-cluster", action="store_true",
+                    help="run every scenario on the multi-node cluster (one Ray, one deploy; remove-node last)")
     args = ap.parse_args()
     home = args.home.resolve()
     os.environ["VISIONFLEET_HOME"] = str(home)
@@ -258,35 +314,29 @@ def main() -> None:
 
     body = encode_image(render_sample(1, 1, 48)[0], "png")
     wanted = args.scenarios.split(",")
-    results: dict[str, Any] = {}
-    if "remove-node" in wanted:
-        results["remove-node"] = remove_node(home, args.model, body, args.seconds, args.rate)
-    single = [w for w in wanted if w != "remove-node"]
-    if single:
-        import ray
-        from ray import serve
+    if args.one_cluster or "remove-node" in wanted and len(wanted) == 1:
+        results = on_multinode(home, args, body, wanted)
+    else:
+        results = {}
+        if "remove-node" in wanted:
+            results.update(on_multinode(home, args, body, ["remove-node"]))
+        single = [w for w in wanted if w != "remove-node"]
+        if single:
+            import ray
 
-        from cluster.local import free_port, init_embedded
-        from visionfleet.settings import Settings
+            from cluster.local import free_port, init_embedded
+            from visionfleet.settings import Settings
 
-        init_embedded(Settings.from_env(home), num_cpus=2)
-        port = free_port()
-        try:
-            _deploy(home, args.model, replicas=2, per_node=None, port=port)
-            url = f"http://127.0.0.1:{port}/v1/predict"
-            import urllib.request
-
-            for _ in range(5):  # warm both replicas
-                urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"}), timeout=60).read()
-            if "kill-replica" in single:
-                results["kill-replica"] = kill_replica(url, body, args.seconds, args.rate)
-            if "unhealthy" in single:
-                results["unhealthy"] = unhealthy(url, body, args.seconds, args.rate)
-            if "overload" in single:
-                results["overload"] = overload(url, body, max(5.0, args.seconds / 2))
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+            _log("starting Ray")
+            init_embedded(Settings.from_env(home), num_cpus=2)
+            _log("Ray up; deploying")
+            port = free_port()
+            try:
+                _deploy(home, args.model, replicas=2, per_node=None, port=port, health_check_period_s=args.health_check_period)
+                results.update(single_node_scenarios(f"http://127.0.0.1:{port}/v1/predict", body, single, args))
+            finally:
+                ray.shutdown()  # stops Serve with it; the driver exits next
+                _log("Ray down")
     print(json.dumps(results, default=str))
 
 

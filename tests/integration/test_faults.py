@@ -1,7 +1,7 @@
 """Faults under load (short CI versions; `make test-slow` runs the full-length ones).
 
-Each runs tests/integration/fault_driver.py in a subprocess with its own Ray, on a copy
-of the session's registered model.
+One run of tests/integration/fault_driver.py in a subprocess with its own Ray (a 3-node
+``ray.cluster_utils.Cluster``), on a copy of the session's registered model, feeds both tests.
 """
 
 from __future__ import annotations
@@ -12,23 +12,35 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DRIVER = Path(__file__).with_name("fault_driver.py")
 
 
-def _run(tmp_path: Path, settings, scenarios: str, seconds: float, rate: float, timeout: float = 900) -> dict:
+def _run(tmp_path: Path, settings, scenarios: str, seconds: float, rate: float, *extra: str, timeout: float = 900) -> dict:
     home = tmp_path / "home"
     shutil.copytree(settings.registry_dir, home / "registry")
     r = subprocess.run(
         [sys.executable, str(DRIVER), "--home", str(home), "--model", "tiny", "--scenarios", scenarios,
-         "--seconds", str(seconds), "--rate", str(rate)],
+         "--seconds", str(seconds), "--rate", str(rate), *extra],
         capture_output=True, text=True, timeout=timeout,
     )
+    sys.stderr.write("".join(line + "\n" for line in r.stderr.splitlines() if line.startswith("[fault_driver")))
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_replica_kill_unhealthy_replica_and_overload(tmp_path: Path, settings, trained) -> None:
-    res = _run(tmp_path, settings, "kill-replica,unhealthy,overload", seconds=10, rate=8)
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory, settings, trained) -> dict:
+    """Every scenario in one driver run: one 3-node cluster (a head, two workers with one
+    replica each) and one deploy; kill-replica, unhealthy and overload first, remove-node last.
+    A 0.5 s health-check period gets the unhealthy replica noticed in ~1.5 s (3 failed checks)."""
+    return _run(tmp_path_factory.mktemp("faults"), settings, "kill-replica,unhealthy,overload,remove-node", 10, 8,
+                "--one-cluster", "--health-check-period", "0.5")
+
+
+def test_replica_kill_unhealthy_replica_and_overload(faults: dict) -> None:
+    res = faults
     kill = res["kill-replica"]
     assert kill["all"]["sent"] >= 60
     assert kill["all"]["failed"] == 0, kill  # the ingress retried on the surviving replica
@@ -46,8 +58,8 @@ def test_replica_kill_unhealthy_replica_and_overload(tmp_path: Path, settings, t
     assert ov["recovery_x0.5"]["errors"] == 0, ov["recovery_x0.5"]  # no restart needed afterwards
 
 
-def test_node_removal(tmp_path: Path, settings, trained) -> None:
-    res = _run(tmp_path, settings, "remove-node", seconds=15, rate=6)["remove-node"]
+def test_node_removal(faults: dict) -> None:
+    res = faults["remove-node"]
     total = res["all"]
     assert total["sent"] >= 40
     assert total["failed"] <= max(1, 0.01 * total["sent"]), res
