@@ -74,9 +74,11 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=8, help="Ray Tune trials per real dataset (0: no search)")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench-train-defaults")
     ap.add_argument("--table", action="store_true", help="only print the table of the saved results")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (merged per dataset)")
     args = ap.parse_args()
+    results = args.out
     if args.table:
-        _table(json.loads(RESULTS.read_text()))
+        _table(json.loads(results.read_text()))
         return 0
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     bad = [n for n in names if n not in ALL]
@@ -91,7 +93,7 @@ def main() -> int:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"datasets": {}}
+    doc = json.loads(results.read_text()) if results.is_file() else {"datasets": {}}
     load1 = os.getloadavg()[0]
     for name in names:
         ds = _dataset(args.work, name)
@@ -118,8 +120,8 @@ def main() -> int:
                "the start of the last run). The holdout split is fixed (stable hash of image ids); tuned = best "
                "holdout top-1 over the Ray Tune trials (selected on the holdout: an optimistic yardstick)."),
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=2) + "\n")
     _table(doc)
     return 0
 
