@@ -77,10 +77,11 @@ class ConversionInfo:
 
 # Suffixes that are always converted; ".pt"/".pth" are converted only when the file is a
 # TorchScript archive (a plain state dict is a built-in architecture's checkpoint).
-CONVERTED_SUFFIXES: dict[str, str] = {".torchscript": "torchscript", ".ts": "torchscript"}
+CONVERTED_SUFFIXES: dict[str, str] = {".torchscript": "torchscript", ".ts": "torchscript", ".tflite": "tflite"}
 # format -> (module, function(path, spec, images) -> (onnx.ModelProto, ConversionInfo)).
 CONVERTERS: dict[str, tuple[str, str]] = {
     "torchscript": ("edge_export.importer.convert_torch", "torchscript_to_onnx"),
+    "tflite": ("edge_export.importer.convert_tflite", "tflite_to_onnx"),  # tflite2onnx, checked against LiteRT
 }
 
 
