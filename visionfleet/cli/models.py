@@ -38,6 +38,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")]
                     "task": card.task.value,
                     "precision": card.precision,
                     "input_size": list(card.input_size),
+                    "input_sizes": [list(sz) for sz in card.sizes],
                     "holdout_top1": card.metrics.get("holdout_top1"),
                     "created_at": card.created_at,
                 }
@@ -57,7 +58,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")]
             ",".join(r["aliases"]),
             r["task"],
             r["precision"],
-            "x".join(map(str, r["input_size"])),
+            ",".join("x".join(map(str, sz)) for sz in r["input_sizes"]),
             f"{top1:.4f}" if isinstance(top1, (int, float)) else "-",
             r["created_at"][:19],
         )
