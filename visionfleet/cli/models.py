@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from visionfleet.cli._common import cli_errors, out, print_json, settings
+from visionfleet.cli._common import cli_errors, err, out, print_json, settings
 
 app = typer.Typer(help="The model registry: versions, cards, aliases.", no_args_is_help=True)
 
@@ -369,11 +370,15 @@ def import_(
         if any(v is not None for v in arch_opts.values()):
             raise ValueError("Got --arch/--width/--depths/--stem-stride with --from-python; expected none (the "
                              "function builds the module)")
-        card = import_python(from_python, _registry(), name, spec, weights=weights, images=images,
-                             description=description)
+        with err.status(f"exporting {from_python} to ONNX, checking it against torch, importing…"):
+            card = import_python(from_python, _registry(), name, spec, weights=weights, images=images,
+                                 description=description)
     else:
-        card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images, description=description,
-                            input_sizes=sizes)
+        # Conversion (TorchScript, …) takes seconds; say what is going on, on stderr.
+        working = err.status(f"converting {src.name} to ONNX, checking it, importing…") if converted else nullcontext()
+        with working:
+            card = import_model(src, _registry(), name, spec, arch=arch_opts, images=images,
+                                description=description, input_sizes=sizes)
     if as_json:
         print_json(card.model_dump(mode="json"))
         return
