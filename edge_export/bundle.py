@@ -288,10 +288,10 @@ def export_bundle(
         src = src_dir / card.model_file
     else:
         raise ValueError(f"Got {card.ref} in {card.format} format; expected an ONNX version to export")
-    h, w = card.input_size
     lh, lw = prof.input_size
-    if h > lh or w > lw:
-        raise BudgetExceeded(f"Got input {h}x{w} for {prof.target.value}; the target feeds at most {lh}x{lw}")
+    for h, w in card.sizes:  # every size the card serves at (input_size first)
+        if h > lh or w > lw:
+            raise BudgetExceeded(f"Got input {h}x{w} for {prof.target.value}; the target feeds at most {lh}x{lw}")
     ds = _dataset_path(card, dataset, Path(datasets_dir) if datasets_dir else None)
     if ds is None:
         raise ValueError(
@@ -329,6 +329,10 @@ def _build(card: ModelCard, src: Path, prof: TargetProfile, ds: Path, parent: Pa
     else:
         model_file = "model.int8.onnx" if precision == "int8" else ("model.fp16.onnx" if precision == "fp16" else "model.onnx")
         shutil.copy(onnx_file, out / model_file)
+    if len(card.sizes) > 1 and prof.format is not ModelFormat.ORT:
+        from edge_export.input_sizes import check_runs_at_sizes
+
+        check_runs_at_sizes(out / model_file, card.sizes)  # the device serves at every listed size
     model_sha, model_bytes = file_digest(out / model_file)
     bid = bundle_id(card.name, card.version or 0, prof.target.value, model_sha)
 
