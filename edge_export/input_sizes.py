@@ -120,6 +120,8 @@ def import_at_sizes(wrapped: onnx.ModelProto, sizes: Sequence[tuple[int, int]], 
     if tuple(listed[0]) != tuple(spec.input_size):
         raise ValueError(f"Got --input-sizes {given} with --input-size {format_size(spec.input_size)}; expected "
                          "the input size first (it is the default)")
+    if len(listed) == 1:
+        return wrapped
     if spec.task is Task.DETECTION:
         raise ValueError(f"Got --input-sizes {given} for a detection import; expected one size (the folded "
                          "detection head clips boxes to the import size)")

@@ -153,7 +153,7 @@ def import_checkpoint(
             model,
             onnx_path,
             input_size=spec.input_size,
-            input_sizes=[tuple(sz) for sz in input_sizes] if input_sizes and len(input_sizes) > 1 else None,
+            input_sizes=[tuple(sz) for sz in input_sizes] if input_sizes else None,  # refused unless input_size first
             mean=mean255,
             std=std255,
             metadata={

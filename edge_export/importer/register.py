@@ -159,7 +159,7 @@ def import_onnx(
         found |= check.to_dict()
     wrapped, info = wrap_onnx(original, spec)
     sizes = [tuple(sz) for sz in input_sizes or ()]
-    if len(sizes) > 1:
+    if len(sizes) > 1 or (sizes and sizes[0] != tuple(spec.input_size)):  # one size must be the input size
         from edge_export.input_sizes import import_at_sizes
 
         wrapped = import_at_sizes(wrapped, sizes, spec, io)  # dynamic H x W, run at every size
