@@ -205,8 +205,10 @@ def detect_loop_per_worker(config: dict) -> None:
         metrics.update(epoch=epoch + 1, step=step, seconds=time.time() - t0, n_train=int(len(x_train)) * world)
         if rank == 0:
             _write_progress(progress_path, {"step": step, "total": total, "epoch": epoch + 1, "metrics": metrics})
+        if epoch < cfg.epochs - 1:
+            continue  # progress goes through the progress file; one report (a sync of all workers) at the end
         checkpoint = None
-        if rank == 0 and epoch == cfg.epochs - 1:
+        if rank == 0:
             tmp = tempfile.mkdtemp(prefix="vf-ckpt-")
             raw = model.module if hasattr(model, "module") else model
             save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), raw, {
