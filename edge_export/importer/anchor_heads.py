@@ -16,6 +16,10 @@ output is such a head, named :data:`HEAD`; the result is then imported with
 * :func:`gfl_head`: PP-PicoDet's generalized-focal-loss boxes: per stride, a softmax
   over ``reg_max + 1`` bins per side, its expectation times the stride is the distance
   from the cell centre to each side (left, top, right, bottom); scores already sigmoid.
+* :func:`yolox_head`: YOLOX exported without its decoding (``decode_in_inference=False``):
+  ``[N, A, 5 + C]`` with grid offsets and log sizes; the centre is ``(offset + cell) x
+  stride``, the size ``exp(log size) x stride``; objectness and class scores are kept
+  (import it with ``objectness=True``: the score is objectness x class score).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["HEAD", "ssd_anchor_centers", "ssd_head", "gfl_centers", "gfl_head"]
+__all__ = ["HEAD", "ssd_anchor_centers", "ssd_head", "gfl_centers", "gfl_head", "yolox_head"]
 
 HEAD = "head"
 
@@ -178,3 +182,32 @@ def gfl_head(
     g.node.append(helper.make_node("Concat", list(score_outputs), ["gfl_scores"], axis=1))
     g.node.append(helper.make_node("Concat", ["gfl_xy", "gfl_wh", "gfl_scores"], [HEAD], axis=-1))
     return _finish(m, total, int(n_classes or 0))
+
+
+def yolox_head(model: onnx.ModelProto, output: str, strides: list[int], input_size: tuple[int, int]) -> onnx.ModelProto:
+    """YOLOX raw grid output ``[N, A, 5 + C]`` -> :data:`HEAD` ``[N, A, 5 + C]`` (cx, cy, w, h in pixels, obj, classes)."""
+    h, w = input_size
+    grids, steps = [], []
+    for s in strides:
+        xv, yv = np.meshgrid(np.arange(w // s), np.arange(h // s))
+        grids.append(np.stack([xv.ravel(), yv.ravel()], axis=1))
+        steps.append(np.full((grids[-1].shape[0], 1), s))
+    grid = np.concatenate(grids).astype(np.float32)
+    stride = np.concatenate(steps).astype(np.float32)
+    dims = _output_dims(model, output)
+    if len(dims) != 3 or dims[1] != len(grid) or dims[2] < 6:
+        raise ValueError(
+            f"Got output {output!r} {dims} for strides {strides} of a {h}x{w} input; expected [N, {len(grid)}, 5 + C]"
+        )
+    m = _copy(model)
+    g = m.graph
+    xy = _slice(g, output, 0, 2, "yolox_xy_offset")
+    wh = _slice(g, output, 2, 4, "yolox_log_wh")
+    rest = _slice(g, output, 4, dims[2], "yolox_scores")
+    st = _const(g, "yolox_stride", stride)
+    g.node.append(helper.make_node("Add", [xy, _const(g, "yolox_grid", grid)], ["yolox_cell"]))
+    g.node.append(helper.make_node("Mul", ["yolox_cell", st], ["yolox_xy"]))
+    g.node.append(helper.make_node("Exp", [wh], ["yolox_exp_wh"]))
+    g.node.append(helper.make_node("Mul", ["yolox_exp_wh", st], ["yolox_wh"]))
+    g.node.append(helper.make_node("Concat", ["yolox_xy", "yolox_wh", rest], [HEAD], axis=-1))
+    return _finish(m, len(grid), dims[2] - 4)

