@@ -83,18 +83,20 @@ def main() -> None:
     ap.add_argument("--stress-holdout", type=Path, default=None,
                     help="a second dataset folder (e.g. a drifted one) whose holdout every variant is also scored on: "
                          "when the clean holdout saturates, drops show there")
+    ap.add_argument("--gemm-sizes", default="512,1024,2048,4096",
+                    help="square GEMM sizes of the machine-ceiling measurement (smaller: faster, a lower ceiling)")
     ap.add_argument("--build-only", action="store_true", help="build (cache) the variants and stop")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (default bench/results/optimization-NAME)")
     args = ap.parse_args()
     if args.rounds < 5:
         ap.error("--rounds must be >= 5: ratios are medians of at least 5 alternating rounds")
+    try:
+        gemm_sizes = tuple(int(v) for v in args.gemm_sizes.split(","))
+    except ValueError:
+        gemm_sizes = ()
+    if not gemm_sizes or min(gemm_sizes) < 16:
+        ap.error(f"Got {args.gemm_sizes!r} for --gemm-sizes; expected comma-separated sizes >= 16, e.g. 512,1024,2048,4096")
 
-    from edge_export import measure as M
-    from edge_export.optimize import OptimizeSettings, build_variant
-    from edge_export.quantize import QuantizeConfig
-    from train.checkpoint import load_checkpoint
-    from train.finetune import prune_tools
-    from visionfleet.datasets.store import load_arrays
     from visionfleet.registry import Registry
     from visionfleet.settings import Settings
 
@@ -105,15 +107,22 @@ def main() -> None:
     parent_dir = reg.local_dir(r.name, r.version)
     if card.precision != "fp32" or card.file("torch") is None:
         raise SystemExit(f"error: {card.ref} must be an FP32 model with PyTorch weights")
+    if args.pruned:  # checked before anything is built (or torch, ONNX Runtime and NNCF imported)
+        pruned_card, pruned_dir, pruned_fp32, prune_steps = pruned_descendant(reg, args.pruned, card)
+
+    from edge_export import measure as M
+    from edge_export.optimize import OptimizeSettings, build_variant
+    from edge_export.quantize import QuantizeConfig
+    from train.checkpoint import load_checkpoint
+    from train.finetune import prune_tools
+    from visionfleet.datasets.store import load_arrays
+
     dataset = Path(card.lineage.dataset or "")
     cache = s.home / "cache" / "variants"
     h, w = card.input_size
     out = args.out or REPO / "bench" / "results" / f"optimization-{card.name}"
     machine_start = M.machine_info(args.threads)
     t_start = time.time()
-
-    if args.pruned:  # checked before anything is built
-        pruned_card, pruned_dir, pruned_fp32, prune_steps = pruned_descendant(reg, args.pruned, card)
 
     # ------------------------------------------------------------------ build variants
     def build(name: str, src_card=card, src_dir=parent_dir, **kw: Any):
@@ -180,7 +189,7 @@ def main() -> None:
             "macs_per_image": M.count_macs(path),
         }
     log("GEMM ceiling (before)")
-    ceil_before = {p: M.gemm_ceiling(p, args.threads) for p in ("fp32", "int8")}
+    ceil_before = {p: M.gemm_ceiling(p, args.threads, gemm_sizes) for p in ("fp32", "int8")}
 
     log(f"Offline batch {args.batch}: {args.rounds} alternating rounds over {len(runners)} variants")
     off = M.compare(runners, pool, "offline", rounds=args.rounds, batch=args.batch, offline_batches=4,
@@ -195,7 +204,7 @@ def main() -> None:
                         max_batch=args.batch, trial_seconds=2.0,
                         on_round=lambda k: log(f"  server round {k}/{args.rounds}"))
     log("GEMM ceiling (after)")
-    ceil_after = {p: M.gemm_ceiling(p, args.threads) for p in ("fp32", "int8")}
+    ceil_after = {p: M.gemm_ceiling(p, args.threads, gemm_sizes) for p in ("fp32", "int8")}
     ceiling = {p: max(ceil_before[p].gmacs, ceil_after[p].gmacs) for p in ("fp32", "int8")}
 
     log(f"holdout top-1 on {len(hy)} images")

@@ -189,6 +189,10 @@ def join_parts(folder: Path, stem: str) -> bytes:
 def register_parts(args: argparse.Namespace) -> None:
     import io
 
+    # the parts are checked before torch and the training code are imported: a missing or
+    # damaged part is reported in about a second
+    data = join_parts(args.from_parts, args.stem)
+
     import torch
 
     from train.checkpoint import load_checkpoint
@@ -199,7 +203,7 @@ def register_parts(args: argparse.Namespace) -> None:
     from visionfleet.settings import Settings
 
     s = Settings.from_env().ensure()
-    blob = torch.load(io.BytesIO(join_parts(args.from_parts, args.stem)), map_location="cpu", weights_only=True)
+    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     size = tuple(int(v) for v in blob["input_size"])
     ds = _dataset(args, s, size[0])
     info = read_info(ds)

@@ -87,8 +87,10 @@ def test_parts_register_with_lineage_and_feed_the_optimization_bench(handoff):
             last.write_bytes(saved)
         assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
+    # --gemm-sizes 256,512: the machine-ceiling stage runs, without the 2048/4096 GEMMs that took
+    # ~50 of the bench's ~150 s here (the default sizes are for real measurements)
     out = _run(["bench/optimization.py", "heavy:1", "--pruned", "heavy-p50:1", "--rounds", "5", "--queries", "4",
-                "--calibration", "16", "--out", str(root / "opt")], env)
+                "--calibration", "16", "--gemm-sizes", "256,512", "--out", str(root / "opt")], env)
     doc = json.loads((root / "opt.json").read_text())
     names = [r["name"] for r in doc["rows"]]
     assert names == ["torch-eager", "ort-fp32", "nncf-int8", "ort-int8", "pruned50-fp32", "pruned50-int8"]
@@ -96,6 +98,12 @@ def test_parts_register_with_lineage_and_feed_the_optimization_bench(handoff):
     full_row = next(r for r in doc["rows"] if r["name"] == "ort-fp32")
     assert pruned_row["macs_per_image"] < 0.5 * full_row["macs_per_image"]
     assert [st["op"] for st in doc["build_steps"]["pruned50-int8"]][:3] == ["train", "prune", "finetune"]
+    assert set(doc["gemm_ceiling"]["int8"]["before"]["by_size"]) == {"256", "512"}
+
+    # a bad --gemm-sizes is refused before anything is built
+    p = subprocess.run([sys.executable, "bench/optimization.py", "heavy:1", "--gemm-sizes", "big"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Got 'big' for --gemm-sizes; expected" in p.stderr and "Traceback" not in p.stderr
 
     # --pruned must name a pruned child of the measured model
     p = subprocess.run([sys.executable, "bench/optimization.py", "heavy-p50:1", "--pruned", "heavy:1"], cwd=REPO,
