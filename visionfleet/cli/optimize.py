@@ -27,6 +27,9 @@ def optimize(
     max_drop: Annotated[
         Optional[float], typer.Option(help="NNCF accuracy control: largest top-1 (detectors: mAP@0.5) drop allowed, in points")
     ] = None,
+    validation_images: Annotated[
+        int, typer.Option(help="--max-drop: train images (after the calibration ones) the drop is measured on")
+    ] = 1000,
     prune: Annotated[float, typer.Option(help="share of MACs to remove by channel pruning (0.5 = half)")] = 0.0,
     finetune_epochs: Annotated[
         Optional[int], typer.Option(help="fine-tune epochs after pruning (default 3 when pruning)")
@@ -79,6 +82,7 @@ def optimize(
         threads=threads,
         dataset=data,
         holdout_limit=holdout_limit,
+        validation_images=validation_images,
         compare_rounds=rounds,
     )
     with progress() as p:
