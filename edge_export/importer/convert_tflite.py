@@ -310,10 +310,11 @@ def tflite_to_onnx(
             "ai-edge-litert": _version("ai-edge-litert"),
             "onnx": onnx.__version__,
         },
-        input_shape=tuple(int(v) for v in x.shape[1:]),
+        input_shape=(1, *(int(v) for v in x.shape[1:])),  # the TFLite signature; the batch is dynamic in the ONNX
         input_dtype="float32",
         parity={
             "n": int(x.shape[0]),
+            "runtimes": f"{type(interp).__module__.split('.')[0]} (one image at a time) vs onnxruntime (the batch)",
             "inputs": what,
             "batched": True,
             "max_abs_diff": max(v["max_abs_diff"] for v in per_output.values()),

