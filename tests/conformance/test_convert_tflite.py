@@ -51,3 +51,21 @@ def test_landmark_model_keeps_its_tflite_signature() -> None:
     assert [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 192, 192, 3]
     assert info.parity["max_abs_diff"] <= max(v["tolerance"] for v in info.parity["outputs"].values())
     assert any("kept [1, 1, 1, 1404]" in n for n in info.notes)
+
+
+def test_missing_interpreter_and_converter_say_what_to_install(monkeypatch, tmp_path) -> None:
+    """Without LiteRT / tflite_runtime / TensorFlow, or without tflite2onnx, the message names the packages."""
+    import sys
+
+    from edge_export.importer import convert_tflite
+
+    for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter",
+                 "tensorflow", "tensorflow.lite", "tflite2onnx"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    f = tmp_path / "m.tflite"
+    f.write_bytes(b"\0" * 64)
+    with pytest.raises(ImportError, match=r"^Got no TFLite interpreter to check the conversion against .*; expected "
+                                          r"pip install tflite2onnx ai-edge-litert"):
+        convert_tflite.tflite_interpreter(f)
+    with pytest.raises(ImportError, match=r"^Got a \.tflite file but no converter .*; expected pip install tflite2onnx"):
+        convert_tflite._convert_graph(f)
