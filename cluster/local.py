@@ -12,7 +12,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -253,6 +252,8 @@ def stop_head(settings: Settings, *, timeout: float = 20.0) -> bool:
     info = read_head(settings)
     if info is None:
         return False
+    from cluster.multinode import _stop_processes
+
     roots = _cluster_processes(info.temp_dir)
     procs = list(roots)
     for p in roots:
@@ -260,17 +261,10 @@ def stop_head(settings: Settings, *, timeout: float = 20.0) -> bool:
             procs.extend(p.children(recursive=True))
         except psutil.NoSuchProcess:
             pass
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    # The raylet (with its workers) first, then the GCS and the rest, which get a short grace:
+    # signalled all at once they waited for each other and two of them outlived the full
+    # timeout every time (measured: `serve down` 28 s, 20 of them waiting for SIGKILL).
+    _stop_processes(procs, timeout)
     _head_path(settings).unlink(missing_ok=True)
     return bool(roots)
 
