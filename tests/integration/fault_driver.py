@@ -258,7 +258,7 @@ def single_node_scenarios(url: str, body: bytes, wanted: list[str], args: argpar
         results["unhealthy"] = unhealthy(url, body, args.seconds, args.rate)
         _log("unhealthy done")
     if "overload" in wanted:
-        results["overload"] = overload(url, body, max(5.0, args.seconds / 2))
+        results["overload"] = overload(url, body, args.overload_seconds or max(5.0, args.seconds / 2))
         _log("overload done")
     return results
 
@@ -304,6 +304,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0)
     ap.add_argument("--health-check-period", type=float, default=2.0,
                     help="the replicas' Serve health-check period (s): how soon an unhealthy one is noticed")
+    ap.add_argument("--overload-seconds", type=float, default=None,
+                    help="length of the capacity, 2x, 5x and recovery phases (default: max(5, --seconds / 2), at most 15)")
     ap.add_argument("--one-cluster", action="store_true",
                     help="run every scenario on the multi-node cluster (one Ray, one deploy; remove-node last)")
     args = ap.parse_args()

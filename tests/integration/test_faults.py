@@ -34,9 +34,12 @@ def _run(tmp_path: Path, settings, scenarios: str, seconds: float, rate: float, 
 def faults(tmp_path_factory: pytest.TempPathFactory, settings, trained) -> dict:
     """Every scenario in one driver run: one 3-node cluster (a head, two workers with one
     replica each) and one deploy; kill-replica, unhealthy and overload first, remove-node last.
-    A 0.5 s health-check period gets the unhealthy replica noticed in ~1.5 s (3 failed checks)."""
+    A 0.5 s health-check period gets the unhealthy replica noticed in ~1.5 s (3 failed checks).
+    The overload phases last 2.5 s (`make test-slow`: 15 s): 5x capacity for 2.5 s is ~600
+    requests against 128 client connections and a 64-request ingress limit, so the server
+    stays saturated while the backlog drains (~20 s); a 5 s phase only doubled the drain."""
     return _run(tmp_path_factory.mktemp("faults"), settings, "kill-replica,unhealthy,overload,remove-node", 10, 8,
-                "--one-cluster", "--health-check-period", "0.5")
+                "--one-cluster", "--health-check-period", "0.5", "--overload-seconds", "2.5")
 
 
 def test_replica_kill_unhealthy_replica_and_overload(faults: dict) -> None:
