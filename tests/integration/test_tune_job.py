@@ -75,7 +75,7 @@ def _wait(client, job_id: str, timeout: float) -> str:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     client.stop_job(job_id)
     return "TIMEOUT"
 
