@@ -649,15 +649,17 @@ def agreement(case: Case, ref: list[Any], outputs: list[np.ndarray], labels: lis
         same = sum(int(a == b) for a, b in zip(top1, ref))
         return {"agreement": same / len(ref), "n": len(ref), "predicted": top1}
     got = detections(labels, outputs)
-    matched = total = 0
+    matched = loose = total = 0
     ious: list[float] = []
     for r, g in zip(ref, got):
         m, v = match(r, g)
         matched += m
+        loose += match(r, g, min_iou=0.5)[0]
         total += max(len(r), len(g))
         ious += v
     return {
         "agreement": matched / total if total else 1.0,
+        "agreement_iou50": loose / total if total else 1.0,  # same label, IoU >= 0.5 (informative)
         "n": len(ref),
         "boxes_package": sum(len(r) for r in ref),
         "boxes_ours": sum(len(g) for g in got),
