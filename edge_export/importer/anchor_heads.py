@@ -185,7 +185,7 @@ def gfl_head(
 
 
 def yolox_head(model: onnx.ModelProto, output: str, strides: list[int], input_size: tuple[int, int]) -> onnx.ModelProto:
-    """YOLOX raw grid output ``[N, A, 5 + C]`` -> :data:`HEAD` ``[N, A, 5 + C]`` (cx, cy, w, h in pixels, obj, classes)."""
+    """YOLOX raw grid ``[N, A, 5 + C]`` -> :data:`HEAD` ``[N, A, 5 + C]`` (cx, cy, w, h in pixels, obj, classes)."""
     h, w = input_size
     grids, steps = [], []
     for s in strides:

@@ -76,7 +76,8 @@ def tflite_interpreter(path: str | os.PathLike[str]) -> Any:
             ) from None
         return interp
     raise ImportError(
-        "Got no TFLite interpreter to check the conversion against (" + "; ".join(errors) + f"); expected {INSTALL_HINT}"
+        "Got no TFLite interpreter to check the conversion against (" + "; ".join(errors)
+        + f"); expected {INSTALL_HINT}"
     )
 
 
@@ -189,7 +190,9 @@ def relax_batch_reshapes(model: onnx.ModelProto) -> int:
     """
     g = model.graph
     by_name = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts = {
+        n.output[0]: n for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
     done = 0
     for n in g.node:
         if n.op_type != "Reshape" or len(n.input) < 2:

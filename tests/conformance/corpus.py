@@ -56,7 +56,9 @@ def package_dir(module: str) -> Path:
         return Path(list(loaded.__path__)[0])
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"Got no installed package {module!r}; expected it from the {EXTRA} extra ({INSTALL})")
+        raise ModuleNotFoundError(
+            f"Got no installed package {module!r}; expected it from the {EXTRA} extra ({INSTALL})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -191,7 +193,7 @@ def square(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def photos(size: int, faces: int = 0) -> np.ndarray:
-    """scikit-image's photos as RGB squares: the astronaut (whole, mirrored, closer) and the cameraman (two crops), coffee,
+    """scikit-image's photos as RGB squares: the astronaut (whole, mirrored, closer), the cameraman (two crops), coffee,
     the cat, a rocket, a micrograph; then ``faces`` LFW faces (25x25, upscaled)."""
     from skimage import data
 
@@ -230,7 +232,10 @@ def photo_variants(size: int, n: int, seed: int = 11) -> np.ndarray:
 
 
 def document_scans(n: int, size: int = 256) -> tuple[np.ndarray, list[int]]:
-    """Documents turned 0/90/180/270 degrees clockwise (truth 0..3, the model's labels): scikit-image's page and text scans and rendered pages."""
+    """Documents turned 0/90/180/270 degrees clockwise (truth 0..3, the model's labels).
+
+    scikit-image's page and text scans, then rendered pages.
+    """
     import cv2
     from skimage import data
 

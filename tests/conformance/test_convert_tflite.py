@@ -34,7 +34,8 @@ def test_a_file_that_is_not_tflite_is_refused(tmp_path) -> None:
 
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"not a flatbuffer at all" * 10)
-    with pytest.raises(ValueError, match=r"^Got model\.tflite that the TFLite interpreter cannot load .*; expected a TensorFlow Lite flatbuffer"):
+    with pytest.raises(ValueError, match=r"^Got model\.tflite that the TFLite interpreter cannot load .*; "
+                                         r"expected a TensorFlow Lite flatbuffer"):
         tflite_to_onnx(bad, _spec())
 
 
@@ -67,5 +68,6 @@ def test_missing_interpreter_and_converter_say_what_to_install(monkeypatch, tmp_
     with pytest.raises(ImportError, match=r"^Got no TFLite interpreter to check the conversion against .*; expected "
                                           r"pip install tflite2onnx ai-edge-litert"):
         convert_tflite.tflite_interpreter(f)
-    with pytest.raises(ImportError, match=r"^Got a \.tflite file but no converter .*; expected pip install tflite2onnx"):
+    with pytest.raises(ImportError, match=r"^Got a \.tflite file but no converter .*; "
+                                          r"expected pip install tflite2onnx"):
         convert_tflite._convert_graph(f)
