@@ -231,7 +231,13 @@ def test_ab_cli_start_status_weights_stop_report(serve_url, ab_model, settings, 
             data, label = _image(3_000_000 + i)
             body = c.post("/v1/predict?model=abm", content=data, headers={"Content-Type": "image/png"}).json()
             c.post("/v1/feedback", json={"request_id": body["request_id"], "label": label})
-    time.sleep(3)  # events reach the sink asynchronously; a tick snapshots them
+        # events reach the sink asynchronously and a tick snapshots them: wait for that, not a fixed 3 s
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            arms = c.get("/v1/experiments/cli-1", headers=AUTH).json().get("arms") or {}
+            if sum((arms.get(k) or {}).get("n", 0) for k in ("control", "treatment")) >= 55:
+                break
+            time.sleep(0.25)
     r = run("ab", "status", "cli-1", "--url", serve_url, "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)["experiments"][0]
