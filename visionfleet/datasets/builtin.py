@@ -48,14 +48,13 @@ def _lfw():
 
 
 def _elpv():
-    from PIL import Image
-    from elpv_dataset.utils import load_dataset
-
     import elpv_dataset
+    from PIL import Image
 
+    # the package's labels.csv, read as its own elpv_dataset.utils.load_dataset does; the
+    # images one at a time (that loader stacks all 2,624 at once)
     root = Path(elpv_dataset.__file__).parent / "data"
     data = np.genfromtxt(root / "labels.csv", dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"])
-    del load_dataset  # the package's loader reads every image at once; same files, one at a time here
     images, labels, ids = [], [], []
     for path, prob in zip(np.char.decode(data["path"]), data["probability"]):
         with Image.open(root / path) as im:
