@@ -8,7 +8,7 @@ Normalization and softmax are added at export time (see ``edge_export.onnx_expor
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
