@@ -139,3 +139,25 @@ def test_train_config_refusals() -> None:
         TrainConfig(dataset="/x", val_fraction=0.6)
     with pytest.raises(ValueError, match=r"Got 0 for patience; expected >= 1 or unset"):
         TrainConfig(dataset="/x", patience=0)
+
+
+def test_import_folder_records_a_flips_setting_that_the_plan_follows(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from visionfleet.cli import app
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "imgs" / c / f"{i}.png").write_bytes(encode_image(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)))
+    runner = CliRunner()
+    r = runner.invoke(app, ["data", "import-folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "ds"),
+                            "--holdout-fraction", "0.0", "--flips", "off"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["params"]["flips"] == "off"
+    plan = plan_training(tmp_path / "ds")
+    assert plan.values["flips"] == "off" and plan.why["flips"] == "the dataset's manifest says flips=off"
+    r = runner.invoke(app, ["data", "import-folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "ds2"), "--flips", "up"])
+    assert r.exit_code != 0
+    assert "Got 'up' for --flips; expected off, horizontal or dihedral" in " ".join(r.output.split())

@@ -99,11 +99,15 @@ def import_folder(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="dataset folder to create")] = None,
     holdout_fraction: Annotated[float, typer.Option(help="share of images held out")] = 0.2,
     seed: Annotated[int, typer.Option(help="salt of the stable split hash")] = 0,
+    flips: Annotated[Optional[str], typer.Option(
+        help="record how training may flip these images: off|horizontal|dihedral (default: train decides)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Import an ImageFolder tree (one sub-folder per class) into the Parquet schema."""
-    from visionfleet.datasets.store import IMAGE_SUFFIXES, import_image_folder
+    from visionfleet.datasets.store import IMAGE_SUFFIXES, _write_manifest, import_image_folder
 
+    if flips is not None and flips not in ("off", "horizontal", "dihedral"):
+        raise ValueError(f"Got {flips!r} for --flips; expected off, horizontal or dihedral (or leave it out)")
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     dest = _dest(out_path, name or root.resolve().name)
@@ -118,6 +122,9 @@ def import_folder(
             name=dest.name,
             progress=lambda k: p.advance(task, k),
         )
+    if flips is not None:  # read by `visionfleet train --flips auto` (train.auto)
+        info.params["flips"] = flips
+        _write_manifest(dest, info)
     if as_json:
         print_json({"path": str(dest), **info.__dict__, "skipped_files": skipped})
         return
