@@ -116,6 +116,7 @@ def import_checkpoint(
             raise ValueError(f"Got {flag} for a PyTorch checkpoint; expected none (it applies to ONNX files)")
     from edge_export.onnx_export import export_onnx
     from train.checkpoint import save_checkpoint
+    from edge_export.weights import state_dict_mismatch
     from train.models import ArchSpec, build_model
 
     arch_dict = {k: v for k, v in dict(arch).items() if v is not None}
@@ -124,20 +125,9 @@ def import_checkpoint(
     arch_spec = ArchSpec.from_dict({**arch_dict, "num_classes": len(spec.labels)})
     state = _load_state_dict(p)
     model = build_model(arch_spec)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}")
-        if shapes:
-            pairs = (f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3])
-            parts.append("shape mismatch " + ", ".join(pairs))
-        raise ValueError(f"Got a state dict that does not fit {arch_spec.to_dict()}: " + "; ".join(parts))
+    problem, _ = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise ValueError(f"Got a state dict that does not fit {arch_spec.to_dict()}: {problem}")
     model.load_state_dict(state)
     model.eval()
     # export_onnx folds mean/std on the 0..255 scale.

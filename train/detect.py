@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from train.loop import CHECKPOINT_FILE, TrainResult, _write_progress, warmup_cosine
+from train.loop import CHECKPOINT_FILE, TrainResult, _write_progress, run_trainer, warmup_cosine
 
 __all__ = ["DetectTrainConfig", "fit_detector", "detect_loop_per_worker", "load_detection_arrays",
            "register_detector", "holdout_map"]
@@ -233,9 +232,6 @@ def fit_detector(
     cfg: DetectTrainConfig, *, runs_dir: Path, on_progress: Callable[[dict], None] | None = None
 ) -> TrainResult:
     """Run :func:`detect_loop_per_worker` on a ``TorchTrainer``; Ray must be initialized."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from visionfleet.datasets.detect import coco_split
 
     coco_split(cfg.dataset, "train")  # fail fast, before any worker starts
@@ -244,54 +240,14 @@ def fit_detector(
     run_dir.mkdir(parents=True, exist_ok=True)
     progress_path = run_dir / _PROGRESS_FILE
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    trainer = TorchTrainer(
+    dest, metrics, seconds = run_trainer(
         detect_loop_per_worker,
-        train_loop_config={"train": asdict(cfg), "run_id": run_id, "progress_path": str(progress_path)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_id,
-            storage_path=str(Path(runs_dir) / "_ray"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=0),
-        ),
+        {"train": asdict(cfg), "run_id": run_id, "progress_path": str(progress_path)},
+        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, run_id=run_id, run_dir=run_dir,
+        runs_dir=Path(runs_dir), progress_path=progress_path, on_progress=on_progress, thread_name="vf-detect-fit",
     )
-    box: dict[str, Any] = {}
-
-    def _run() -> None:
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = exc
-
-    t0 = time.time()
-    thread = threading.Thread(target=_run, name="vf-detect-fit", daemon=True)
-    thread.start()
-    last = None
-    while thread.is_alive():
-        thread.join(0.5)
-        if on_progress and progress_path.exists():
-            try:
-                doc = json.loads(progress_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if doc != last:
-                on_progress(doc)
-                last = doc
-    if "error" in box:
-        raise box["error"]
-    result = box["result"]
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_id} finished without a checkpoint")
-    dest = run_dir / CHECKPOINT_FILE
-    with result.checkpoint.as_directory() as d:
-        dest.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
-    metrics = dict(result.metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=time.time() - t0)
+    return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=seconds)
 
 
 # ----------------------------------------------------------------- export, mAP, register

@@ -454,9 +454,6 @@ def fit(
     ``on_progress`` is called from this thread with the latest progress document
     (step, total, epoch, metrics) while training runs.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from visionfleet.datasets.store import read_info
 
     read_info(Path(cfg.dataset))  # fail fast, before any worker starts
@@ -479,21 +476,57 @@ def fit(
     progress_path = run_dir / _PROGRESS_FILE
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
 
-    trainer = TorchTrainer(
+    dest, metrics, seconds = run_trainer(
         train_loop_per_worker,
-        train_loop_config={
+        {
             "train": {**asdict(cfg), "extra_datasets": list(cfg.extra_datasets),
                       "class_weights": list(cfg.class_weights) if cfg.class_weights else None},
             "run_id": run_id,
             "progress_path": str(progress_path),
             "wandb_dir": str(wandb_dir),
         },
+        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, run_id=run_id, run_dir=run_dir,
+        runs_dir=runs_dir, progress_path=progress_path, on_progress=on_progress, thread_name="vf-train-fit",
+    )
+    for key in ("per_class", "confusion", "init_weights"):
+        if key in metrics:
+            metrics[key] = json.loads(metrics[key])
+    if on_progress and progress_path.exists():
+        on_progress(json.loads(progress_path.read_text()))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=seconds)
+
+
+def run_trainer(
+    loop_per_worker: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    *,
+    num_workers: int,
+    cpus_per_worker: float,
+    run_id: str,
+    run_dir: Path,
+    runs_dir: Path,
+    progress_path: Path,
+    on_progress: Callable[[dict], None] | None,
+    thread_name: str,
+) -> tuple[Path, dict[str, Any], float]:
+    """Run ``loop_per_worker`` on a CPU ``TorchTrainer``, relaying its progress file to ``on_progress``.
+
+    The classifier (:func:`fit`) and the detector (``train.detect.fit_detector``) share it.
+    Returns the checkpoint file copied into ``run_dir``, the final metrics and the seconds taken.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop_per_worker,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=run_id,
-            storage_path=str(runs_dir / "_ray"),
+            storage_path=str(Path(runs_dir) / "_ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
@@ -507,7 +540,7 @@ def fit(
             box["error"] = exc
 
     t0 = time.time()
-    thread = threading.Thread(target=_run, name="vf-train-fit", daemon=True)
+    thread = threading.Thread(target=_run, name=thread_name, daemon=True)
     thread.start()
     last = None
     while thread.is_alive():
@@ -527,14 +560,7 @@ def fit(
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_id} finished without a checkpoint")
+    dest = Path(run_dir) / CHECKPOINT_FILE
     with result.checkpoint.as_directory() as d:
-        dest = run_dir / CHECKPOINT_FILE
         dest.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
-    metrics = dict(result.metrics)
-    for key in ("per_class", "confusion", "init_weights"):
-        if key in metrics:
-            metrics[key] = json.loads(metrics[key])
-    if on_progress and progress_path.exists():
-        on_progress(json.loads(progress_path.read_text()))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=time.time() - t0)
+    return dest, dict(result.metrics), time.time() - t0

@@ -273,25 +273,14 @@ def load_init_weights(model: nn.Module, path) -> dict:
     Raises:
         ValueError: ``Got ...; expected ...`` listing every missing, unexpected or mis-shaped key.
     """
+    from edge_export.weights import state_dict_mismatch
+
     sd = _read_state_dict(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
-    head = [k for k, _, _ in shapes if k.startswith("fc.")]
-    body = [s for s in shapes if not s[0].startswith("fc.")]
-    if missing or unexpected or body:
-        parts = []
-        if body:
-            parts.append("shape mismatches " + ", ".join(f"{k}: got {g}, expected {e}" for k, g, e in body[:12])
-                         + (f" (+{len(body) - 12} more)" if len(body) > 12 else ""))
-        if missing:
-            parts.append(f"missing keys {', '.join(missing[:12])}" + (f" (+{len(missing) - 12} more)" if len(missing) > 12 else ""))
-        if unexpected:
-            parts.append(f"unexpected keys {', '.join(unexpected[:12])}"
-                         + (f" (+{len(unexpected) - 12} more)" if len(unexpected) > 12 else ""))
+    problem, head = state_dict_mismatch(own, sd, new_head=("fc.",))
+    if problem:
         raise ValueError(
-            f"Got a state dict in {path} that does not fit the model ({'; '.join(parts)}); expected the state dict "
+            f"Got a state dict in {path} that does not fit the model ({problem}); expected the state dict "
             f"of the same architecture: pass the --arch, --width, --depths and --stem-stride it was trained with "
             f"(leave --width unset to take arch, width and depths from the file)"
         )

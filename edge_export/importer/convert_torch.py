@@ -415,21 +415,12 @@ def _load_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _fit_weights(module: Any, state: dict[str, Any], target: str, weights: str | os.PathLike[str]) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}")
-        if shapes:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3]))
+    from edge_export.weights import state_dict_mismatch
+
+    problem, _ = state_dict_mismatch(module.state_dict(), state)
+    if problem:
         raise ValueError(
-            f"Got --weights {Path(weights).name} that do not fit the module {target} returns ({'; '.join(parts)}); "
+            f"Got --weights {Path(weights).name} that do not fit the module {target} returns ({problem}); "
             "expected the state dict of that very module (torch.save(model.state_dict(), path))"
         )
     module.load_state_dict(state)
