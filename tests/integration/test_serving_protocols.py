@@ -169,7 +169,8 @@ def test_stream_answers_in_order_with_a_summary(serve_url, local) -> None:
     frames[7] = frames[7][: len(frames[7]) // 2]  # a truncated frame: its own error, the stream goes on
     with connect(_ws_url(serve_url, "?model=tiny&top_k=2&max_in_flight=4"), max_size=2**22) as ws:
         hello = json.loads(ws.recv(timeout=30))
-        assert hello == {"type": "ready", "model": "tiny", "version": 1, "variant": "default", "max_in_flight": 4}
+        assert hello == {"type": "ready", "model": "tiny", "version": 1, "variant": "default", "max_in_flight": 4,
+                         "sizes": ["32x32"], "size": None}
         got = _windowed(ws, frames, 4)
         ws.send(json.dumps({"type": "close"}))
         summary = json.loads(ws.recv(timeout=60))
