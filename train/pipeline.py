@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,8 +28,12 @@ def register_checkpoint(
     description: str = "",
     set_production_if_none: bool = True,
     aliases: tuple[str, ...] = (),
+    input_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> ModelCard:
     """Export ``model.pt`` to ONNX (with the parity check) and register both files.
+
+    ``input_sizes`` (the trained size first) keeps H x W dynamic in the ONNX graph, checks
+    parity at each size and lists them in the card, so the version serves at all of them.
 
     Returns the stored card; the new version's number is ``card.version``.
     """
@@ -38,6 +42,10 @@ def register_checkpoint(
 
     model, meta = load_checkpoint(checkpoint)
     input_size = tuple(int(v) for v in meta["input_size"])
+    sizes = [tuple(int(v) for v in sz) for sz in input_sizes] if input_sizes else None
+    if sizes and sizes[0] != input_size:
+        raise ValueError(f"Got input_sizes starting with {sizes[0][0]}x{sizes[0][1]}; expected the trained size "
+                         f"{input_size[0]}x{input_size[1]} first (the default)")
     labels = list(meta["labels"])
     trained = json.loads(meta.get("metrics", "{}")) if isinstance(meta.get("metrics"), str) else {}
     card_metrics = {
@@ -71,12 +79,14 @@ def register_checkpoint(
                 "arch": meta["arch"],
             },
             parity_images=parity_images,
+            input_sizes=sizes if sizes and len(sizes) > 1 else None,
         )
         card = ModelCard(
             name=name,
             task=Task.CLASSIFICATION,
             labels=labels,
             input_size=input_size,  # type: ignore[arg-type]
+            input_sizes=sizes if sizes and len(sizes) > 1 else [],
             resize=meta["resize"],
             model_file="model.onnx",
             format="onnx",

@@ -44,7 +44,8 @@ def test_defaults_train_a_gray_face_model_from_a_state_dict(ray_session, setting
 
     report = tmp_path / "model.html"
     r = runner.invoke(app, ["train", "--data", lfw, "--name", "faces", "--epochs", "12", "--workers", "1",
-                            "--init-from", str(weights), "--no-wandb", "--report", str(report), "--json"],
+                            "--init-from", str(weights), "--no-wandb", "--report", str(report), "--json",
+                            "--input-sizes", "48x48"],
                       env={"VISIONFLEET_HOME": str(vf_home), "COLUMNS": "200"}, catch_exceptions=False)
     assert r.exit_code == 0, r.output[-3000:]
     card = json.loads(r.stdout[r.stdout.index("{"):])
@@ -67,6 +68,10 @@ def test_defaults_train_a_gray_face_model_from_a_state_dict(ray_session, setting
     x, y = load_arrays(settings.datasets_dir / lfw, "holdout", (32, 32))
     onnx = load_model_dir(Registry(settings.registry_dir).local_dir("faces", card["version"]), RuntimeOptions(threads=1))
     assert float((onnx.run(x)[0].argmax(1) == y).mean()) == pytest.approx(m["holdout_top1"])
+    # --input-sizes: the trained size stays the default, the ONNX graph also runs at 48x48
+    assert card["input_sizes"] == [[32, 32], [48, 48]]
+    x48, _ = load_arrays(settings.datasets_dir / lfw, "holdout", (48, 48))
+    assert onnx.run(x48)[0].shape == (len(x48), 2)
 
     page = report.read_text()
     assert 'alt="confusion matrix of faces:' in page and "from pretrained.pt" in page and "<td>non-face</td>" in page
@@ -85,3 +90,14 @@ def test_init_from_a_mismatched_state_dict_is_refused_before_training(ray_sessio
     text = " ".join(r.output.split())
     assert "Got a state dict in" in text and "shape mismatches stem.0.weight: got (8, 3, 3, 3), expected (16, 1, 3, 3)" in text
     assert "expected the state dict of the same architecture" in text
+
+
+def test_bad_input_sizes_are_refused_before_training(ray_session, vf_home, lfw, tmp_path) -> None:
+    env = {"VISIONFLEET_HOME": str(vf_home), "COLUMNS": "200"}
+    r = runner.invoke(app, ["train", "--data", lfw, "--input-sizes", "48x48,48x48", "--no-wandb"], env=env)
+    assert r.exit_code != 0 and "Got '48x48,48x48' for --input-sizes; expected distinct sizes" in r.output
+    det = runner.invoke(app, ["data", "synth", "--task", "detection", "--name", "det-sizes", "--n-train", "4",
+                              "--n-holdout", "2", "--size", "64"], env=env)
+    assert det.exit_code == 0, det.output[-2000:]
+    r = runner.invoke(app, ["train", "--data", "det-sizes", "--input-sizes", "64x64,96x96", "--no-wandb"], env=env)
+    assert r.exit_code != 0 and "Got --input-sizes 64x64,96x96 for a detector; expected one size" in r.output

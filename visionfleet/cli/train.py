@@ -37,8 +37,14 @@ def run_training(
     in_channels: int = 3,
     init_weights: Optional[str] = None,
     plan: Optional[dict] = None,
+    serve_sizes: Optional[list[tuple[int, int]]] = None,
 ):
-    """Train, export, register; returns ``(card, train_result)``. Ray is started if needed."""
+    """Train, export, register; returns ``(card, train_result)``. Ray is started if needed.
+
+    ``serve_sizes``: more (height, width) sizes the version also serves at; the ONNX
+    graph then keeps H x W dynamic (parity-checked at each) and the card lists them,
+    the trained size first.
+    """
     import ray
 
     from cluster.local import init_embedded, runtime_env
@@ -110,6 +116,7 @@ def run_training(
         run_id=result.run_id,
         description=description,
         steps=[{"op": "train", "run": result.run_id, **({"training": plan} if plan else {})}],
+        input_sizes=[size, *[sz for sz in serve_sizes if tuple(sz) != size]] if serve_sizes else None,
     )
     return card, result
 
@@ -143,6 +150,9 @@ def train(
     val_fraction: Annotated[Optional[float], typer.Option(help="share of train held back for early stopping (0: none)")] = None,
     patience: Annotated[Optional[int], typer.Option(help="epochs without a better validation top-1 before stopping")] = None,
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="torch state dict (.pt) of a built-in architecture to start from")] = None,
+    input_sizes: Annotated[Optional[str], typer.Option(
+        "--input-sizes", help="also serve at these sizes, e.g. 96x96,128x128: the ONNX keeps H x W dynamic "
+        "(the trained size stays the default)")] = None,
     report: Annotated[Optional[str], typer.Option("--report", help="write an HTML page: settings, per-class accuracy, confusion matrix")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker")] = 0.5,
@@ -165,7 +175,15 @@ def train(
     ds = resolve_dataset(data, settings().ensure().datasets_dir)
     from visionfleet.datasets.detect import is_detection_dataset
 
+    serve_sizes = None
+    if input_sizes is not None:
+        from visionfleet.cli.models import _parse_sizes
+
+        serve_sizes = _parse_sizes(input_sizes)
     if is_detection_dataset(ds) or arch == "anchorfree":  # boxes: the built-in detector (docs/detection.md)
+        if serve_sizes:
+            raise ValueError(f"Got --input-sizes {input_sizes} for a detector; expected one size (--input-size): "
+                             "the detector's decode is exported for its training size")
         from visionfleet.cli._detect import train_detector
 
         return train_detector(ds, name=name, arch=arch, width=width, input_size=input_size, resize=resize, epochs=epochs,
@@ -211,6 +229,7 @@ def train(
         in_channels=1 if v["grayscale"] else 3,
         init_weights=init_from,
         plan=plan.to_dict(),
+        serve_sizes=serve_sizes,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
         seed=seed,
