@@ -497,20 +497,33 @@ def measure_variant(
     on_event("accuracy", None, None, f"top-1 on {len(hy)} holdout images")
     top1 = M.holdout_top1(variant, hx, hy)
     parent_top1 = M.holdout_top1(parent, hx, hy)
-    on_event("latency", None, None, f"batch 1, {threads} threads")
-    lat = M.single_stream(variant, hx[:64], queries=settings.latency_queries)
-    rounds = M.alternate(
-        [parent, variant],
-        lambda r: M.offline(r, hx[:64], batch=8, batches=4).images_per_s,
-        rounds=settings.compare_rounds,
-        on_round=lambda k: on_event("offline", k, settings.compare_rounds, "alternating with the parent"),
-    )
-    speedup = M.ratio_stats(rounds["variant"], rounds["parent"])
-    metrics: dict[str, Any] = {
+    return {
         "holdout_top1": top1,
         "holdout_n": int(len(hy)),
         "parent_holdout_top1": parent_top1,
         "top1_drop_pt": (parent_top1 - top1) * 100.0,
+        **_measure_cost(variant, parent, hx[:64], variant_path, parent_path, settings, on_event),
+    }
+
+
+def _measure_cost(
+    variant: Any, parent: Any, images: np.ndarray, variant_path: Path, parent_path: Path,
+    settings: OptimizeSettings, on_event: Event,
+) -> dict[str, Any]:
+    """What a variant costs beside its parent, whatever the task: size, MACs, batch-1 latency,
+    batch-8 throughput alternating with the parent (the speed-up), peak memory, the machine."""
+    from edge_export import measure as M
+
+    threads = settings.resolved_threads
+    on_event("latency", None, None, f"batch 1, {threads} threads")
+    lat = M.single_stream(variant, images, queries=settings.latency_queries)
+    rounds = M.alternate(
+        [parent, variant],
+        lambda r: M.offline(r, images, batch=8, batches=4).images_per_s,
+        rounds=settings.compare_rounds,
+        on_round=lambda k: on_event("offline", k, settings.compare_rounds, "alternating with the parent"),
+    )
+    cost: dict[str, Any] = {
         "size_mb": M.file_mb(variant_path),
         "parent_size_mb": M.file_mb(parent_path),
         "macs_per_image": M.count_macs(variant_path),
@@ -519,14 +532,14 @@ def measure_variant(
         "latency_b1_p95_ms": lat.p95_ms,
         "offline_b8_images_per_s": float(np.median(rounds["variant"])),
         "parent_offline_b8_images_per_s": float(np.median(rounds["parent"])),
-        "speedup_offline_b8": speedup.to_dict(),
+        "speedup_offline_b8": M.ratio_stats(rounds["variant"], rounds["parent"]).to_dict(),
         "threads": threads,
     }
     if settings.peak_memory:
         on_event("memory", None, None, "peak memory in a fresh process")
-        metrics["peak_memory_mb"] = M.peak_memory_mb(variant_path, threads=threads)
-    metrics["measured_on"] = M.machine_info(threads)
-    return metrics
+        cost["peak_memory_mb"] = M.peak_memory_mb(variant_path, threads=threads)
+    cost["measured_on"] = M.machine_info(threads)
+    return cost
 
 
 def _measure_detector(
@@ -554,15 +567,7 @@ def _measure_detector(
     v, p = scores["variant"], scores["parent"]
     hx = np.stack([load_for_model(split.image_path(im).read_bytes(), tuple(card.input_size), card.resize)[0]
                    for im in split.doc["images"][:64]])
-    on_event("latency", None, None, f"batch 1, {threads} threads")
-    lat = M.single_stream(variant, hx, queries=settings.latency_queries)
-    rounds = M.alternate(
-        [parent, variant],
-        lambda r: M.offline(r, hx, batch=8, batches=4).images_per_s,
-        rounds=settings.compare_rounds,
-        on_round=lambda k: on_event("offline", k, settings.compare_rounds, "alternating with the parent"),
-    )
-    metrics: dict[str, Any] = {
+    return {
         "holdout_map50": v.map50,
         "holdout_map50_95": v.map50_95,
         "parent_holdout_map50": p.map50,
@@ -572,22 +577,8 @@ def _measure_detector(
         "holdout_n": v.images,
         "holdout_boxes": v.gt_boxes,
         "evaluator": v.evaluator,
-        "size_mb": M.file_mb(variant_path),
-        "parent_size_mb": M.file_mb(parent_path),
-        "macs_per_image": M.count_macs(variant_path),
-        "parent_macs_per_image": M.count_macs(parent_path),
-        "latency_b1_p50_ms": lat.p50_ms,
-        "latency_b1_p95_ms": lat.p95_ms,
-        "offline_b8_images_per_s": float(np.median(rounds["variant"])),
-        "parent_offline_b8_images_per_s": float(np.median(rounds["parent"])),
-        "speedup_offline_b8": M.ratio_stats(rounds["variant"], rounds["parent"]).to_dict(),
-        "threads": threads,
+        **_measure_cost(variant, parent, hx, variant_path, parent_path, settings, on_event),
     }
-    if settings.peak_memory:
-        on_event("memory", None, None, "peak memory in a fresh process")
-        metrics["peak_memory_mb"] = M.peak_memory_mb(variant_path, threads=threads)
-    metrics["measured_on"] = M.machine_info(threads)
-    return metrics
 
 
 # --------------------------------------------------------------------------- pipeline
