@@ -22,7 +22,6 @@ labels to categories by *name*, so real COCO files (ids 1..90 with gaps) work to
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,12 +34,10 @@ import numpy as np
 from visionfleet.datasets.synth import (
     CLASSES,
     _background,
-    _contrasting_color,
     _distractors,
     _fill,
-    _mask_for,
-    _pattern,
     _rand_color,
+    paint_object,
 )
 
 __all__ = [
@@ -86,19 +83,7 @@ def render_detection_sample(
             continue  # no room left: fewer objects in this image
         cls_idx = int(rng.integers(0, len(CLASSES)))
         cls = CLASSES[cls_idx]
-        mask = _mask_for(cls, rng, s, cx, cy, r)
-        region = img[mask > 0.5]
-        ref = region.mean(0) if len(region) else img.reshape(-1, 3).mean(0)
-        color = _contrasting_color(rng, ref)
-        fg = np.empty_like(img)
-        fg[:] = color
-        pattern = _pattern(cls, rng, s, r)
-        if pattern is not None:
-            fg = fg * (1 - pattern[..., None]) + _contrasting_color(rng, color, 60.0) * pattern[..., None]
-        ang = rng.uniform(0, 2 * math.pi)
-        shade = 1.0 + rng.uniform(0.0, 0.35) * ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / max(r, 1.0)
-        fg = fg * np.clip(shade, 0.55, 1.45)[..., None]
-        img = img * (1 - mask[..., None]) + fg * mask[..., None]
+        img, mask = paint_object(img, rng, cls, cx, cy, r, xx, yy)
         for m in masks:  # what this object covers is no longer visible of the earlier ones
             m *= 1 - mask
         placed.append((cx, cy, r))

@@ -231,17 +231,18 @@ def _contrasting_color(rng: np.random.Generator, ref: np.ndarray, min_dist: floa
     return best  # type: ignore[return-value]
 
 
-def render_sample(seed: int, index: int, size: int = 64, label: int | None = None) -> tuple[np.ndarray, int]:
-    """Render one RGB uint8 image and its label; a pure function of its arguments."""
-    rng = np.random.default_rng([seed, index, 0x5EED])
-    cls_idx = int(rng.integers(0, len(CLASSES))) if label is None else int(label)
-    cls = CLASSES[cls_idx]
-    s = size
-    img = _background(rng, s)
-    _distractors(img, rng, s)
-    r = s * rng.uniform(0.2, 0.36)
-    cx = rng.uniform(r * 0.8, s - r * 0.8)
-    cy = rng.uniform(r * 0.8, s - r * 0.8)
+def paint_object(
+    img: np.ndarray, rng: np.random.Generator, cls: str, cx: float, cy: float, r: float,
+    xx: np.ndarray, yy: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one shape of class ``cls`` (centre ``cx, cy``, radius ``r``) onto float ``img``.
+
+    A colour that stands out from what it covers, the class's pattern if it has one, and
+    directional shading; returns the new image and the shape's soft mask. The classifier
+    data (:func:`render_sample`) and the detection data (``datasets.detect``) share it.
+    ``xx, yy`` are the pixel grids (``np.mgrid``), made once per image.
+    """
+    s = img.shape[0]
     mask = _mask_for(cls, rng, s, cx, cy, r)
     region = img[mask > 0.5]
     ref = region.mean(0) if len(region) else img.reshape(-1, 3).mean(0)
@@ -253,11 +254,25 @@ def render_sample(seed: int, index: int, size: int = 64, label: int | None = Non
         color2 = _contrasting_color(rng, color, 60.0)
         fg = fg * (1 - pattern[..., None]) + color2 * pattern[..., None]
     # directional shading so the object is not one flat color
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     ang = rng.uniform(0, 2 * math.pi)
     shade = 1.0 + rng.uniform(0.0, 0.35) * ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / max(r, 1.0)
     fg = fg * np.clip(shade, 0.55, 1.45)[..., None]
-    img = img * (1 - mask[..., None]) + fg * mask[..., None]
+    return img * (1 - mask[..., None]) + fg * mask[..., None], mask
+
+
+def render_sample(seed: int, index: int, size: int = 64, label: int | None = None) -> tuple[np.ndarray, int]:
+    """Render one RGB uint8 image and its label; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, index, 0x5EED])
+    cls_idx = int(rng.integers(0, len(CLASSES))) if label is None else int(label)
+    cls = CLASSES[cls_idx]
+    s = size
+    img = _background(rng, s)
+    _distractors(img, rng, s)
+    r = s * rng.uniform(0.2, 0.36)
+    cx = rng.uniform(r * 0.8, s - r * 0.8)
+    cy = rng.uniform(r * 0.8, s - r * 0.8)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    img, mask = paint_object(img, rng, cls, cx, cy, r, xx, yy)
     if rng.random() < 0.35:  # occluder over part of the object
         ow, oh = r * rng.uniform(0.4, 0.9), r * rng.uniform(0.3, 0.7)
         ox = cx + rng.choice([-1, 1]) * r * rng.uniform(0.5, 1.0) - ow / 2
