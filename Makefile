@@ -16,9 +16,10 @@ LOCK   := constraints.txt
 UV_DIR := build/uv
 TORCH_WHEELS ?= /opt/wheels
 
-.PHONY: install lock demo test test-unit test-integration test-slow clean
+.PHONY: install lock demo test test-unit test-integration test-slow clean postgres-deps s3 postgres
 
 $(STAMP): pyproject.toml $(LOCK)
+	$(MAKE) postgres-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[cluster,dev,conformance,datasets]'
@@ -59,6 +60,22 @@ test-integration: $(STAMP)
 # Heavy scenario checks that do not fit CI (full demo with targets, long runs).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow tests -s
+
+# PostgreSQL (the server profile's database, and what the test suite starts) is Debian's package.
+postgres-deps:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
+	    echo "installing Debian's postgresql package"; \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q postgresql-common postgresql; }
+
+# The server profile on one machine (docs/operations.md): each runs in the foreground and
+# prints the environment to export. PG_DIR keeps the database across runs.
+PG_DIR ?= .visionfleet-pg
+s3: $(STAMP)
+	$(BIN)/python -m cluster.services s3 $(if $(PORT),--port $(PORT))
+
+postgres: $(STAMP)
+	$(BIN)/python -m cluster.services postgres --dir $(PG_DIR) $(if $(PORT),--port $(PORT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -42,3 +42,46 @@ def sample_rgb() -> np.ndarray:
 
     img, _ = render_sample(7, 3, 96)
     return img
+
+
+# The server profile's two servers, started once per session on 127.0.0.1 and free ports,
+# only when a test asks for them (cluster/services.py; stopped at the end of the session).
+@pytest.fixture(scope="session")
+def s3_server():
+    from cluster.services import s3_server as _s3
+
+    with _s3() as srv:
+        yield srv
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """The AWS variables for the session's S3 server, and a fresh bucket: returns ``s3://<bucket>``."""
+    import uuid
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server.create_bucket(f"vf-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    from cluster.services import postgres_server
+
+    with postgres_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh database on the session's PostgreSQL: returns its SQLAlchemy URL."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"vf_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return pg_server.url.rsplit("/", 1)[0] + f"/{name}"

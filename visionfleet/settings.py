@@ -1,10 +1,20 @@
-"""Settings and the state directory.
+"""Settings: the node-local state directory, the shared store and the database.
 
-The state directory holds everything visionfleet writes: the model registry,
-datasets, training runs, telemetry and the local Ray head's files. It is
-``$VISIONFLEET_HOME`` when set, else ``./.visionfleet``, and it is always made
-absolute at the edge (CLI, job entrypoint) so that no worker resolves a relative
-path against its own working directory.
+Three places hold state (docs/operations.md has the three profiles):
+
+* ``home`` (``$VISIONFLEET_HOME``, else ``./.visionfleet``): this node's own directory,
+  always a local path, made absolute at the edge (CLI, job entrypoint) so that no worker
+  resolves it against its own working directory. Caches (model files by content hash),
+  scratch space and the local Ray head's files live here; on one machine, everything else
+  does too.
+* ``store`` (``$VISIONFLEET_STORE``, default: ``home``): where shared blobs live (registry
+  versions, datasets, the telemetry lake, labeling-sample images, Ray Train/Tune storage,
+  the TUF repository). A local path or an ``s3://bucket/prefix`` URI; each area can be
+  moved on its own with ``$VISIONFLEET_STORE_<AREA>`` (``store_uri``). Nothing builds a
+  local path from a URI: code that needs a file asks ``visionfleet.store``.
+* ``db_url`` (``$VISIONFLEET_DB``, default ``sqlite:///<home>/state.db``): the SQLAlchemy
+  URL of the shared metadata (aliases and version allocation, the labeling queue,
+  experiment state, the fleet). PostgreSQL (``postgresql+psycopg://...``) on a cluster.
 """
 
 from __future__ import annotations
@@ -13,10 +23,14 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Settings", "ENV_HOME", "DEFAULT_HOME"]
+__all__ = ["Settings", "ENV_HOME", "ENV_STORE", "ENV_DB", "DEFAULT_HOME", "STORE_AREAS"]
 
 ENV_HOME = "VISIONFLEET_HOME"
+ENV_STORE = "VISIONFLEET_STORE"
+ENV_DB = "VISIONFLEET_DB"
 DEFAULT_HOME = ".visionfleet"
+# The areas of the shared store; each may be overridden by $VISIONFLEET_STORE_<AREA>.
+STORE_AREAS = ("registry", "datasets", "telemetry", "samples", "runs", "tune", "tuf", "experiments")
 
 # 40 megapixels: a 8K frame is 33 MP. Anything larger is refused from the header,
 # before a single pixel is decoded (decompression bombs declare huge sizes).
@@ -33,10 +47,26 @@ class Settings:
     max_pixels: int = _DEFAULT_MAX_PIXELS
     max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES
     extra_env: dict[str, str] = field(default_factory=dict)
+    store: str = ""  # "" means the home; else a local absolute path or a URI (s3://bucket/prefix)
+    db_url: str = ""  # "" means sqlite:///<home>/state.db
+    store_overrides: dict[str, str] = field(default_factory=dict)  # area -> URI
 
     def __post_init__(self) -> None:
+        if "://" in str(self.home):
+            raise ValueError(f"Got {self.home!s} for home; expected a local path (a shared store goes in "
+                             f"${ENV_STORE}, e.g. s3://bucket/prefix)")
         if not Path(self.home).is_absolute():
             raise ValueError(f"Got {self.home!s} for home; expected an absolute path")
+        if not self.store:
+            object.__setattr__(self, "store", str(self.home))
+        elif "://" not in self.store:
+            if not Path(self.store).is_absolute():
+                raise ValueError(f"Got {self.store!r} for store; expected an absolute path or a URI")
+        if not self.db_url:
+            object.__setattr__(self, "db_url", f"sqlite:///{self.home}/state.db")
+        for area in self.store_overrides:
+            if area not in STORE_AREAS:
+                raise ValueError(f"Got {area!r} for a store area; expected one of {', '.join(STORE_AREAS)}")
         if self.max_pixels <= 0:
             raise ValueError(f"Got {self.max_pixels} for max_pixels; expected > 0")
         if self.max_body_bytes <= 0:
@@ -51,10 +81,44 @@ class Settings:
             kwargs["max_pixels"] = int(os.environ["VISIONFLEET_MAX_PIXELS"])
         if "VISIONFLEET_MAX_BODY_BYTES" in os.environ:
             kwargs["max_body_bytes"] = int(os.environ["VISIONFLEET_MAX_BODY_BYTES"])
-        return cls(home=Path(raw).expanduser().resolve(), **kwargs)
+        raw_s = os.fspath(raw)
+        if "://" in raw_s:
+            raise ValueError(f"Got {raw_s!r} for ${ENV_HOME}; expected a local path (a shared store goes in "
+                             f"${ENV_STORE}, e.g. s3://bucket/prefix)")
+        store = os.environ.get(ENV_STORE, "")
+        if store and "://" not in store:
+            store = str(Path(store).expanduser().resolve())
+        overrides = {a: os.environ[f"{ENV_STORE}_{a.upper()}"] for a in STORE_AREAS
+                     if os.environ.get(f"{ENV_STORE}_{a.upper()}")}
+        return cls(home=Path(raw_s).expanduser().resolve(), store=store, db_url=os.environ.get(ENV_DB, ""),
+                   store_overrides=overrides, **kwargs)
 
     def with_home(self, home: str | os.PathLike[str]) -> "Settings":
-        return replace(self, home=Path(home).expanduser().resolve())
+        """The same settings under another home; a store or database that followed the old
+        home (the embedded defaults) follow the new one."""
+        new_home = Path(home).expanduser().resolve()
+        store = "" if self.store == str(self.home) else self.store
+        db = "" if self.db_url == f"sqlite:///{self.home}/state.db" else self.db_url
+        return replace(self, home=new_home, store=store, db_url=db)
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is not this node's disk (an object store URI)."""
+        return "://" in self.store
+
+    def store_uri(self, area: str) -> str:
+        """Where an area of the shared store lives: ``$VISIONFLEET_STORE_<AREA>``, else
+        ``<store>/<area>`` (a local path or a URI; open it with ``visionfleet.store``)."""
+        if area not in STORE_AREAS:
+            raise ValueError(f"Got {area!r} for a store area; expected one of {', '.join(STORE_AREAS)}")
+        if area in self.store_overrides:
+            return self.store_overrides[area]
+        return f"{self.store.rstrip('/')}/{area}"
+
+    @property
+    def cache_dir(self) -> Path:
+        """This node's cache (model files by content hash, resized holdouts …): always local."""
+        return self.home / "cache"
 
     # Layout of the state directory -------------------------------------------------
     @property
@@ -86,6 +150,12 @@ class Settings:
     def runtime_env_vars(self) -> dict[str, str]:
         """Environment every actor, replica, Train worker and job must see."""
         env = {ENV_HOME: str(self.home)}
+        if self.store != str(self.home):
+            env[ENV_STORE] = self.store
+        if self.db_url != f"sqlite:///{self.home}/state.db":
+            env[ENV_DB] = self.db_url
+        for area, uri in self.store_overrides.items():
+            env[f"{ENV_STORE}_{area.upper()}"] = uri
         env["VISIONFLEET_MAX_PIXELS"] = str(self.max_pixels)
         env["VISIONFLEET_MAX_BODY_BYTES"] = str(self.max_body_bytes)
         env.update(self.extra_env)
