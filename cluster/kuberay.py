@@ -10,16 +10,21 @@ https://docs.ray.io/en/latest/cluster/kubernetes/getting-started/rayservice-quic
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.serve_config import REPLICA_DEPLOYMENT, app_config_from_serve_config, to_yaml, validate_serve_config
 
-__all__ = ["RayServiceOptions", "rayservice_manifest", "manifest_yaml", "serve_config_of", "STATE_VOLUME"]
+__all__ = ["RayServiceOptions", "rayservice_manifest", "manifest_yaml", "serve_config_of", "STATE_VOLUME",
+           "validate_manifest", "SCHEMA_PATH"]
 
 STATE_VOLUME = "visionfleet-state"
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "rayservice-crd.json"
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
 # The ports a head pod exposes: GCS, dashboard (job server and `serve deploy`), Ray
 # client, and Serve's HTTP proxy (its number follows the Serve config).
@@ -54,9 +59,32 @@ class RayServiceOptions(BaseModel):
     worker_cpus: float = Field(default=2, gt=0, le=512, description="CPU request and limit of a worker pod")
     worker_memory: str = Field(default="8Gi", pattern=_QUANTITY, description="memory request and limit of a worker pod")
     auth: bool = Field(default=True, description="Ray token authentication (KubeRay authOptions, v1.5.1+)")
+    # Issue 15: the shared store and the database, as container environment. With a store
+    # the home is a node-local emptyDir and no ReadWriteMany volume is needed.
+    store: str | None = Field(default=None, description="VISIONFLEET_STORE as a plain value (s3://bucket/prefix)")
+    store_secret: str | None = Field(default=None, description="Secret whose key 'store' holds VISIONFLEET_STORE")
+    db_secret: str | None = Field(default=None, description="Secret whose key 'url' holds VISIONFLEET_DB")
+    aws_secret: str | None = Field(
+        default=None, description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    aws_endpoint_url: str | None = Field(default=None, description="AWS_ENDPOINT_URL (MinIO, moto), plain")
+    aws_region: str | None = Field(default=None, description="AWS_REGION, plain")
 
     @model_validator(mode="after")
     def _bounds(self) -> "RayServiceOptions":
+        for flag, value in (("store-secret", self.store_secret), ("db-secret", self.db_secret),
+                            ("aws-secret", self.aws_secret)):
+            if value is not None and not re.fullmatch(_DNS_SUBDOMAIN, value):
+                raise ValueError(f"Got {value!r} for --{flag}; expected a Kubernetes Secret name (lower-case "
+                                 "letters, digits, '-' and '.', at most 253 characters)")
+        if self.store is not None and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", self.store):
+            raise ValueError(f"Got {self.store!r} for --store; expected s3://bucket/prefix (a path in the pods "
+                             "goes in --home with --pvc)")
+        if self.store is not None and self.store_secret is not None:
+            raise ValueError("Got both --store and --store-secret; expected one of them")
+        if self.aws_endpoint_url is not None and not re.fullmatch(r"https?://\S+", self.aws_endpoint_url):
+            raise ValueError(f"Got {self.aws_endpoint_url!r} for --aws-endpoint-url; expected http(s)://host[:port]")
+        if not self.has_store and (self.aws_secret or self.aws_endpoint_url or self.aws_region):
+            raise ValueError("Got AWS settings without --store or --store-secret; expected them only with a store")
         lo = self.workers if self.min_workers is None else self.min_workers
         hi = self.workers if self.max_workers is None else self.max_workers
         if not lo <= self.workers <= hi:
@@ -64,6 +92,10 @@ class RayServiceOptions(BaseModel):
                 f"Got min_workers={lo}, workers={self.workers}, max_workers={hi}; expected min ≤ workers ≤ max"
             )
         return self
+
+    @property
+    def has_store(self) -> bool:
+        return self.store is not None or self.store_secret is not None
 
     @property
     def floor(self) -> int:
@@ -78,13 +110,35 @@ def _cpu(quantity: float) -> str:
     return str(int(quantity)) if float(quantity).is_integer() else f"{round(quantity * 1000)}m"
 
 
-def _container(name: str, image: str, home: str, cpus: float, memory: str, ports: list[dict]) -> dict[str, Any]:
+def _secret(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _env(home: str, options: RayServiceOptions) -> list[dict[str, Any]]:
+    # Jobs (`ray job submit`) and the retraining controller resolve state through these.
+    env: list[dict[str, Any]] = [{"name": "VISIONFLEET_HOME", "value": home}]
+    if options.store is not None:
+        env.append({"name": "VISIONFLEET_STORE", "value": options.store})
+    if options.store_secret is not None:
+        env.append(_secret("VISIONFLEET_STORE", options.store_secret, "store"))
+    if options.db_secret is not None:
+        env.append(_secret("VISIONFLEET_DB", options.db_secret, "url"))
+    if options.aws_secret is not None:
+        env += [_secret(k, options.aws_secret, k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    if options.aws_endpoint_url is not None:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": options.aws_endpoint_url})
+    if options.aws_region is not None:
+        env.append({"name": "AWS_REGION", "value": options.aws_region})
+    return env
+
+
+def _container(name: str, image: str, home: str, cpus: float, memory: str, ports: list[dict],
+               options: RayServiceOptions) -> dict[str, Any]:
     res = {"cpu": _cpu(cpus), "memory": memory}
     c: dict[str, Any] = {
         "name": name,
         "image": image,
-        # Jobs (`ray job submit`) and the retraining controller resolve state through it.
-        "env": [{"name": "VISIONFLEET_HOME", "value": home}],
+        "env": _env(home, options),
         # Requests = limits: Guaranteed QoS, so Ray's CPU count matches what the pod gets.
         "resources": {"requests": dict(res), "limits": dict(res)},
         "volumeMounts": [{"name": STATE_VOLUME, "mountPath": home}],
@@ -95,6 +149,8 @@ def _container(name: str, image: str, home: str, cpus: float, memory: str, ports
 
 
 def _volumes(options: RayServiceOptions) -> list[dict[str, Any]]:
+    if options.has_store:  # shared state is in the object store: home is node-local scratch
+        return [{"name": STATE_VOLUME, "emptyDir": {}}]
     return [{"name": STATE_VOLUME, "persistentVolumeClaim": {"claimName": options.pvc}}]
 
 
@@ -135,7 +191,7 @@ def rayservice_manifest(serve_doc: dict[str, Any], options: RayServiceOptions) -
     """
     validate_serve_config(serve_doc)
     app = app_config_from_serve_config(serve_doc)
-    if "://" in app.home:
+    if "://" in app.home:  # the store URI goes in options.store; home is a path in the pods
         raise ValueError(f"Got {app.home!r} for home; expected a path inside the pods (the volume's mount path)")
     _check_capacity(serve_doc, options)
     serve_port = int(serve_doc.get("http_options", {}).get("port", 8000))
@@ -156,7 +212,7 @@ def rayservice_manifest(serve_doc: dict[str, Any], options: RayServiceOptions) -
                 "spec": {
                     "containers": [
                         _container("ray-head", options.image, app.home, options.head_cpus, options.head_memory,
-                                   head_ports)
+                                   head_ports, options)
                     ],
                     "volumes": _volumes(options),
                 }
@@ -173,7 +229,7 @@ def rayservice_manifest(serve_doc: dict[str, Any], options: RayServiceOptions) -
                     "spec": {
                         "containers": [
                             _container("ray-worker", options.image, app.home, options.worker_cpus,
-                                       options.worker_memory, [])
+                                       options.worker_memory, [], options)
                         ],
                         "volumes": _volumes(options),
                     }
@@ -219,3 +275,42 @@ def manifest_yaml(manifest: dict[str, Any]) -> str:
 
     _Dumper.add_representer(str, _str)
     return yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def _strict(node: Any) -> Any:
+    """The CRD schema as plain JSON Schema: ``x-kubernetes-int-or-string`` becomes
+    ``anyOf`` integer/string (as the API server reads it); an object with ``properties``
+    and neither ``additionalProperties`` nor ``x-kubernetes-preserve-unknown-fields``
+    rejects unknown fields, as ``kubectl apply --validate=strict`` (kubectl's default)
+    does, where the API server alone would silently prune them. Other ``x-kubernetes-*``
+    keys (list types, map keys, embedded resources) and ``format`` are not checked."""
+    if isinstance(node, list):
+        return [_strict(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if k != "description"}
+    if out.get("x-kubernetes-int-or-string"):
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_manifest(manifest: dict[str, Any]) -> None:
+    """Check a RayService against KubeRay's vendored ``ray.io/v1`` CRD schema.
+
+    Raises:
+        ValueError: the first schema violation, with its path in the manifest.
+    """
+    import json
+
+    import jsonschema
+
+    schema = _strict(json.loads(SCHEMA_PATH.read_text())["openAPIV3Schema"])
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise ValueError(f"Got a RayService that KubeRay's CRD rejects at {where}: {e.message}; expected a manifest "
+                         f"that matches {SCHEMA_PATH.name}")

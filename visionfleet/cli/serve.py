@@ -208,7 +208,8 @@ def telemetry(
 from pathlib import Path  # noqa: E402
 
 _KUBERAY_ONLY = ("image", "pvc", "workers", "min_workers", "max_workers", "worker_cpus", "worker_memory",
-                 "head_cpus", "head_memory", "name")
+                 "head_cpus", "head_memory", "name", "store", "store_secret", "db_secret", "aws_secret",
+                 "aws_endpoint_url", "aws_region")
 
 
 @app.command("config")
@@ -244,6 +245,12 @@ def config(
     head_cpus: Annotated[Optional[float], typer.Option(help="--kuberay: CPUs of the head pod")] = None,
     head_memory: Annotated[Optional[str], typer.Option(help="--kuberay: memory of the head pod, e.g. 8Gi")] = None,
     name: Annotated[Optional[str], typer.Option(help="--kuberay: name of the RayService")] = None,
+    store: Annotated[Optional[str], typer.Option(help="--kuberay: VISIONFLEET_STORE (s3://bucket/prefix); home becomes an emptyDir")] = None,
+    store_secret: Annotated[Optional[str], typer.Option(help="--kuberay: Secret whose key 'store' holds VISIONFLEET_STORE")] = None,
+    db_secret: Annotated[Optional[str], typer.Option(help="--kuberay: Secret whose key 'url' holds VISIONFLEET_DB")] = None,
+    aws_secret: Annotated[Optional[str], typer.Option(help="--kuberay: Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY")] = None,
+    aws_endpoint_url: Annotated[Optional[str], typer.Option(help="--kuberay: AWS_ENDPOINT_URL (MinIO)")] = None,
+    aws_region: Annotated[Optional[str], typer.Option(help="--kuberay: AWS_REGION")] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="write to FILE instead of stdout")] = None,
 ) -> None:
     """Print the Serve config YAML for `serve deploy` (or, with --kuberay, a RayService manifest)."""
@@ -258,7 +265,9 @@ def config(
 
     kube = {"image": image, "pvc": pvc, "workers": workers, "min_workers": min_workers, "max_workers": max_workers,
             "worker_cpus": worker_cpus, "worker_memory": worker_memory, "head_cpus": head_cpus,
-            "head_memory": head_memory, "name": name}
+            "head_memory": head_memory, "name": name, "store": store, "store_secret": store_secret,
+            "db_secret": db_secret, "aws_secret": aws_secret, "aws_endpoint_url": aws_endpoint_url,
+            "aws_region": aws_region}
     given = [f"--{k.replace('_', '-')}" for k in _KUBERAY_ONLY if kube[k] is not None]
     if given and not kuberay:
         raise ValueError(f"Got {', '.join(given)} without --kuberay; expected them only with --kuberay")
