@@ -3,7 +3,8 @@
 ``kubectl apply -f`` the result on a Kubernetes cluster with the KubeRay operator
 (v1.5.1 or newer for ``authOptions``). The operator creates a Ray cluster from
 ``spec.rayClusterConfig`` (a head group and one worker group, all pods mounting the
-state dir from one PersistentVolumeClaim) and deploys ``spec.serveConfigV2`` — the very
+state dir from one PersistentVolumeClaim, or, with an object store set, a node-local
+``emptyDir``, with the store, database and S3 credentials as env from Secrets) and deploys ``spec.serveConfigV2`` — the very
 document ``serve deploy`` takes, as a YAML string — onto it. See
 https://docs.ray.io/en/latest/cluster/kubernetes/getting-started/rayservice-quick-start.html
 """
@@ -83,6 +84,8 @@ class RayServiceOptions(BaseModel):
             raise ValueError("Got both --store and --store-secret; expected one of them")
         if self.aws_endpoint_url is not None and not re.fullmatch(r"https?://\S+", self.aws_endpoint_url):
             raise ValueError(f"Got {self.aws_endpoint_url!r} for --aws-endpoint-url; expected http(s)://host[:port]")
+        if self.has_store and "pvc" in self.model_fields_set:
+            raise ValueError("Got --pvc with a store; expected one of them (with --store the home is an emptyDir)")
         if not self.has_store and (self.aws_secret or self.aws_endpoint_url or self.aws_region):
             raise ValueError("Got AWS settings without --store or --store-secret; expected them only with a store")
         lo = self.workers if self.min_workers is None else self.min_workers

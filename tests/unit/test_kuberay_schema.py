@@ -83,6 +83,7 @@ def test_broken_manifest_is_rejected(path: tuple, value: object, needle: str) ->
     ({"store": "s3://b/p", "db_secret": "VF_DB"}, "Got 'VF_DB' for --db-secret; expected a Kubernetes Secret name"),
     ({"aws_secret": "vf-s3"}, "Got AWS settings without --store or --store-secret; expected"),
     ({"store": "s3://vf-b/p", "store_secret": "s"}, "Got both --store and --store-secret; expected one"),
+    ({"store": "s3://vf-b/p", "pvc": "vf-state"}, "Got --pvc with a store; expected one of them"),
 ])
 def test_bad_store_options_refused(kw: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
