@@ -6,7 +6,8 @@ comes out, checked with Ray's own ``ray.serve.schema.ServeDeploySchema``:
 - ``applications[0].args`` is the ``AppConfig`` itself (``serve_apps.app:app_builder``
   parses it back with the same pydantic model, so the YAML cannot drift from the code);
 - ``runtime_env`` carries ``VISIONFLEET_HOME`` (and the W&B mode) to every replica;
-- ``deployments`` repeat the app's resource knobs as Serve overrides (``num_replicas``,
+- ``deployments`` repeat the app's resource knobs as Serve overrides (``num_replicas`` or
+  ``autoscaling_config``,
   ``ray_actor_options``, ``max_replicas_per_node``) so an operator edits them where Serve
   looks, and carry each deployment's ``user_config`` (experiments, batching knobs).
 
@@ -114,6 +115,13 @@ def _runtime_env(app: AppConfig, options: ServeConfigOptions) -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def _scaling(cfg: Any) -> dict[str, Any]:
+    """A deployment's ``num_replicas``, or its ``autoscaling_config`` (Serve refuses a fixed count beside it)."""
+    if cfg.autoscaling is not None:
+        return {"autoscaling_config": cfg.autoscaling.serve_dict()}
+    return {"num_replicas": cfg.num_replicas}
+
+
 def serve_config(
     app: AppConfig,
     options: ServeConfigOptions | None = None,
@@ -146,7 +154,8 @@ def serve_config(
     if app.ingress.inference_in == "ingress":
         # The document then has no ModelReplica deployment: its scaling settings would be dropped silently.
         defaults = type(app.replica).model_fields
-        changed = [f"replica.{k}={getattr(app.replica, k)!r}" for k in ("num_replicas", "max_replicas_per_node")
+        changed = [f"replica.{k}={getattr(app.replica, k)!r}" for k in ("num_replicas", "max_replicas_per_node",
+                                                                      "autoscaling")
                    if getattr(app.replica, k) != defaults[k].default]
         if changed:
             raise ValueError(
@@ -160,7 +169,7 @@ def serve_config(
         )
     replica: dict[str, Any] = {
         "name": REPLICA_DEPLOYMENT,
-        "num_replicas": app.replica.num_replicas,
+        **_scaling(app.replica),
         "max_ongoing_requests": app.replica.max_ongoing_requests,
         "max_queued_requests": app.replica.max_queued_requests,
         "health_check_period_s": app.replica.health_check_period_s,
@@ -170,7 +179,7 @@ def serve_config(
         replica["max_replicas_per_node"] = app.replica.max_replicas_per_node
     ingress = {
         "name": INGRESS_DEPLOYMENT,
-        "num_replicas": app.ingress.num_replicas,
+        **_scaling(app.ingress),
         "max_ongoing_requests": app.ingress.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": app.ingress.num_cpus},
         "user_config": user.model_dump(mode="json", exclude_none=True),

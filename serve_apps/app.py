@@ -69,7 +69,7 @@ def build_app(
         replica = _bind_replica(config, cfg, env, version)
     return Ingress.options(version=version, _internal=True).options(
         user_config=(user_config or IngressUserConfig()).model_dump(mode="json"),
-        num_replicas=config.ingress.num_replicas,
+        **_scaling(config.ingress),
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         # When every ingress replica is full the proxy sheds load itself: a fast 503 with
         # Retry-After (its body is Serve's text, not our JSON — documented).
@@ -79,9 +79,16 @@ def build_app(
     ).bind(cfg, replica)
 
 
+def _scaling(cfg: Any) -> dict[str, Any]:
+    """``num_replicas`` or Serve's ``autoscaling_config`` (never both: Serve refuses that)."""
+    if cfg.autoscaling is not None:
+        return {"autoscaling_config": cfg.autoscaling.serve_dict()}
+    return {"num_replicas": cfg.num_replicas}
+
+
 def _bind_replica(config: AppConfig, cfg: dict, env: dict, version: str):
     return ModelReplica.options(version=version, _internal=True).options(
-        num_replicas=config.replica.num_replicas,
+        **_scaling(config.replica),
         max_ongoing_requests=config.replica.max_ongoing_requests,
         max_queued_requests=config.replica.max_queued_requests,
         health_check_period_s=config.replica.health_check_period_s,

@@ -4,9 +4,47 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "SamplingConfig", "MonitoringConfig"]
+__all__ = ["AutoscalingConfig", "ReplicaConfig", "IngressConfig", "AppConfig", "ArmConfig", "ShadowConfig", "GuardrailConfig", "ExperimentConfig", "IngressUserConfig", "SamplingConfig", "MonitoringConfig"]
+
+
+class AutoscalingConfig(BaseModel):
+    """Ray Serve's ``autoscaling_config`` of one deployment (the field names are Serve's own).
+
+    Serve adds a replica when the ongoing requests per replica stay above
+    ``target_ongoing_requests`` for ``upscale_delay_s`` and removes one when they stay
+    below it for ``downscale_delay_s``, between ``min_replicas`` and ``max_replicas``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="fewest replicas (0: scale to zero)")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="most replicas")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, le=100_000,
+                                           description="ongoing requests per replica Serve aims for")
+    upscale_delay_s: float | None = Field(default=None, ge=0, le=3600,
+                                          description="how long load stays high before a replica is added")
+    downscale_delay_s: float | None = Field(default=None, ge=0, le=3600,
+                                            description="how long load stays low before a replica is removed")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"Got min_replicas={self.min_replicas} > max_replicas={self.max_replicas}; "
+                             "expected min_replicas <= max_replicas")
+        return self
+
+    def serve_dict(self) -> dict[str, Any]:
+        """The ``autoscaling_config`` mapping Serve reads (unset delays: Serve's defaults)."""
+        return self.model_dump(exclude_none=True)
+
+
+def _autoscaling_or_fixed(cfg: Any, where: str) -> None:
+    """Refuse a non-default ``num_replicas`` together with autoscaling (Serve would refuse it later)."""
+    if cfg.autoscaling is not None and cfg.num_replicas != 1:
+        raise ValueError(f"Got {where}.num_replicas={cfg.num_replicas} with {where}.autoscaling; expected one of "
+                         "them: a fixed count or min_replicas/max_replicas")
 
 
 class ReplicaConfig(BaseModel):
@@ -25,6 +63,13 @@ class ReplicaConfig(BaseModel):
                                      description="calls waiting for a replica before the ingress answers 503 (-1: no limit)")
     max_replicas_per_node: int | None = Field(default=None, ge=1, le=100, description="spread replicas across nodes")
     health_check_period_s: float = Field(default=10.0, gt=0, description="how often Serve runs check_health")
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Serve autoscaling of ModelReplica (instead of a fixed num_replicas)")
+
+    @model_validator(mode="after")
+    def _scaling(self) -> "ReplicaConfig":
+        _autoscaling_or_fixed(self, "replica")
+        return self
 
 
 class IngressConfig(BaseModel):
@@ -59,6 +104,16 @@ class IngressConfig(BaseModel):
     max_in_flight: int = Field(default=192, ge=1, le=100_000,
                                description="inference requests one ingress replica holds at once; more get a fast 503")
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="inference requests slower than this get 408")
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Serve autoscaling of the ingress (min_replicas >= 1: it answers HTTP)")
+
+    @model_validator(mode="after")
+    def _scaling(self) -> "IngressConfig":
+        _autoscaling_or_fixed(self, "ingress")
+        if self.autoscaling is not None and self.autoscaling.min_replicas < 1:
+            raise ValueError(f"Got ingress.autoscaling.min_replicas={self.autoscaling.min_replicas}; expected at "
+                             "least 1 (with no ingress replica nothing answers HTTP, not even /healthz)")
+        return self
 
 
 class SamplingConfig(BaseModel):

@@ -29,16 +29,27 @@ def up(
     ingress_mode: Annotated[str, typer.Option(help="proxy (Serve's HTTP proxy) or haproxy (direct ingress: less CPU per request)")] = "proxy",
     inference_in: Annotated[str, typer.Option(
         help="where models run: replicas (ModelReplica deployments) or ingress (in the ingress process: no hop)")] = "replicas",
+    min_replicas: Annotated[Optional[int], typer.Option(help="autoscale ModelReplica: fewest replicas (with --max-replicas)")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="autoscale ModelReplica: most replicas")] = None,
+    target_ongoing_requests: Annotated[Optional[float], typer.Option(help="autoscaling: ongoing requests per replica Serve aims for (default 2)")] = None,
+    upscale_delay_s: Annotated[Optional[float], typer.Option(help="autoscaling: seconds of high load before a replica is added")] = None,
+    downscale_delay_s: Annotated[Optional[float], typer.Option(help="autoscaling: seconds of low load before a replica is removed")] = None,
+    ingress_replicas: Annotated[int, typer.Option(help="ingress replicas (fixed count)")] = 1,
+    ingress_min_replicas: Annotated[Optional[int], typer.Option(help="autoscale the ingress: fewest replicas (>= 1)")] = None,
+    ingress_max_replicas: Annotated[Optional[int], typer.Option(help="autoscale the ingress: most replicas")] = None,
 ) -> None:
     """Start (or join) the local head, deploy the app and wait until /healthz answers 200."""
     from ray import serve
 
     from cluster.local import connect, start_head, update_head, wait_http
+    from cluster.serve_config import options_from
     from serve_apps.config import AppConfig, ExperimentConfig, IngressUserConfig, ReplicaConfig
     from serve_apps.deploy import deploy
     from visionfleet.auth import admin_token
 
-    _refuse_replica_flags(inference_in, replicas=replicas)
+    _refuse_replica_flags(inference_in, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas)
+    scaling = _scaling_flags(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s,
+                             ingress_replicas, ingress_min_replicas, ingress_max_replicas)
     s = settings().ensure()
     cfg = AppConfig(
         home=str(s.home),
@@ -46,9 +57,11 @@ def up(
         admin_token=admin_token(s, create=True),
         max_body_bytes=s.max_body_bytes,
         max_pixels=s.max_pixels,
-        replica=ReplicaConfig(num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads),
+        replica=options_from(ReplicaConfig, num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads,
+                             autoscaling=scaling["replica"]),
         ingress=_ingress_config(inference_in, replica_cpus, max_batch_size=max_batch_size,
-                                batch_wait_timeout_s=batch_wait_ms / 1000),
+                                batch_wait_timeout_s=batch_wait_ms / 1000, num_replicas=ingress_replicas,
+                                autoscaling=scaling["ingress"]),
     )
     from cluster.local import ingress_mode_env
 
@@ -228,6 +241,14 @@ def config(
     batch_wait_ms: Annotated[float, typer.Option(
         help="dynamic batching: extra wait for a batch to fill (0: a batch leaves as soon as a slot is free)")] = 0.0,
     max_replicas_per_node: Annotated[Optional[int], typer.Option(help="spread replicas: at most N per node")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(help="autoscale ModelReplica: fewest replicas (with --max-replicas)")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="autoscale ModelReplica: most replicas")] = None,
+    target_ongoing_requests: Annotated[Optional[float], typer.Option(help="autoscaling: ongoing requests per replica Serve aims for (default 2)")] = None,
+    upscale_delay_s: Annotated[Optional[float], typer.Option(help="autoscaling: seconds of high load before a replica is added")] = None,
+    downscale_delay_s: Annotated[Optional[float], typer.Option(help="autoscaling: seconds of low load before a replica is removed")] = None,
+    ingress_replicas: Annotated[int, typer.Option(help="ingress replicas (fixed count)")] = 1,
+    ingress_min_replicas: Annotated[Optional[int], typer.Option(help="autoscale the ingress: fewest replicas (>= 1)")] = None,
+    ingress_max_replicas: Annotated[Optional[int], typer.Option(help="autoscale the ingress: most replicas")] = None,
     request_timeout: Annotated[float, typer.Option(help="Serve's HTTP timeout, s (above the ingress's)")] = 60.0,
     proxy_location: Annotated[str, typer.Option(help="EveryNode, HeadOnly (one machine), Disabled")] = "EveryNode",
     home: Annotated[Optional[str], typer.Option("--home", help="state dir as the nodes see it")] = None,
@@ -273,7 +294,10 @@ def config(
         raise ValueError(f"Got {', '.join(given)} without --kuberay; expected them only with --kuberay")
     if kuberay and not image:
         raise ValueError("Got --kuberay without --image; expected the container image the pods run")
-    _refuse_replica_flags(inference_in, replicas=replicas, max_replicas_per_node=max_replicas_per_node)
+    _refuse_replica_flags(inference_in, replicas=replicas, max_replicas_per_node=max_replicas_per_node,
+                          min_replicas=min_replicas, max_replicas=max_replicas)
+    scaling = _scaling_flags(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s,
+                             ingress_replicas, ingress_min_replicas, ingress_max_replicas)
     s = settings()
     experiments = []
     for path in experiment or []:
@@ -289,9 +313,10 @@ def config(
         max_body_bytes=s.max_body_bytes,
         max_pixels=s.max_pixels,
         replica=options_from(ReplicaConfig, num_replicas=replicas, num_cpus=replica_cpus, ort_threads=ort_threads,
-                             max_replicas_per_node=max_replicas_per_node),
+                             max_replicas_per_node=max_replicas_per_node, autoscaling=scaling["replica"]),
         ingress=options_from(IngressConfig, num_cpus=ingress_cpus, inference_in=_inference_in(inference_in),
-                             max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000),
+                             max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000,
+                             num_replicas=ingress_replicas, autoscaling=scaling["ingress"]),
     )
     options = options_from(ServeConfigOptions, host=host, port=port, request_timeout_s=request_timeout,
                            proxy_location=proxy_location, wandb_mode=wandb)
@@ -325,7 +350,43 @@ def _inference_in(value: str) -> str:
     return value
 
 
-_REPLICA_FIELDS = {"replicas": "num_replicas", "max_replicas_per_node": "max_replicas_per_node"}
+_REPLICA_FIELDS = {"replicas": "num_replicas", "max_replicas_per_node": "max_replicas_per_node",
+                   "min_replicas": None, "max_replicas": None}
+
+
+def _scaling_flags(min_replicas: Optional[int], max_replicas: Optional[int], target: Optional[float],
+                   upscale_delay_s: Optional[float], downscale_delay_s: Optional[float], ingress_replicas: int,
+                   ingress_min: Optional[int], ingress_max: Optional[int]) -> dict[str, Any]:
+    """The ``AutoscalingConfig`` of ModelReplica and of the ingress from the flags (None: a fixed count).
+
+    ``--min-replicas``/``--max-replicas`` autoscale ModelReplica, ``--ingress-min-replicas``/
+    ``--ingress-max-replicas`` the ingress; the target and the delays apply to both.
+
+    Raises:
+        ValueError: ``Got …; expected …`` for a half-given range, a fixed count beside a range,
+            or a value ``AutoscalingConfig`` refuses.
+    """
+    from cluster.serve_config import options_from
+    from serve_apps.config import AutoscalingConfig
+
+    out: dict[str, Any] = {"replica": None, "ingress": None}
+    for key, lo, hi, flag in (("replica", min_replicas, max_replicas, "--min-replicas/--max-replicas"),
+                              ("ingress", ingress_min, ingress_max, "--ingress-min-replicas/--ingress-max-replicas")):
+        if lo is None and hi is None:
+            continue
+        if lo is None or hi is None:
+            raise ValueError(f"Got only one of {flag}; expected both (the autoscaling range)")
+        if key == "ingress" and ingress_replicas != 1:
+            raise ValueError(f"Got --ingress-replicas {ingress_replicas} with {flag}; expected one of them")
+        extra = {k: v for k, v in (("target_ongoing_requests", target), ("upscale_delay_s", upscale_delay_s),
+                                   ("downscale_delay_s", downscale_delay_s)) if v is not None}
+        out[key] = options_from(AutoscalingConfig, min_replicas=lo, max_replicas=hi, **extra)
+    if out["replica"] is None and out["ingress"] is None and any(
+            v is not None for v in (target, upscale_delay_s, downscale_delay_s)):
+        raise ValueError("Got --target-ongoing-requests/--upscale-delay-s/--downscale-delay-s without an autoscaling "
+                         "range; expected them with --min-replicas/--max-replicas or --ingress-min-replicas/"
+                         "--ingress-max-replicas")
+    return out
 
 
 def _refuse_replica_flags(inference_in: str, **values: Any) -> None:
@@ -341,7 +402,8 @@ def _refuse_replica_flags(inference_in: str, **values: Any) -> None:
 
     if _inference_in(inference_in) != "ingress":
         return
-    defaults = {flag: ReplicaConfig.model_fields[field].default for flag, field in _REPLICA_FIELDS.items()}
+    defaults = {flag: ReplicaConfig.model_fields[field].default if field else None
+                for flag, field in _REPLICA_FIELDS.items()}
     given = [f"--{flag.replace('_', '-')} {v}" for flag, v in values.items() if v != defaults[flag]]
     if given:
         names = " and ".join(f"--{flag.replace('_', '-')}" for flag in values)
@@ -351,10 +413,11 @@ def _refuse_replica_flags(inference_in: str, **values: Any) -> None:
         )
 
 
-def _ingress_config(inference_in: str, replica_cpus: float, **batching: Any):
+def _ingress_config(inference_in: str, replica_cpus: float, **settings: Any):
     """The ingress of `serve up`: running the models itself, it reserves the replica's CPUs."""
+    from cluster.serve_config import options_from
     from serve_apps.config import IngressConfig
 
     if _inference_in(inference_in) == "ingress":
-        return IngressConfig(inference_in="ingress", num_cpus=replica_cpus, **batching)
-    return IngressConfig(**batching)
+        return options_from(IngressConfig, inference_in="ingress", num_cpus=replica_cpus, **settings)
+    return options_from(IngressConfig, **settings)
