@@ -21,6 +21,11 @@ from typing import Iterator, Mapping
 
 import pyarrow.fs as pafs
 
+try:  # only a registry given a database needs SQLAlchemy
+    import sqlalchemy as sa
+except ImportError:  # pragma: no cover
+    sa = None  # type: ignore[assignment]
+
 from visionfleet.spec import DEFAULT_ALIAS, FileEntry, ModelCard, ModelRef, parse_ref, validate_name
 
 __all__ = ["Registry", "ResolvedModel", "NotFound", "RegistryError"]
@@ -56,7 +61,13 @@ class Registry:
         cache_dir: where remote versions are downloaded for local loading.
     """
 
-    def __init__(self, root: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
+                 db: object | None = None) -> None:
+        if isinstance(db, str):
+            from visionfleet.db import open_db
+
+            db = open_db(db)
+        self._db = db  # a visionfleet.db.Database: versions and aliases live there when given
         root_s = os.fspath(root)
         if "://" in root_s:
             self._fs, self._root = pafs.FileSystem.from_uri(root_s)
@@ -68,6 +79,11 @@ class Registry:
             Path(self._root).mkdir(parents=True, exist_ok=True)
         self.uri = root_s
         self._cache_dir = Path(cache_dir) if cache_dir else None
+
+    @classmethod
+    def from_settings(cls, settings) -> "Registry":  # noqa: ANN001 - visionfleet.settings.Settings
+        """The registry of ``settings``: blobs at ``store_uri("registry")``, metadata in ``db_url``."""
+        return cls(settings.store_uri("registry"), cache_dir=settings.cache_dir / "registry", db=settings.db_url)
 
     # ------------------------------------------------------------------ paths & io
     def _p(self, *parts: str | int) -> str:
@@ -108,12 +124,22 @@ class Registry:
 
     # ------------------------------------------------------------------ queries
     def list_models(self) -> list[str]:
+        if self._db is not None:
+            from visionfleet.db import model_versions as mv
+
+            with self._db.engine.connect() as c:
+                return sorted(c.execute(sa.select(mv.c.model).distinct()).scalars())
         infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
         return sorted(
             i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
         )
 
     def versions(self, name: str) -> list[int]:
+        if self._db is not None:
+            from visionfleet.db import model_versions as mv
+
+            with self._db.engine.connect() as c:
+                return sorted(c.execute(sa.select(mv.c.version).where(mv.c.model == name)).scalars())
         infos = self._fs.get_file_info(pafs.FileSelector(self._p(name), allow_not_found=True))
         out = []
         for i in infos:
@@ -122,12 +148,24 @@ class Registry:
         return sorted(out)
 
     def aliases(self, name: str) -> dict[str, int]:
+        if self._db is not None:
+            from visionfleet.db import aliases as al
+
+            with self._db.engine.connect() as c:
+                return {a: int(v) for a, v in c.execute(sa.select(al.c.alias, al.c.version).where(al.c.model == name))}
         path = self._p(name, _ALIAS_FILE)
         if not self._exists(path):
             return {}
         return {k: int(v) for k, v in self._read_json(path).get("aliases", {}).items()}
 
     def alias_history(self, name: str) -> list[dict]:
+        if self._db is not None:
+            from visionfleet.db import alias_history as ah
+
+            with self._db.engine.connect() as c:
+                rows = c.execute(sa.select(ah).where(ah.c.model == name).order_by(ah.c.id)).mappings().all()
+            return [{"at": r["at"], "alias": r["alias"], "from": r["from_version"], "to": r["to_version"],
+                     "reason": r["reason"]} for r in rows][-_HISTORY_KEEP:]
         path = self._p(name, _ALIAS_FILE)
         return self._read_json(path).get("history", []) if self._exists(path) else []
 
@@ -230,8 +268,10 @@ class Registry:
                 entries.append(FileEntry(name=fname, role=role, bytes=size, sha256=digest.hexdigest()))
             if card.model_file not in seen:
                 raise ValueError(f"Got files {sorted(seen)}; expected the card's model_file {card.model_file!r}")
+            if self._db is not None:
+                version, stored = self._allocate_db(name, card, staging, entries)
             # Allocate the version by renaming the staging folder; retry on a race.
-            for _ in range(100):
+            for _ in range(0 if self._db is not None else 100):
                 version = (max(self.versions(name), default=0)) + 1
                 entries = [self._stamp(staging, e, name, version) for e in entries]
                 stored = card.model_copy(update={"version": version, "files": entries})
@@ -243,8 +283,11 @@ class Registry:
                     break
                 except OSError:
                     continue
-            else:  # pragma: no cover - 100 concurrent writers
-                raise RegistryError(f"could not allocate a version for {name!r}")
+            else:
+                if self._db is None:  # pragma: no cover - 100 concurrent writers
+                    raise RegistryError(f"could not allocate a version for {name!r}")
+                with contextlib.suppress(Exception):  # the blobs now live under the committed version
+                    self._fs.delete_dir(staging)
         except BaseException:
             with contextlib.suppress(Exception):
                 self._fs.delete_dir(staging)
@@ -255,6 +298,61 @@ class Registry:
         for alias in dict.fromkeys(wanted):
             self.set_alias(name, alias, version, reason="registered")
         return stored
+
+    def _allocate_db(self, name: str, card: ModelCard, staging: str, entries: list[FileEntry]):
+        """INSERT max+1 into model_versions, copy the staged blobs under the version, then commit.
+
+        Until the commit the version is invisible (readers list versions from the database);
+        two writers racing for the same number: one gets a unique-constraint conflict and retries."""
+        import time
+
+        from visionfleet.db import model_versions as mv
+
+        for _ in range(200):
+            try:
+                with self._db.engine.begin() as c:
+                    cur = c.execute(sa.select(sa.func.max(mv.c.version)).where(mv.c.model == name)).scalar()
+                    version = int(cur or 0) + 1
+                    c.execute(mv.insert().values(model=name, version=version, created_ts=time.time()))
+                    stamped = [self._stamp(staging, e, name, version) for e in entries]
+                    stored = card.model_copy(update={"version": version, "files": stamped})
+                    final = self._p(name, version)
+                    self._fs.create_dir(final, recursive=True)
+                    for e in stamped:
+                        self._fs.copy_file(f"{staging}/{e.name}", f"{final}/{e.name}")
+                    self._write_atomic(f"{final}/{_CARD}", stored.model_dump_json(indent=2).encode())
+                return version, stored
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                time.sleep(0.01)
+                continue
+        raise RegistryError(f"could not allocate a version for {name!r} in the database")
+
+    def _db_alias(self, name: str, alias: str, version: int | None, reason: str) -> int | None:
+        """Set (or remove, version=None) an alias and append its history in one transaction."""
+        from visionfleet.db import alias_history as ah
+        from visionfleet.db import aliases as al
+
+        import time
+
+        for _ in range(200):
+            try:
+                with self._db.engine.begin() as c:
+                    where = (al.c.model == name) & (al.c.alias == alias)
+                    previous = c.execute(sa.select(al.c.version).where(where)).scalar()
+                    if version is None:
+                        if previous is None:
+                            return None
+                        c.execute(al.delete().where(where))
+                    elif previous is None:
+                        c.execute(al.insert().values(model=name, alias=alias, version=version, updated_ts=time.time()))
+                    else:
+                        c.execute(al.update().where(where).values(version=version, updated_ts=time.time()))
+                    c.execute(ah.insert().values(model=name, alias=alias, from_version=previous, to_version=version,
+                                                 reason=reason, at=_dt.datetime.now(_dt.timezone.utc).isoformat()))
+                return previous
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                time.sleep(0.01)
+        raise RegistryError(f"could not switch {name}@{alias} in the database")
 
     def _stamp(self, staging: str, entry: FileEntry, name: str, version: int) -> FileEntry:
         """Write name and version into an ONNX file's metadata_props (self-describing files)."""
@@ -282,6 +380,8 @@ class Registry:
         parse_ref(f"{name}@{alias}")  # validates both
         if version not in self.versions(name):
             raise NotFound(f"model {name!r} has no version {version}")
+        if self._db is not None:
+            return self._db_alias(name, alias, int(version), reason)
         with self._lock(name):
             path = self._p(name, _ALIAS_FILE)
             doc = self._read_json(path) if self._exists(path) else {"aliases": {}, "history": []}
@@ -303,6 +403,8 @@ class Registry:
         return previous
 
     def remove_alias(self, name: str, alias: str, *, reason: str = "") -> int | None:
+        if self._db is not None:
+            return self._db_alias(name, alias, None, reason)
         with self._lock(name):
             path = self._p(name, _ALIAS_FILE)
             if not self._exists(path):
