@@ -1,6 +1,6 @@
 """The shared metadata database (``$VISIONFLEET_DB``): SQLAlchemy engine + Alembic migrations.
 
-``open_db(url)`` connects, runs ``alembic upgrade head`` (migrations ship in
+``open_db(url)`` connects, runs ``alembic upgrade heads`` (migrations ship in
 ``visionfleet/db/migrations``) and returns a :class:`Database`.
 """
 
@@ -112,4 +112,4 @@ def _upgrade(engine: sa.Engine) -> None:
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")  # independent revisions may branch off 0001
