@@ -23,11 +23,15 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Settings", "ENV_HOME", "ENV_STORE", "ENV_DB", "DEFAULT_HOME", "STORE_AREAS"]
+__all__ = ["Settings", "ENV_HOME", "ENV_NODE_HOME", "ENV_STORE", "ENV_DB", "DEFAULT_HOME", "STORE_AREAS"]
 
 ENV_HOME = "VISIONFLEET_HOME"
 ENV_STORE = "VISIONFLEET_STORE"
 ENV_DB = "VISIONFLEET_DB"
+# Set by a node itself (its `ray start` environment, a pod spec): this node's own home. It wins
+# over a home handed over from elsewhere (a deployment's config, a job's runtime env), so that on
+# nodes that share no disk every process uses its own node's directory for caches and scratch.
+ENV_NODE_HOME = "VISIONFLEET_NODE_HOME"
 DEFAULT_HOME = ".visionfleet"
 # The areas of the shared store; each may be overridden by $VISIONFLEET_STORE_<AREA>.
 STORE_AREAS = ("registry", "datasets", "telemetry", "samples", "runs", "tune", "tuf", "experiments")
@@ -74,8 +78,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, home: str | os.PathLike[str] | None = None) -> "Settings":
-        """Build settings from an explicit home, ``$VISIONFLEET_HOME`` or the default."""
-        raw = home if home is not None else os.environ.get(ENV_HOME, DEFAULT_HOME)
+        """Build settings from ``$VISIONFLEET_NODE_HOME`` (a node's own directory, which wins),
+        an explicit home, ``$VISIONFLEET_HOME`` or the default."""
+        raw = os.environ.get(ENV_NODE_HOME) or (home if home is not None else os.environ.get(ENV_HOME, DEFAULT_HOME))
         kwargs: dict[str, int] = {}
         if "VISIONFLEET_MAX_PIXELS" in os.environ:
             kwargs["max_pixels"] = int(os.environ["VISIONFLEET_MAX_PIXELS"])

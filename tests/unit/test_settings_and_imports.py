@@ -27,6 +27,22 @@ def test_settings_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         Settings(home=Path("relative"))
 
 
+def test_node_home_wins_over_a_home_handed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On nodes that share no disk, a home from a deployment's config or a job's env is the
+    driver's path: the node's own $VISIONFLEET_NODE_HOME is used instead; the shared store and
+    database still come from the environment."""
+    driver = Settings(home=tmp_path / "driver", store="s3://bucket/vf", db_url="postgresql+psycopg://u@h/db")
+    for k, v in driver.runtime_env_vars().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VISIONFLEET_NODE_HOME", str(tmp_path / "node-a"))
+    s = Settings.from_env(str(driver.home))
+    assert s.home == (tmp_path / "node-a").resolve()
+    assert s.store_uri("registry") == "s3://bucket/vf/registry" and s.db_url == driver.db_url
+    assert s.cache_dir == (tmp_path / "node-a" / "cache").resolve()
+    monkeypatch.delenv("VISIONFLEET_NODE_HOME")
+    assert Settings.from_env(str(driver.home)).home == driver.home
+
+
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
