@@ -147,7 +147,7 @@ class RetrainingController:
         if self._busy.locked():
             return {"stage": self._stage}
         try:
-            prod = Registry(self.settings.registry_dir).resolve(f"{self.cfg.model}@production")
+            prod = Registry.from_settings(self.settings).resolve(f"{self.cfg.model}@production")
         except NotFound:
             return {"stage": "no production version"}
         snap = ray.get(self._sink().monitor_snapshot.remote(self.cfg.model), timeout=30).get(str(prod))
