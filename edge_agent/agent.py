@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import DEFAULT_MAX_BYTES, DEFAULT_RETENTION_S, MIN_MAX_BYTES, Outbox
 from edge_agent.store import ActiveModel, InstallResult, ModelStore
 
 __all__ = ["AgentConfig", "Agent", "AGENT_VERSION"]
 
 AGENT_VERSION = "visionfleet-edge/0.1.0"
 _MODEL_ERRORS_BEFORE_ROLLBACK = 3
+_PRUNE_EVERY_S = 60.0  # how often the network loop removes acknowledged rows past the retention
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class AgentConfig:
     top_k: int = 5
     timeout_s: float = 15.0
     max_unsent_samples: int = 2000
+    outbox_max_bytes: int = DEFAULT_MAX_BYTES  # database + WAL; over it: acked rows, old images, old records go
+    outbox_retention_s: float = DEFAULT_RETENTION_S  # acknowledged rows are kept this long
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -79,6 +82,11 @@ class AgentConfig:
             raise ValueError(f"Got {self.ota_jitter} for ota_jitter; expected 0 <= j < 1")
         if self.sync_batch < 1 or self.stride < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError("Got sync_batch, stride or threads < 1; expected >= 1")
+        if self.outbox_max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"Got {self.outbox_max_bytes / 2**20:g} MiB for --outbox-max-mb; expected >= "
+                             f"{MIN_MAX_BYTES // 2**20} MiB")
+        if self.outbox_retention_s < 0:
+            raise ValueError(f"Got {self.outbox_retention_s} for --outbox-retention; expected seconds >= 0")
         if self.max_frames is not None and self.max_frames < 0:
             raise ValueError(f"Got {self.max_frames} for max_frames; expected >= 0")
         if self.target is not None:
@@ -149,6 +157,7 @@ class Agent:
             "target": m.target if m else self._channel()[1],
             "health": "no_model" if active is None else ("degraded" if errors else "ok"),
             "backlog": outbox.backlog(),
+            "outbox": outbox.stats(),
             "agent": AGENT_VERSION,
             "uptime_s": round(time.time() - self.started, 1),
             "frames": frames,
@@ -159,6 +168,10 @@ class Agent:
         if stable:
             return hashlib.sha256(f"{self.cfg.device_id}|{key}".encode()).hexdigest()[:32]
         return uuid.uuid4().hex
+
+    def _outbox(self) -> Outbox:
+        return Outbox(self.home / "outbox.sqlite", max_unsent_samples=self.cfg.max_unsent_samples,
+                      max_bytes=self.cfg.outbox_max_bytes, retention_s=self.cfg.outbox_retention_s)
 
     def _swap(self, active: ActiveModel) -> None:
         with self.shared.lock:
@@ -180,7 +193,7 @@ class Agent:
             self.log("no verified model installed yet; waiting for an update")
         if active is not None:
             self._swap(active)
-        outbox = Outbox(self.home / "outbox.sqlite", max_unsent_samples=self.cfg.max_unsent_samples)
+        outbox = self._outbox()
         net = None
         if self.cfg.server:
             net = threading.Thread(target=self._network_loop, name="vf-edge-net", daemon=True)
@@ -218,7 +231,9 @@ class Agent:
             self.stop_event.set()
             if net is not None:
                 net.join(timeout=self.cfg.timeout_s + 5)
+            outbox.prune()
             summary = {"frames": produced, "backlog": outbox.backlog(), "totals": outbox.totals(),
+                       "outbox": outbox.stats(),
                        "model": self.shared.active.bundle_id if self.shared.active else None}
             outbox.close()
         return summary
@@ -314,10 +329,12 @@ class Agent:
     def _network_loop(self) -> None:
         from edge_agent.net import Backoff
 
-        outbox = Outbox(self.home / "outbox.sqlite", max_unsent_samples=self.cfg.max_unsent_samples)
+        outbox = self._outbox()
         sync_backoff = Backoff(1.0, max(2.0, min(60.0, self.cfg.sync_interval_s * 6)), self.rng)
         now = time.monotonic()
         next_sync = now
+        next_prune = now
+        dropped = self._note_drops(outbox, None)
         # First OTA check soon after start (jittered), then every interval +- jitter.
         next_ota = now + self.rng.uniform(0, min(5.0, self.cfg.ota_interval_s))
         try:
@@ -330,17 +347,31 @@ class Agent:
                         next_sync = now if more else now + self.cfg.sync_interval_s
                     else:
                         next_sync = now + sync_backoff.next_delay()
+                if now >= next_prune:
+                    outbox.prune()
+                    dropped = self._note_drops(outbox, dropped)
+                    next_prune = now + _PRUNE_EVERY_S
                 if now >= next_ota:
                     self._ota_once(outbox)
                     j = self.cfg.ota_jitter
                     next_ota = time.monotonic() + self.cfg.ota_interval_s * self.rng.uniform(1 - j, 1 + j)
-                wait = max(0.0, min(next_sync, next_ota) - time.monotonic())
+                wait = max(0.0, min(next_sync, next_ota, next_prune) - time.monotonic())
                 if wait:
                     self.stop_event.wait(min(wait, 1.0))
             # Stopping: one last sync so a clean shutdown leaves as little as possible behind.
             self._sync_once(outbox)
         finally:
             outbox.close()
+
+    def _note_drops(self, outbox: Outbox, before: tuple[int, int] | None) -> tuple[int, int]:
+        """Log the unsent rows the outbox dropped since ``before`` (they are counted in the status too)."""
+        b = outbox.backlog()
+        now = (b["dropped_samples"], b["dropped_records"])
+        if before is not None and now != before:
+            self.log(f"outbox full ({outbox.stats()['max_bytes'] // 2**20} MiB) or over its image cap: dropped "
+                     f"{now[0] - before[0]} unsent images and {now[1] - before[1]} unsent records "
+                     f"(oldest first; {now[0]} images and {now[1]} records in all)")
+        return now
 
     def _sync_once(self, outbox: Outbox) -> tuple[bool, bool]:
         """Send one batch; returns (succeeded, more waiting)."""

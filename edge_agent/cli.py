@@ -101,6 +101,9 @@ def run(
     watch: Annotated[bool, typer.Option("--watch/--once", help="keep watching the folder, or process what is there, sync and exit")] = True,
     max_frames: Annotated[Optional[int], typer.Option(help="stop after this many frames")] = None,
     timeout: Annotated[float, typer.Option(help="network timeout in seconds")] = 15.0,
+    outbox_max_mb: Annotated[int, typer.Option(help="cap of the outbox on disk, MiB; when full, acknowledged rows, "
+                                               "then the oldest unsent images, then the oldest unsent records go (counted)")] = 256,
+    outbox_retention: Annotated[float, typer.Option(help="seconds acknowledged rows stay in the outbox")] = 3600.0,
     quiet: Annotated[bool, typer.Option(help="no log lines on stderr")] = False,
 ) -> None:
     """Infer offline on a folder, video or camera; sync results and take verified updates when online."""
@@ -114,7 +117,8 @@ def run(
             device_id=device_id, home=home.expanduser().resolve(), source=source, server=server, model=model,
             target=target, threads=threads, sample_below=sample_below, sample_rate=sample_rate,
             sync_interval_s=sync_interval, sync_batch=sync_batch, ota_interval_s=ota_interval, poll_s=poll, stride=stride, watch=watch,
-            max_frames=max_frames, timeout_s=timeout,
+            max_frames=max_frames, timeout_s=timeout, outbox_max_bytes=outbox_max_mb * 1024 * 1024,
+            outbox_retention_s=outbox_retention,
         )
     except ValueError as exc:
         _fail(str(exc))
@@ -226,10 +230,11 @@ def status(
         with Outbox(home / "outbox.sqlite") as ob:
             doc["backlog"] = ob.backlog()
             doc["totals"] = ob.totals()
+            doc["outbox"] = {k: v for k, v in ob.stats().items() if k != "max_bytes"}  # the cap is the agent's
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
-    for key in ("current", "previous", "serving", "backlog", "totals"):
+    for key in ("current", "previous", "serving", "backlog", "totals", "outbox"):
         if key in doc:
             sys.stdout.write(f"{key:9} {doc[key]}\n")
     for ev in doc["events"]:

@@ -50,6 +50,17 @@ class EdgeBacklog(BaseModel):
     samples: int = Field(default=0, ge=0)
     reports: int = Field(default=0, ge=0)
     dropped_samples: int = Field(default=0, ge=0)
+    dropped_records: int = Field(default=0, ge=0, description="unsent records dropped because the outbox was full")
+
+
+class EdgeOutbox(BaseModel):
+    """The device outbox's size on disk and the acknowledged rows it removed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bytes: int = Field(default=0, ge=0)
+    max_bytes: int = Field(default=0, ge=0)
+    pruned: int = Field(default=0, ge=0)
 
 
 class EdgeStatus(BaseModel):
@@ -63,6 +74,7 @@ class EdgeStatus(BaseModel):
     target: Optional[str] = Field(default=None, max_length=32)
     health: str = Field(default="ok", pattern=r"^(ok|degraded|no_model)$")
     backlog: EdgeBacklog = Field(default_factory=EdgeBacklog)
+    outbox: Optional[EdgeOutbox] = None
     agent: Optional[str] = Field(default=None, max_length=64)
     uptime_s: Optional[float] = None
     frames: Optional[int] = None

@@ -30,7 +30,8 @@ def test_outbox_is_durable_and_deduplicates_frames(tmp_path: Path) -> None:
         for i in range(3, 6):
             ob.add(_rec(i), sample=(b"\x89PNG" + bytes([i]), {"id": f"rec{i:08d}", "ts": 1.0}))
         ob.add_report({"id": "report0001", "ts": 2.0, "outcome": "installed"})
-        assert ob.backlog() == {"records": 4, "samples": 2, "reports": 1, "dropped_samples": 1}  # the oldest image went
+        assert ob.backlog() == {"records": 4, "samples": 2, "reports": 1, "dropped_samples": 1,
+                                "dropped_records": 0}  # the oldest image went
         batch = ob.pending(max_records=3)
         assert [r["id"] for r in batch.records] == ["rec00000001", "rec00000003", "rec00000004"]
         assert [s["id"] for s in batch.samples] == ["rec00000004", "rec00000005"] and batch.samples[0]["image"]
@@ -43,6 +44,114 @@ def test_outbox_is_durable_and_deduplicates_frames(tmp_path: Path) -> None:
     assert "'records': 1" in out.stdout and "rec00000005" in out.stdout
     with Outbox(path) as ob:
         assert ob.prune(sent_older_than_s=-1) >= 4 and ob.has_frame("file:a.png:1:1")
+
+
+def _disk(path: Path) -> int:
+    """The outbox on disk: the database file and its WAL."""
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def test_a_long_offline_period_stays_under_the_byte_cap(tmp_path: Path) -> None:
+    """Weeks offline in miniature: acked rows go first, then the oldest images, then the oldest records."""
+    import os
+
+    from edge_agent.outbox import Outbox
+
+    cap = 4 * 1024 * 1024
+    path = tmp_path / "outbox.sqlite"
+    sizes = []
+    with Outbox(path, max_bytes=cap, max_unsent_samples=100_000) as ob:
+        for i in range(100):  # synced while online: acknowledged, waiting for the retention
+            ob.add(_rec(i), frame_key=f"f{i}")
+        assert ob.ack(records=[_rec(i)["id"] for i in range(100)]) == 100
+        # Offline: a record per frame and a 20 KB image every other frame, ~8 MB in all.
+        images = 0
+        for i in range(100, 900):
+            sample = (os.urandom(20_000), {"id": f"rec{i:08d}", "ts": 1.0}) if i % 2 == 0 else None
+            images += sample is not None
+            ob.add(_rec(i), frame_key=f"f{i}", sample=sample)
+            sizes.append(_disk(path))
+        b = ob.backlog()
+        assert ob.record_ids(sent=True) == [] and ob.stats()["pruned"] == 100  # the acknowledged rows went first
+        assert b["dropped_samples"] > 0 and b["dropped_records"] == 0  # then images; records are all there
+        assert b["samples"] + b["dropped_samples"] == images  # every image kept or counted
+        assert b["records"] == 800
+        kept = [r for (r,) in ob._db.execute("SELECT id FROM samples ORDER BY seq")]
+        assert kept[-1] == "rec00000898" and kept[0] > "rec00000100"  # the oldest went, the newest stayed
+        # Still offline, records only (large ones): now the oldest records go, counted.
+        for i in range(900, 1300):
+            ob.add(_rec(i, error="x" * 10_000), frame_key=f"f{i}")
+            sizes.append(_disk(path))
+        b = ob.backlog()
+        assert b["samples"] == 0 and b["dropped_samples"] == images
+        assert b["dropped_records"] > 0 and b["records"] + b["dropped_records"] == 1200
+        ids = ob.record_ids(sent=False)
+        assert ids[-1] == "rec00001299" and ids == sorted(ids) and len(ids) == b["records"]
+        assert ob.stats()["bytes"] <= cap
+    assert max(sizes) <= cap, f"peak {max(sizes)} bytes on disk for a {cap}-byte cap"
+    assert _disk(path) <= cap
+
+
+def test_acknowledged_rows_leave_after_the_retention_and_the_file_shrinks(tmp_path: Path) -> None:
+    import os
+
+    from edge_agent.outbox import Outbox
+
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path, retention_s=3600) as ob:
+        assert ob._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        for i in range(200):
+            ob.add(_rec(i), sample=(os.urandom(8000), {"id": f"rec{i:08d}", "ts": 1.0}))
+        ob.ack(records=[_rec(i)["id"] for i in range(150)], samples=[f"rec{i:08d}" for i in range(150)])
+        assert ob.prune() == 0  # younger than the retention
+        ob.retention_s = 0.0
+        full = _disk(path)
+        assert ob.prune() == 300 and ob.stats()["pruned"] == 300
+        assert ob.totals()["records"] == 50 and ob.backlog()["records"] == 50
+        assert _disk(path) < full / 2, (full, _disk(path))  # the pages went back to the file system
+
+
+def test_an_outbox_from_before_the_cap_is_converted_in_place(tmp_path: Path) -> None:
+    """A file without auto_vacuum (made by the previous agent) gets INCREMENTAL at open, data intact."""
+    import sqlite3
+
+    from edge_agent.outbox import _SCHEMA, Outbox
+
+    path = tmp_path / "outbox.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    for stmt in _SCHEMA:
+        db.execute(stmt)
+    db.execute("INSERT INTO records (id, ts, body) VALUES ('old1', 1.0, '{\"id\": \"old1\"}')")
+    assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    db.close()
+    with Outbox(path) as ob:
+        assert ob._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert ob.record_ids(sent=False) == ["old1"] and ob.pending().records == [{"id": "old1"}]
+
+
+def test_drops_reach_the_status_the_server_accepts(tmp_path: Path) -> None:
+    """The agent's status carries the drop counters and the outbox size, and the sync body validates."""
+    import os
+
+    from edge_agent.agent import Agent, AgentConfig
+    from serve_apps.routes_edge import SyncBody
+
+    with pytest.raises(ValueError, match="Got 1 MiB for --outbox-max-mb; expected >= 4 MiB"):
+        AgentConfig(device_id="cam-1", home=tmp_path / "dev", outbox_max_bytes=1024 * 1024)
+    with pytest.raises(ValueError, match="--outbox-retention"):
+        AgentConfig(device_id="cam-1", home=tmp_path / "dev", outbox_retention_s=-1)
+    agent = Agent(AgentConfig(device_id="cam-1", home=tmp_path / "dev", outbox_max_bytes=4 * 1024 * 1024,
+                              max_unsent_samples=10))
+    with agent._outbox() as ob:
+        for i in range(20):
+            ob.add(_rec(i), sample=(os.urandom(1000), {"id": f"rec{i:08d}", "ts": 1.0}))
+        st = agent.status(ob)
+    assert st["backlog"]["dropped_samples"] == 10 and st["backlog"]["dropped_records"] == 0
+    assert st["outbox"]["max_bytes"] == 4 * 1024 * 1024 and 0 < st["outbox"]["bytes"] <= 4 * 1024 * 1024
+    body = SyncBody.model_validate({"device_id": "cam-1", "status": st, "records": []})
+    assert body.status.backlog.dropped_samples == 10 and body.status.outbox.bytes == st["outbox"]["bytes"]
 
 
 def _batch(n: int, start: int = 0) -> list[dict]:
