@@ -44,6 +44,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(400, f"invalid request: {where}: {first.get('msg', 'bad value')}")
 
 
+async def _store_error(_: Request, exc: Exception) -> JSONResponse:
+    # Any route that reached the registry's store or database while it was down (the
+    # prediction path maps its own): the server's state, not the client's input.
+    from serve_apps.runner import store_unavailable_message
+
+    return error_response(503, store_unavailable_message(exc), {"Retry-After": "1"})
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error in ingress")
     return error_response(500, f"internal error ({type(exc).__name__})")
@@ -113,6 +121,9 @@ def build_api(service: Any, actors: Any, runner_stats: Callable[[], Any]) -> Fas
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
+    from visionfleet.store import StoreError
+
+    api.add_exception_handler(StoreError, _store_error)
     api.add_exception_handler(Exception, _unexpected)
     api.add_middleware(AdmissionControl, service=service)
     api.include_router(routes_predict.router(service, runner_stats))

@@ -59,7 +59,7 @@ def build_app(
     :func:`code_version`.
     """
     cfg = config.model_dump()
-    env = {"VISIONFLEET_HOME": config.home}
+    env = {"VISIONFLEET_HOME": config.home, **_state_env(config.home)}
     version = version or code_version(config)
     # `version` is an internal option of Deployment.options (the public `serve deploy`
     # path derives it from the config file); see code_version() for why it matters.
@@ -77,6 +77,16 @@ def build_app(
         backpressure_config={"status_code": 503, "retry_after_s": config.ingress.retry_after_s},
         ray_actor_options={"num_cpus": config.ingress.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(cfg, replica)
+
+
+def _state_env(home: str) -> dict[str, str]:
+    """The store and database settings of this process (``$VISIONFLEET_STORE[_<AREA>]``,
+    ``$VISIONFLEET_DB``) for the replicas' runtime_env: on a node that did not start with them,
+    a replica would otherwise fall back to its own disk."""
+    from visionfleet.settings import ENV_DB, ENV_STORE, Settings
+
+    env = Settings.from_env(home).runtime_env_vars()
+    return {k: v for k, v in env.items() if k == ENV_DB or k == ENV_STORE or k.startswith(f"{ENV_STORE}_")}
 
 
 def _scaling(cfg: Any) -> dict[str, Any]:

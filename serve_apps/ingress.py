@@ -26,6 +26,7 @@ from serve_apps.pipeline import PredictionService
 from serve_apps.routing import compile_experiment
 from serve_apps.runner import LocalModels, ReplicaOutput
 from visionfleet.registry import Registry
+from visionfleet.settings import Settings
 
 __all__ = ["Ingress", "Actors"]
 
@@ -127,7 +128,7 @@ class _LocalRunner:
 class Ingress:
     def __init__(self, config: dict, replica: "DeploymentHandle | None") -> None:
         self.cfg = AppConfig.model_validate(config)
-        registry = Registry(f"{self.cfg.home}/registry", cache_dir=f"{self.cfg.home}/cache/registry")
+        registry = Registry.from_settings(Settings.from_env(self.cfg.home))  # store + database of the settings
         local = self.cfg.ingress.inference_in == "ingress"
         self.runner = _LocalRunner(registry, self.cfg) if local else _ReplicaRunner(replica, self.cfg)  # type: ignore[arg-type]
         self.sink = None

@@ -29,14 +29,15 @@ from serve_apps.batching import AdaptiveBatcher
 from serve_apps.config import AppConfig
 from serve_apps.inputs import ApiError, status_for_image_error
 from serve_apps.routing import CompiledExperiment, Route, choose_route
-from serve_apps.runner import ReplicaOutput
+from serve_apps.runner import ReplicaOutput, store_unavailable_message
 from visionfleet.imaging import ImageError, ResizeInfo, SizeNotServed, choose_size, preprocess
 from visionfleet.predict import Prediction, event_fields, predictions
 from visionfleet.registry import NotFound, Registry, ResolvedModel
 from visionfleet.spec import ModelCard, parse_ref
+from visionfleet.store import StoreError
 from visionfleet.telemetry import make_event
 
-__all__ = ["Outcome", "PredictionService", "CardCache", "RunBatch"]
+__all__ = ["Outcome", "PredictionService", "CardCache", "RunBatch", "store_unavailable"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,15 +69,26 @@ class Outcome:
         return self.status == 200
 
 
-class CardCache:
-    """Alias lookups cached for ``ttl`` seconds; cards (immutable) cached LRU."""
+def store_unavailable(exc: StoreError, retry_after_s: float = 1.0) -> ApiError:
+    """The 503 of a request that needed the model store or the database while it was down."""
+    return ApiError(503, store_unavailable_message(exc), {"Retry-After": f"{retry_after_s:g}"})
 
-    def __init__(self, registry: Registry, ttl: float, size: int = 64) -> None:
+
+class CardCache:
+    """Alias lookups cached for ``ttl`` seconds; cards (immutable) cached LRU.
+
+    While the store (or the database) does not answer, an alias looked up before keeps its
+    last version, so requests for a loaded model keep being served; a lookup that has nothing
+    to fall back on is a 503.
+    """
+
+    def __init__(self, registry: Registry, ttl: float, size: int = 64, retry_after_s: float = 1.0) -> None:
         self._registry = registry
         self._ttl = ttl
         self._aliases: dict[tuple[str, str], tuple[int, float]] = {}
         self._cards: OrderedDict[tuple[str, int], ModelCard] = OrderedDict()
         self._size = size
+        self._retry_after_s = retry_after_s
 
     def resolve(self, ref: str) -> ResolvedModel:
         try:
@@ -95,6 +107,12 @@ class CardCache:
             resolved = self._registry.resolve(r)
         except NotFound as exc:
             raise ApiError(404, str(exc)) from None
+        except StoreError as exc:
+            if hit:  # expired, but the last answer beats an error while the store is away
+                logger.warning("alias %s@%s: store unavailable, keeping version %d: %s", *key, hit[0], exc)
+                self._aliases[key] = (hit[0], now + self._ttl)  # ask again after a TTL, not on every request
+                return ResolvedModel(r.name, hit[0])
+            raise store_unavailable(exc, self._retry_after_s) from None
         self._aliases[key] = (resolved.version, now + self._ttl)
         return resolved
 
@@ -106,6 +124,8 @@ class CardCache:
                 card = self._registry.card(name, version)
             except NotFound as exc:
                 raise ApiError(404, str(exc)) from None
+            except StoreError as exc:
+                raise store_unavailable(exc, self._retry_after_s) from None
             self._cards[key] = card
             if len(self._cards) > self._size:
                 self._cards.popitem(last=False)
@@ -158,7 +178,7 @@ class PredictionService:
                  max_concurrent: int = 2) -> None:
         self.cfg = cfg
         self.registry = registry
-        self.cards = CardCache(registry, cfg.ingress.alias_ttl_s)
+        self.cards = CardCache(registry, cfg.ingress.alias_ttl_s, retry_after_s=cfg.ingress.retry_after_s)
         self.experiments: dict[str, CompiledExperiment] = {}
         self.telemetry = telemetry
         self.telemetry_on = telemetry is not None

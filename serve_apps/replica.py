@@ -21,6 +21,7 @@ from serve_apps.config import AppConfig
 from serve_apps.runner import ReplicaOutput, failure, load_version, run_batch
 from visionfleet.inference import LoadedModel, RuntimeOptions
 from visionfleet.registry import Registry
+from visionfleet.settings import Settings
 
 __all__ = ["ModelReplica", "ReplicaOutput"]
 
@@ -29,7 +30,9 @@ __all__ = ["ModelReplica", "ReplicaOutput"]
 class ModelReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         self._cfg = AppConfig.model_validate(config)
-        self._registry = Registry(f"{self._cfg.home}/registry", cache_dir=f"{self._cfg.home}/cache/registry")
+        # The store and database of the settings (VISIONFLEET_STORE / VISIONFLEET_DB arrive in
+        # the runtime_env); remote versions are cached on this node by content hash.
+        self._registry = Registry.from_settings(Settings.from_env(self._cfg.home))
         self._runtime = RuntimeOptions(threads=self._cfg.replica.ort_threads)
         # ONNX Runtime releases the GIL: one worker thread runs sessions while the
         # event loop keeps accepting calls.

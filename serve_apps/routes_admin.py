@@ -59,12 +59,16 @@ async def _json(request: Request, model: type) -> Any:
 async def _call(method: Any, *args: Any) -> Any:
     """Await an actor call and map the coordinator's errors onto HTTP statuses."""
     from serve_apps.experiments import Conflict
+    from serve_apps.runner import store_unavailable_message
     from visionfleet.registry import NotFound
+    from visionfleet.store import StoreError
 
     try:
         return await method.remote(*args)
     except NotFound as exc:
         raise ApiError(404, _msg(exc)) from None
+    except StoreError as exc:  # a promote or rollback needs the registry: its store or database is down
+        raise ApiError(503, store_unavailable_message(_msg(exc)), {"Retry-After": "1"}) from None
     except Conflict as exc:
         raise ApiError(409, _msg(exc)) from None
     except ValueError as exc:

@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable, Dict, Optional
 from fastapi import APIRouter, Request
 
 from serve_apps.inputs import model_ref_from, parse_batch, parse_predict, read_body, request_id_from
-from serve_apps.pipeline import PredictionService
+from serve_apps.pipeline import PredictionService, store_unavailable
+from visionfleet.store import StoreError
 
 __all__ = ["router"]
 
@@ -55,7 +56,11 @@ def router(svc: PredictionService, runner_stats: Callable[[], Awaitable[Dict[str
     @r.get("/v1/models")
     async def list_models() -> dict:
         reg = svc.registry
-        return {"models": [{"name": n, "versions": reg.versions(n), "aliases": reg.aliases(n)} for n in reg.list_models()]}
+        try:
+            return {"models": [{"name": n, "versions": reg.versions(n), "aliases": reg.aliases(n)}
+                               for n in reg.list_models()]}
+        except StoreError as exc:  # the database or store is down: 503, retry later
+            raise store_unavailable(exc, cfg.ingress.retry_after_s) from None
 
     @r.get("/v1/models/{name}")
     async def get_model(name: str, version: Optional[str] = None) -> dict:

@@ -19,8 +19,9 @@ import numpy as np
 
 from visionfleet.inference import LoadedModel, RuntimeOptions, load_model_dir
 from visionfleet.registry import NotFound, Registry
+from visionfleet.store import StoreError
 
-__all__ = ["ReplicaOutput", "load_version", "run_batch", "failure", "LocalModels"]
+__all__ = ["ReplicaOutput", "load_version", "run_batch", "failure", "LocalModels", "store_unavailable_message"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,15 @@ def failure(exc: BaseException, model_id: str) -> ReplicaOutput:
         return ReplicaOutput(None, str(exc), 404)
     if isinstance(exc, ValueError) and str(exc).startswith("Got model id"):
         return ReplicaOutput(None, str(exc), 400)
+    if isinstance(exc, StoreError):  # the store or database is down: retry later (not cached: the next load tries)
+        return ReplicaOutput(None, store_unavailable_message(exc), 503)
     # A registered version that does not load is the server's problem, not the client's.
     return ReplicaOutput(None, f"model {model_id} could not be loaded: {exc}", 500)
+
+
+def store_unavailable_message(exc: BaseException) -> str:
+    """The 503 text of a request that needed the model store (or the database) while it was down."""
+    return f"model store unavailable: {exc}; retry later"
 
 
 def _valid_images(arr: object, sizes: tuple[tuple[int, int], ...]) -> bool:

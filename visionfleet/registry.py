@@ -1,15 +1,29 @@
 """The model registry: ``<root>/<model>/<version>/`` folders with a ``card.json``.
 
-Versions are integers allocated by an atomic rename of a staging folder; aliases
-(``production``, ``candidate``, …) live in ``<root>/<model>/aliases.json``, replaced
-atomically (write a temp file, rename). Storage goes through ``pyarrow.fs``, so the
-root may be a local path or ``s3://bucket/prefix``.
+Blobs (the version folders) live under ``root``: a local path or ``s3://bucket/prefix``,
+opened through :mod:`visionfleet.store` (``pyarrow.fs``, bounded S3 timeouts). Metadata
+(which versions exist, aliases and their history) lives either beside the blobs — versions
+allocated by an atomic rename of a staging folder, aliases in ``<root>/<model>/aliases.json``
+replaced atomically under a file lock (one machine) — or, given a database, in its tables as
+transactions (``visionfleet.db``: several nodes).
+
+:meth:`Registry.from_settings` picks the mode from the settings: the embedded default (local
+home, no ``$VISIONFLEET_DB``) keeps the files exactly as before; an object store or a
+configured database puts versions and aliases in the database.
+
+A remote version is loaded from this node's cache (:meth:`Registry.local_dir`): files keyed
+by their content hash, each downloaded once, verified, then renamed into place.
+
+When the store or the database does not answer, calls raise
+:class:`~visionfleet.store.StoreUnavailable` (serving turns it into a 503); a store that
+cannot be used at all raises :class:`~visionfleet.store.StoreError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +31,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -27,8 +41,9 @@ except ImportError:  # pragma: no cover
     sa = None  # type: ignore[assignment]
 
 from visionfleet.spec import DEFAULT_ALIAS, FileEntry, ModelCard, ModelRef, parse_ref, validate_name
+from visionfleet.store import StoreError, StoreUnavailable, open_store
 
-__all__ = ["Registry", "ResolvedModel", "NotFound", "RegistryError"]
+__all__ = ["Registry", "ResolvedModel", "NotFound", "RegistryError", "StoreError", "StoreUnavailable", "uses_db"]
 
 _ALIAS_FILE = "aliases.json"
 _CARD = "card.json"
@@ -42,6 +57,63 @@ class RegistryError(RuntimeError):
 
 class NotFound(RegistryError, LookupError):
     """Unknown model, version or alias."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+# Transient database states worth a retry (SQLite's writer lock, PostgreSQL's serialization
+# failures); anything else from the driver (a refused connection, a server gone) is an outage.
+_DB_RETRY_MARKERS = ("database is locked", "could not serialize", "deadlock detected", "database table is locked")
+
+
+def _db_transient(exc: BaseException) -> bool:
+    return sa is not None and (isinstance(exc, sa.exc.IntegrityError) or (
+        isinstance(exc, sa.exc.OperationalError) and any(m in str(exc) for m in _DB_RETRY_MARKERS)))
+
+
+def _as_store_error(exc: BaseException, what: str) -> StoreError | None:
+    """The StoreError an I/O or database failure means, or None for errors that keep their type."""
+    if isinstance(exc, (StoreError, FileNotFoundError, NotFound)):
+        return None
+    if sa is not None and isinstance(exc, sa.exc.DBAPIError) and not isinstance(exc, sa.exc.IntegrityError):
+        first = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+        return StoreUnavailable(f"{what}: the database did not answer: {first[0] if first else type(exc).__name__}")
+    try:
+        import pyarrow as pa
+
+        arrow_error: tuple[type, ...] = (OSError, pa.ArrowException)
+    except ImportError:  # pragma: no cover
+        arrow_error = (OSError,)
+    if isinstance(exc, arrow_error):
+        from visionfleet.store import _classify  # one classification of S3 errors (network / credentials)
+
+        return _classify(exc, what)
+    return None
+
+
+def _guarded(fn: F) -> F:
+    """Turn a failing store or database under a public method into StoreError / StoreUnavailable."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Registry", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as exc:
+            mapped = _as_store_error(exc, f"registry {self.uri} ({fn.__name__})")
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def uses_db(settings) -> bool:  # noqa: ANN001 - visionfleet.settings.Settings
+    """Whether the registry of ``settings`` keeps versions and aliases in the database.
+
+    The embedded default (the registry on this node's disk, no ``$VISIONFLEET_DB``) keeps
+    them in files beside the blobs, as it always has; an object store or a configured
+    database moves them into the database."""
+    default_db = settings.db_url == f"sqlite:///{settings.home}/state.db"
+    return not default_db or "://" in settings.store_uri("registry")
 
 
 @dataclass(frozen=True)
@@ -70,7 +142,8 @@ class Registry:
         self._db = db  # a visionfleet.db.Database: versions and aliases live there when given
         root_s = os.fspath(root)
         if "://" in root_s:
-            self._fs, self._root = pafs.FileSystem.from_uri(root_s)
+            store = open_store(root_s)  # s3:// with the AWS variables and bounded timeouts
+            self._fs, self._root = store.fs, store.root
             self._local = False
         else:
             self._root = str(Path(root_s).expanduser().resolve())
@@ -81,9 +154,24 @@ class Registry:
         self._cache_dir = Path(cache_dir) if cache_dir else None
 
     @classmethod
-    def from_settings(cls, settings) -> "Registry":  # noqa: ANN001 - visionfleet.settings.Settings
-        """The registry of ``settings``: blobs at ``store_uri("registry")``, metadata in ``db_url``."""
-        return cls(settings.store_uri("registry"), cache_dir=settings.cache_dir / "registry", db=settings.db_url)
+    def from_settings(cls, settings, db: object | None = None) -> "Registry":  # noqa: ANN001 - Settings
+        """The registry of ``settings``: blobs at ``store_uri("registry")``, versions and aliases
+        in ``db_url`` when the store is shared or a database is configured (:func:`uses_db`),
+        remote files cached by content hash under ``cache_dir/registry``.
+
+        Args:
+            settings: a ``visionfleet.settings.Settings``.
+            db: an already opened ``visionfleet.db.Database`` of ``settings.db_url`` to reuse.
+
+        Raises:
+            StoreError: the store URL cannot be used.
+            visionfleet.db.DatabaseError: the database cannot be opened.
+        """
+        if not uses_db(settings):
+            db = None
+        elif db is None:
+            db = settings.db_url
+        return cls(settings.store_uri("registry"), cache_dir=settings.cache_dir / "registry", db=db)
 
     # ------------------------------------------------------------------ paths & io
     def _p(self, *parts: str | int) -> str:
@@ -123,6 +211,7 @@ class Registry:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ queries
+    @_guarded
     def list_models(self) -> list[str]:
         if self._db is not None:
             from visionfleet.db import model_versions as mv
@@ -134,6 +223,7 @@ class Registry:
             i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
         )
 
+    @_guarded
     def versions(self, name: str) -> list[int]:
         if self._db is not None:
             from visionfleet.db import model_versions as mv
@@ -147,6 +237,7 @@ class Registry:
                 out.append(int(i.base_name))
         return sorted(out)
 
+    @_guarded
     def aliases(self, name: str) -> dict[str, int]:
         if self._db is not None:
             from visionfleet.db import aliases as al
@@ -158,6 +249,7 @@ class Registry:
             return {}
         return {k: int(v) for k, v in self._read_json(path).get("aliases", {}).items()}
 
+    @_guarded
     def alias_history(self, name: str) -> list[dict]:
         if self._db is not None:
             from visionfleet.db import alias_history as ah
@@ -169,6 +261,7 @@ class Registry:
         path = self._p(name, _ALIAS_FILE)
         return self._read_json(path).get("history", []) if self._exists(path) else []
 
+    @_guarded
     def resolve(self, ref: str | ModelRef) -> ResolvedModel:
         """Turn ``NAME[:VERSION|@ALIAS]`` into a concrete version.
 
@@ -190,23 +283,37 @@ class Registry:
             raise NotFound(f"model {r.name!r} has no alias @{alias} (aliases: {sorted(aliases)})")
         return ResolvedModel(r.name, aliases[alias])
 
+    @_guarded
     def card(self, name: str, version: int) -> ModelCard:
-        path = self._p(name, version, _CARD)
-        if not self._exists(path):
-            raise NotFound(f"model {name!r} has no version {version}")
-        return ModelCard.model_validate(self._read_json(path))
+        # one read, no stat first: on an object store each call is a round trip
+        return ModelCard.model_validate(json.loads(self._read_card_bytes(name, version).decode()))
 
     def card_for(self, ref: str | ModelRef) -> ModelCard:
         r = self.resolve(ref)
         return self.card(r.name, r.version)
 
+    @_guarded
     def read_bytes(self, name: str, version: int, filename: str) -> bytes:
         _check_filename(filename)
         with self._fs.open_input_stream(self._p(name, version, filename)) as f:
             return f.read()
 
+    @_guarded
     def local_dir(self, name: str, version: int) -> Path:
-        """A local folder holding the version's files (downloaded once when remote)."""
+        """A local folder holding the version's files (downloaded once per node when remote).
+
+        Remote files land in this node's cache keyed by content hash
+        (``<cache_dir>/blobs/<sha256>``: downloaded to a temp name, hash verified, renamed),
+        and the version's folder (``<cache_dir>/models/<name>/<version>-<card digest>``) holds
+        its ``card.json`` and links to those blobs; two versions sharing a file share its blob.
+        When the store does not answer, a version already cached here is still returned
+        (versions are immutable).
+
+        Raises:
+            NotFound: no such version.
+            StoreUnavailable: the store did not answer and the version is not cached here.
+            RegistryError: a downloaded file does not match its card's hash.
+        """
         if self._local:
             path = Path(self._p(name, version))
             if not path.is_dir():
@@ -214,20 +321,76 @@ class Registry:
             return path
         if self._cache_dir is None:
             raise RegistryError("a remote registry needs cache_dir to load models locally")
-        dest = self._cache_dir / name / str(version)
-        if not (dest / _CARD).exists():
-            tmp = dest.with_name(f".{version}.tmp-{uuid.uuid4().hex}")
-            tmp.mkdir(parents=True)
-            for info in self._fs.get_file_info(pafs.FileSelector(self._p(name, version))):
-                with self._fs.open_input_stream(info.path) as src, open(tmp / info.base_name, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+        versions_dir = self._cache_dir / "models" / name
+        try:
+            raw = self._read_card_bytes(name, version)
+        except NotFound:
+            raise
+        except Exception as exc:  # noqa: BLE001 - only an outage falls back to the cache
+            mapped = _as_store_error(exc, f"registry {self.uri} (local_dir)")
+            cached = sorted(versions_dir.glob(f"{int(version)}-*/{_CARD}"), key=lambda p: p.stat().st_mtime)
+            if isinstance(mapped, StoreUnavailable) and cached:
+                return cached[-1].parent
+            raise
+        dest = versions_dir / f"{int(version)}-{hashlib.sha256(raw).hexdigest()[:16]}"
+        if (dest / _CARD).exists():
+            return dest
+        card = ModelCard.model_validate(json.loads(raw.decode()))
+        blobs = self._cache_dir / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+        tmp.mkdir(parents=True)
+        try:
+            for entry in card.files:
+                _check_filename(entry.name)
+                blob = self._fetch_blob(name, version, entry, blobs)
+                try:
+                    os.link(blob, tmp / entry.name)  # same file system: no second copy
+                except OSError:
+                    shutil.copyfile(blob, tmp / entry.name)
+            (tmp / _CARD).write_bytes(raw)
             try:
                 tmp.rename(dest)
-            except OSError:  # someone else finished first
-                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:  # another process on this node finished first
+                if not (dest / _CARD).exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
+    def _read_card_bytes(self, name: str, version: int) -> bytes:
+        path = self._p(name, version, _CARD)
+        try:
+            with self._fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"model {name!r} has no version {version}") from None
+
+    def _fetch_blob(self, name: str, version: int, entry: FileEntry, blobs: Path) -> Path:
+        """``blobs/<sha256>`` for one file of a version: downloaded once, verified, renamed into place."""
+        blob = blobs / entry.sha256
+        if blob.is_file():
+            return blob
+        tmp = blobs / f".{entry.sha256}.tmp-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        try:
+            with self._fs.open_input_stream(self._p(name, version, entry.name)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if digest.hexdigest() != entry.sha256:
+                raise RegistryError(f"Got sha256 {digest.hexdigest()} for {name}:{version}/{entry.name}; "
+                                    f"expected {entry.sha256} from its card (a corrupt or changed object)")
+            os.replace(tmp, blob)  # atomic: a reader sees no blob or the whole, verified one
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return blob
+
     # ------------------------------------------------------------------ writes
+    @_guarded
     def register(
         self,
         card: ModelCard,
@@ -322,7 +485,9 @@ class Registry:
                         self._fs.copy_file(f"{staging}/{e.name}", f"{final}/{e.name}")
                     self._write_atomic(f"{final}/{_CARD}", stored.model_dump_json(indent=2).encode())
                 return version, stored
-            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+            except sa.exc.DBAPIError as exc:
+                if not _db_transient(exc):
+                    raise
                 time.sleep(0.01)
                 continue
         raise RegistryError(f"could not allocate a version for {name!r} in the database")
@@ -350,7 +515,9 @@ class Registry:
                     c.execute(ah.insert().values(model=name, alias=alias, from_version=previous, to_version=version,
                                                  reason=reason, at=_dt.datetime.now(_dt.timezone.utc).isoformat()))
                 return previous
-            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+            except sa.exc.DBAPIError as exc:
+                if not _db_transient(exc):
+                    raise
                 time.sleep(0.01)
         raise RegistryError(f"could not switch {name}@{alias} in the database")
 
@@ -375,6 +542,7 @@ class Registry:
             f.write(data)
         return entry.model_copy(update={"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
 
+    @_guarded
     def set_alias(self, name: str, alias: str, version: int, *, reason: str = "") -> int | None:
         """Point ``name@alias`` at ``version`` atomically; returns the previous version."""
         parse_ref(f"{name}@{alias}")  # validates both
@@ -402,6 +570,7 @@ class Registry:
             self._write_atomic(path, json.dumps(doc, indent=2).encode())
         return previous
 
+    @_guarded
     def remove_alias(self, name: str, alias: str, *, reason: str = "") -> int | None:
         if self._db is not None:
             return self._db_alias(name, alias, None, reason)
@@ -428,6 +597,7 @@ class Registry:
             self._write_atomic(path, json.dumps(doc, indent=2).encode())
             return previous
 
+    @_guarded
     def update_metrics(self, name: str, version: int, metrics: Mapping[str, object]) -> ModelCard:
         """Merge measured metrics into a version's card (cards are otherwise immutable)."""
         card = self.card(name, version)

@@ -242,8 +242,9 @@ def write_loop_report(home: Path, out: Path, *, model: str | None = None, window
     quality = ""
     try:  # the held-out quality of each version seen, from its card (trained versions have it)
         from visionfleet.registry import Registry
+        from visionfleet.settings import Settings
 
-        reg = Registry(home / "registry")
+        reg = Registry.from_settings(Settings.from_env(home))
         cards = []
         for m, v in versions:
             try:
@@ -251,7 +252,7 @@ def write_loop_report(home: Path, out: Path, *, model: str | None = None, window
             except Exception:  # noqa: BLE001 - a version without a readable card just has no section
                 continue
         quality = model_quality_html(cards)
-    except OSError:
+    except (OSError, RuntimeError):  # no registry here, or its store / database is down: no section
         quality = ""
     extra_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in (extra or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>visionfleet closed loop</title>

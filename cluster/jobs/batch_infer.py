@@ -328,7 +328,7 @@ class OrtPredictor:
             raise RuntimeError(f"{ENV_HOME} is not an absolute path in this worker; pass it through runtime_env")
         settings = Settings.from_env()
         name, _, version = model_id.partition(":")
-        registry = Registry(settings.registry_dir, cache_dir=settings.home / "cache" / "registry")
+        registry = Registry.from_settings(settings)  # remote versions: this node's cache, by content hash
         self.model = load_model_dir(registry.local_dir(name, int(version)), RuntimeOptions(threads=threads))
         self.top_k = top_k
         self.schema = result_schema(self.model.card.task, key_fields)
@@ -440,11 +440,11 @@ def check_job(cfg: BatchJobConfig, settings: Settings) -> tuple[JobInput, ModelC
         ValueError, FileNotFoundError, FileExistsError: bad input or output.
         LookupError: unknown model, version or alias.
     """
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
 
     job = resolve_input(cfg)
     _check_out(_absolute(cfg.out), cfg.overwrite)
-    registry = Registry(settings.registry_dir)
+    registry = open_registry(settings)  # a store or database that cannot be used: a clear error here
     resolved = registry.resolve(cfg.model)
     return job, registry.card(resolved.name, resolved.version)
 

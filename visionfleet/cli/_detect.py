@@ -35,7 +35,7 @@ def train_detector(
     from train.detect_models import DETECTION_ARCHS
     from visionfleet.datasets.detect import coco_split, is_detection_dataset
     from visionfleet.imaging import ResizeMode
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
     from visionfleet.spec import validate_name
 
     s = settings().ensure()
@@ -78,7 +78,7 @@ def train_detector(
 
         result = fit_detector(cfg, runs_dir=s.runs_dir, on_progress=on_progress)
         p.add_task("export + holdout mAP", total=None, info="decode + NMS in the graph, pycocotools")
-        card = register_detector(result.checkpoint, Registry(s.registry_dir), name, run_id=result.run_id)
+        card = register_detector(result.checkpoint, open_registry(s), name, run_id=result.run_id)
     m = card.metrics
     err.print(f"trained in {result.seconds:.0f}s: holdout mAP@0.5 {m['holdout_map50']:.4f}, "
               f"mAP@0.5:0.95 {m['holdout_map50_95']:.4f} (n={m['holdout_n']})")

@@ -53,7 +53,7 @@ def bench(
 
     from edge_export import measure as M
     from visionfleet.datasets.store import load_arrays, resolve_dataset
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
     from visionfleet.spec import Task
     from visionfleet.targets import check_budgets, profile
 
@@ -71,7 +71,7 @@ def bench(
         raise ValueError(f"Got {gemm_sizes!r} for --gemm-sizes; expected comma-separated integers") from None
     if not sizes or min(sizes) < 16:
         raise ValueError(f"Got {gemm_sizes!r} for --gemm-sizes; expected sizes >= 16")
-    reg = Registry(s.registry_dir)
+    reg = open_registry(s)
     cards = [reg.card_for(r) for r in refs]
     names = [c.ref for c in cards]
     if len(set(names)) != len(names):

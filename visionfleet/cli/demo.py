@@ -97,7 +97,7 @@ def demo(
     from serve_apps.deploy import deploy
     from visionfleet.cli.train import run_training
     from visionfleet.datasets.store import load_arrays, read_info, synthesize
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -153,7 +153,7 @@ def demo(
         address=None,
         description="visionfleet demo model",
     )
-    reg = Registry(s.registry_dir)
+    reg = open_registry(s)
     reg.set_alias("demo", "production", card.version, reason="demo run")  # type: ignore[arg-type]
     onnx_top1 = onnx_holdout_top1(reg.local_dir("demo", card.version), hx, hy)  # type: ignore[arg-type]
     reg.update_metrics("demo", card.version, {"onnx_holdout_top1": onnx_top1})  # type: ignore[arg-type]

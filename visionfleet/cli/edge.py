@@ -17,9 +17,9 @@ TargetOpt = Annotated[Target, typer.Option("--target", help="device target profi
 
 
 def _registry():
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
 
-    return Registry(settings().ensure().registry_dir)
+    return open_registry(settings())
 
 
 def _repo(create: bool = True):

@@ -48,10 +48,10 @@ def status(
 
 
 def _pick_versions(model: str, update: Optional[str]) -> tuple[str, str]:
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
     from visionfleet.spec import parse_ref
 
-    reg = Registry(settings().ensure().registry_dir)
+    reg = open_registry(settings())
     start = reg.resolve(model)
     if update is not None:
         return str(start), str(reg.resolve(update))

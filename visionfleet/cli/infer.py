@@ -146,7 +146,7 @@ def _video(
     overwrite: bool,
 ) -> dict[str, Any]:
     from visionfleet.inference import RuntimeOptions, load_model_dir
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
     from visionfleet.video import Sampling, infer_video, output_format_for, probe_video
 
     sampling = Sampling(every=every if every is not None else 1, fps=fps)
@@ -155,7 +155,7 @@ def _video(
     out_path = str(Path(out_path).expanduser().resolve())
     info = probe_video(source)  # a non-video fails before the model loads
     s = settings()
-    registry = Registry(s.registry_dir)
+    registry = open_registry(s)
     resolved = registry.resolve(model)
     loaded = load_model_dir(registry.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=threads))
     with progress() as p:

@@ -14,9 +14,9 @@ app = typer.Typer(help="The model registry: versions, cards, aliases.", no_args_
 
 
 def _registry():
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
 
-    return Registry(settings().ensure().registry_dir)
+    return open_registry(settings())
 
 
 @app.command("list")

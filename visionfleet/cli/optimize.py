@@ -59,7 +59,7 @@ def optimize(
     from edge_export.optimize import optimize as run_optimize
     from edge_export.quantize import QuantizeConfig
     from train.finetune import prune_tools
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
 
     s = settings().ensure()
     cfg = OptimizeSettings(
@@ -98,7 +98,7 @@ def optimize(
         result = run_optimize(
             ref,
             cfg,
-            registry=Registry(s.registry_dir),
+            registry=open_registry(s),
             cache_dir=s.home / "cache" / "variants",
             datasets_dir=s.datasets_dir,
             tools=prune_tools(),  # edge_export never imports train: the built-in architectures come from here

@@ -58,10 +58,10 @@ def _local(data: bytes, model: Optional[str], top_k: int) -> dict:
     from visionfleet.imaging import preprocess
     from visionfleet.inference import RuntimeOptions, load_model_dir
     from visionfleet.predict import predictions
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
 
     s = settings()
-    reg = Registry(s.registry_dir)
+    reg = open_registry(s)
     resolved = reg.resolve(model or "demo")
     loaded = load_model_dir(reg.local_dir(resolved.name, resolved.version), RuntimeOptions(threads=2))
     t0 = time.perf_counter()

@@ -179,7 +179,7 @@ def drift(
     from visionfleet.cli.train import run_training
     from visionfleet.datasets.store import synthesize
     from visionfleet.datasets.synth import Drift
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
     from visionfleet.report import write_loop_report
     from visionfleet.settings import Settings
 
@@ -205,7 +205,7 @@ def drift(
     card, _ = run_training(dataset=str(ds), model_name="demo", arch="resnet", width=16, depths="1,1,1,1", stem_stride=2,
                            input_size=size, resize="stretch", epochs=epochs, batch_size=128, lr=0.2, workers=2,
                            cpus_per_worker=0.5, seed=seed, wandb=True, address=None)
-    reg = Registry(s.registry_dir)
+    reg = open_registry(s)
     v1_dir = reg.local_dir("demo", card.version)  # type: ignore[arg-type]
     pre = _score(v1_dir, seed + 101, 0, 1000, size, None)
     drift_obj = Drift(**DRIFT)

@@ -51,6 +51,9 @@ def up(
     scaling = _scaling_flags(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s,
                              ingress_replicas, ingress_min_replicas, ingress_max_replicas)
     s = settings().ensure()
+    from visionfleet.state import check_state
+
+    check_state(s)  # a bad store URL or a database that is down: one message, before Ray starts
     cfg = AppConfig(
         home=str(s.home),
         default_model=model,

@@ -81,7 +81,7 @@ def build(
     """
     from edge_export.importer import load_sample_images, sample_images
     from edge_export.tensorrt import build_registered_engine, engine_profile, require_tensorrt
-    from visionfleet.registry import Registry
+    from visionfleet.state import open_registry
     from visionfleet.targets import Precision, Target, profile
 
     try:
@@ -99,7 +99,7 @@ def build(
     if workspace_gb is not None and workspace_gb <= 0:
         raise ValueError(f"Got {workspace_gb} for --workspace-gb; expected > 0")
     s = settings().ensure()
-    registry = Registry(s.registry_dir)
+    registry = open_registry(s)
     card = registry.card_for(ref)  # unknown model or version: a clear error before anything heavy
     if card.format != "onnx":
         raise ValueError(f"Got {card.ref} in format {card.format!r}; expected an ONNX version to build from")
