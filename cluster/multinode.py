@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.local import RAY_NAMESPACE, auth_env, free_port, init_token_auth_driver
-from visionfleet.settings import Settings
+from visionfleet.settings import ENV_NODE_HOME, Settings
 
 __all__ = [
     "ClusterSpec",
@@ -60,6 +60,7 @@ __all__ = [
     "client_environ",
     "connect_cluster",
     "gcs_reachable",
+    "check_own_disks",
 ]
 
 ROLE_LABEL = "visionfleet.io/role"
@@ -91,6 +92,10 @@ class ClusterSpec:
     worker_cpus: float = 1
     head_cpus: float = 1
     object_store_mb: int = 256
+    # Nodes that share no disk: each node gets its own home (``$VISIONFLEET_NODE_HOME``), working
+    # directory and ``$TMPDIR`` under ``<home>/ray/nodes/<node>``, and the shared state must be on
+    # the store and the database (``$VISIONFLEET_STORE`` = s3://..., ``$VISIONFLEET_DB``).
+    own_disks: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.workers <= 16:
@@ -107,12 +112,14 @@ class ClusterSpec:
 
 @dataclass(frozen=True)
 class NodeRecord:
-    """One node as started: its name (``--node-name``), role and CPU count."""
+    """One node as started: its name (``--node-name``), role and CPU count; ``home`` is its own
+    home when the nodes share no disk (else empty: the cluster's home)."""
 
     name: str
     role: str
     num_cpus: int
     agent_port: int
+    home: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,10 +169,11 @@ def _cluster_name(settings: Settings) -> str:
     return "vf-" + hashlib.sha256(str(settings.home).encode()).hexdigest()[:10]
 
 
-def _temp_dir(settings: Settings) -> Path:
-    """Under the state dir when that is short enough for socket paths, else in /tmp."""
+def _temp_dir(settings: Settings, own_disks: bool = False) -> Path:
+    """Under the state dir when that is short enough for socket paths, else in /tmp. Nodes with
+    their own disks get their own Ray temp dir below it (``<temp>/n<i>``, 3 more bytes)."""
     preferred = settings.ray_dir / "cluster"
-    if len(str(preferred)) <= _MAX_TEMP_DIR:
+    if len(str(preferred)) <= _MAX_TEMP_DIR - (3 if own_disks else 0):
         return preferred
     return Path("/tmp") / f"{_TMP_PREFIX}{hashlib.sha256(str(settings.home).encode()).hexdigest()[:12]}"
 
@@ -319,8 +327,33 @@ def _node_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _ray_start(args: list[str], env: dict[str, str], timeout: float) -> None:
-    proc = subprocess.run([_ray_bin(), "start", *args], capture_output=True, text=True, env=env, timeout=timeout)
+def _own_disk(settings: Settings, env: dict[str, str], node: str) -> tuple[dict[str, str], str, str]:
+    """A node's own home, working directory and temp dir: ``(env, cwd, home)``."""
+    root = settings.ray_dir / "nodes" / node
+    dirs = {d: root / d for d in ("home", "work", "tmp")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    node_env = {**env, ENV_NODE_HOME: str(dirs["home"]), "TMPDIR": str(dirs["tmp"])}
+    return node_env, str(dirs["work"]), str(dirs["home"])
+
+
+def check_own_disks(settings: Settings) -> None:
+    """Nodes that share no disk need the shared state off the home: refuse otherwise."""
+    if not settings.shared:
+        raise ValueError(
+            f"Got the store on this node's disk ({settings.store}) for nodes that share no disk; expected "
+            "VISIONFLEET_STORE=s3://bucket/prefix (an S3-API server: `make s3` starts one locally)"
+        )
+    if settings.db_url == f"sqlite:///{settings.home}/state.db":
+        raise ValueError(
+            "Got the embedded SQLite database for nodes that share no disk; expected "
+            "VISIONFLEET_DB=postgresql+psycopg://USER:PASS@HOST/DB (`make postgres` starts one locally)"
+        )
+
+
+def _ray_start(args: list[str], env: dict[str, str], timeout: float, cwd: str | None = None) -> None:
+    proc = subprocess.run([_ray_bin(), "start", *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=cwd)
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
         raise RuntimeError(f"`ray start {args[0]}` failed ({proc.returncode}): {tail}")
@@ -364,6 +397,8 @@ def start_cluster(
     """
     spec = spec or ClusterSpec()
     step = on_step or (lambda _msg: None)
+    if spec.own_disks:
+        check_own_disks(settings)
     settings.ensure()
     settings.ray_dir.mkdir(parents=True, exist_ok=True)
     existing = read_cluster(settings)
@@ -374,14 +409,23 @@ def start_cluster(
                 "stop it with `visionfleet cluster down`"
             )
         stop_cluster(settings)  # a stale record: clear what is left of it
-    temp_dir = _temp_dir(settings)
+    temp_dir = _temp_dir(settings, spec.own_disks)
     temp_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(temp_dir, 0o700)
+
+    def node_temp(i: int) -> list[str]:
+        """``--temp-dir`` of node ``i`` (0: the head): the cluster's, or its own below it."""
+        if not spec.own_disks:
+            return [f"--temp-dir={temp_dir}"]
+        d = temp_dir / f"n{i}"
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
+        return [f"--temp-dir={d}"]
+
     env = _node_env(settings)
     token_path = env["RAY_AUTH_TOKEN_PATH"]
     name = _cluster_name(settings)
     common = [
-        f"--temp-dir={temp_dir}",
         "--node-ip-address=127.0.0.1",
         f"--object-store-memory={spec.object_store_mb * 1024 * 1024}",
         "--disable-usage-stats",
@@ -390,6 +434,7 @@ def start_cluster(
     # A free port can be taken between our check and Ray's bind: try fresh ones.
     for attempt in range(3):
         gcs_port, dash_port, agent_port = _distinct_ports(3)
+        head_env, head_cwd, head_home = _own_disk(settings, env, "vf-head") if spec.own_disks else (env, None, "")
         info = ClusterInfo(
             name=name,
             gcs_address=f"127.0.0.1:{gcs_port}",
@@ -398,7 +443,7 @@ def start_cluster(
             token_path=token_path,
             object_store_mb=spec.object_store_mb,
             started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-            nodes=(NodeRecord("vf-head", "head", int(spec.head_cpus), agent_port),),
+            nodes=(NodeRecord("vf-head", "head", int(spec.head_cpus), agent_port, head_home),),
         )
         _write_cluster(settings, info)  # recorded first, so `down` can clean up a half start
         step(f"head on {info.gcs_address}, dashboard {info.dashboard_url}")
@@ -414,10 +459,12 @@ def start_cluster(
                     f"--dashboard-agent-listen-port={agent_port}",
                     "--node-name=vf-head",
                     f"--labels={ROLE_LABEL}=head,{CLUSTER_LABEL}={name}",
+                    *node_temp(0),
                     *common,
                 ],
-                env,
+                head_env,
                 timeout,
+                head_cwd,
             )
             break
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -428,7 +475,9 @@ def start_cluster(
                 raise RuntimeError(f"could not start the head: {exc}") from None
     try:
         for i in range(1, spec.workers + 1):
-            node = NodeRecord(f"vf-worker-{i}", "worker", int(spec.worker_cpus), _distinct_ports(1)[0])
+            name_i = f"vf-worker-{i}"
+            node_env, node_cwd, node_home = _own_disk(settings, env, name_i) if spec.own_disks else (env, None, "")
+            node = NodeRecord(name_i, "worker", int(spec.worker_cpus), _distinct_ports(1)[0], node_home)
             step(f"worker {i}/{spec.workers} ({node.num_cpus} CPU)")
             info = replace(info, nodes=(*info.nodes, node))
             _write_cluster(settings, info)
@@ -439,10 +488,12 @@ def start_cluster(
                     f"--dashboard-agent-listen-port={node.agent_port}",
                     f"--node-name={node.name}",
                     f"--labels={ROLE_LABEL}=worker,{CLUSTER_LABEL}={name}",
+                    *node_temp(i),
                     *common,
                 ],
-                env,
+                node_env,
                 timeout,
+                node_cwd,
             )
         step("waiting for the dashboard")
         _wait_dashboard(info, timeout)
@@ -485,6 +536,8 @@ def stop_cluster(settings: Settings, *, timeout: float = 20.0) -> int:
     if temp in (settings.ray_dir / "cluster",) or (temp.parent == Path("/tmp") and temp.name.startswith(_TMP_PREFIX)):
         shutil.rmtree(temp, ignore_errors=True)
     _record_path(settings).unlink(missing_ok=True)
+    # nodes' own disks (caches and scratch only: the shared state is on the store) go with them
+    shutil.rmtree(settings.ray_dir / "nodes", ignore_errors=True)
     return stopped
 
 

@@ -148,8 +148,10 @@ class Settings:
 
     def ensure(self) -> "Settings":
         """Create the state directory layout; returns self for chaining."""
-        for d in (self.home, self.registry_dir, self.datasets_dir, self.runs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.store == str(self.home):  # the embedded profile: the shared areas live in the home
+            for d in (self.registry_dir, self.datasets_dir, self.runs_dir):
+                d.mkdir(parents=True, exist_ok=True)
         return self
 
     def runtime_env_vars(self) -> dict[str, str]:

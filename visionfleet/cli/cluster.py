@@ -27,12 +27,15 @@ def up(
     head_cpus: Annotated[float, typer.Option(help="CPUs the head offers (0: the head runs no replicas or tasks)")] = 1,
     object_store_mb: Annotated[int, typer.Option(help="object store per node, MiB")] = 256,
     timeout: Annotated[float, typer.Option(help="seconds each node may take to start")] = 240.0,
+    own_disks: Annotated[bool, typer.Option(
+        "--own-disks", help="nodes share no disk: each gets its own home, working dir and TMPDIR; the shared state "
+        "must be on $VISIONFLEET_STORE (s3://...) and $VISIONFLEET_DB (PostgreSQL)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the cluster record as JSON")] = False,
 ) -> None:
     """Start a head and worker nodes (free ports, a private temp dir, token auth) and record them."""
     from cluster.multinode import ClusterSpec, client_env, start_cluster
 
-    spec = ClusterSpec(workers=workers, worker_cpus=worker_cpus, head_cpus=head_cpus, object_store_mb=object_store_mb)
+    spec = ClusterSpec(workers=workers, worker_cpus=worker_cpus, head_cpus=head_cpus, object_store_mb=object_store_mb, own_disks=own_disks)
     s = settings().ensure()
     with err.status("starting the cluster") as st:
         info = start_cluster(s, spec, timeout=timeout, on_step=lambda msg: st.update(f"starting the cluster: {msg}"))
