@@ -1,14 +1,15 @@
-"""A real local multi-node cluster: `cluster up` → `cluster status` → `serve deploy` → HTTP → `cluster down`.
+"""A real local multi-node cluster whose nodes share no disk: `cluster up --own-disks` →
+`cluster status` → `serve deploy` → HTTP → `cluster down`.
 
-The nodes are `ray start` subprocesses with their own temp dir and token; nothing here
-touches the session's in-process Ray.
+The nodes are `ray start` subprocesses, each with its own home, working dir, TMPDIR and Ray
+temp dir; the shared state is on a real S3-API server (moto) and a real PostgreSQL, both
+started by the suite. Nothing here touches the session's in-process Ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -62,13 +63,32 @@ def _replicas(info: ClusterInfo, token: str, timeout: float = 240) -> dict[str, 
     raise AssertionError(f"the app did not reach RUNNING in {timeout}s: {json.dumps(last)[-2000:]}")
 
 
-def test_serve_deploy_to_a_local_multinode_cluster(tmp_path: Path, trained, settings) -> None:
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_serve_deploy_to_a_local_multinode_cluster_sharing_no_disk(tmp_path: Path, trained, settings, s3_env,
+                                                                   pg_url) -> None:
+    from train.pipeline import register_checkpoint
+    from visionfleet.datasets.store import load_arrays
+    from visionfleet.registry import Registry
+    from visionfleet.settings import Settings
+    from visionfleet.store import open_store
+
     home = tmp_path / "home"
-    shutil.copytree(settings.registry_dir, home / "registry")
-    env = {**os.environ, "VISIONFLEET_HOME": str(home)}
+    env = {**os.environ, "VISIONFLEET_HOME": str(home), "VISIONFLEET_STORE": f"{s3_env}/vf", "VISIONFLEET_DB": pg_url}
+    shared = Settings(home=home, store=f"{s3_env}/vf", db_url=pg_url)
+    # the model trained by this session, registered on the shared store + database
+    parity, _ = load_arrays(trained.dataset, "holdout", (32, 32), limit=32)
+    card = register_checkpoint(trained.result.checkpoint, Registry.from_settings(shared), "tiny", parity_images=parity)
+    assert card.version == 1 and open_store(shared.store_uri("registry")).exists("tiny/1/card.json")
     vf = str(BIN / "visionfleet")
 
-    up = _run(vf, "cluster", "up", "--workers", "2", "--worker-cpus", "1", "--head-cpus", "1", "--json",
+    # the embedded store cannot serve nodes that share no disk: refused before anything starts
+    lone = _run(vf, "cluster", "up", "--own-disks", env={**env, "VISIONFLEET_STORE": "", "VISIONFLEET_DB": ""})
+    assert lone.returncode != 0 and "VISIONFLEET_STORE=s3://" in lone.stderr + lone.stdout, lone.stderr
+
+    up = _run(vf, "cluster", "up", "--workers", "2", "--worker-cpus", "1", "--head-cpus", "1", "--own-disks", "--json",
               env=env, timeout=600)
     info = read_cluster(settings.with_home(home))
     pids: dict[int, float] = {}
@@ -81,6 +101,8 @@ def test_serve_deploy_to_a_local_multinode_cluster(tmp_path: Path, trained, sett
         st = _run(vf, "cluster", "status", "--json", env=env)
         assert st.returncode == 0, st.stderr
         nodes = json.loads(st.stdout)["nodes"]
+        homes = {n.name: Path(n.home) for n in info.nodes}
+        assert sorted(homes) == ["vf-head", "vf-worker-1", "vf-worker-2"] and len(set(homes.values())) == 3
         assert sorted((n["name"], n["role"], n["alive"], n["resources"]["CPU"]) for n in nodes) == [
             ("vf-head", "head", True, 1.0), ("vf-worker-1", "worker", True, 1.0), ("vf-worker-2", "worker", True, 1.0)
         ]
@@ -113,6 +135,15 @@ def test_serve_deploy_to_a_local_multinode_cluster(tmp_path: Path, trained, sett
         with urllib.request.urlopen(req, timeout=120) as r:
             pred = json.loads(r.read())
         assert pred["model"] == "tiny" and pred["version"] == 1 and pred["label"] in trained.card.labels
+        # each replica loaded the model from the store into its own node's cache; nothing shared
+        # landed in the driver's home, and no node holds a registry of its own
+        by_name = {n["node_id"]: n["name"] for n in nodes}
+        for node_id in placed:
+            cached = _files_under(homes[by_name[node_id]] / "cache")
+            assert any(f.endswith(".onnx") for f in cached), (by_name[node_id], cached)
+        for h in homes.values():
+            assert not _files_under(h / "registry"), h
+        assert not _files_under(home / "registry") and not (home / "state.db").exists()
 
         # a driver from Python (the docs example): token auth handled by connect_cluster
         ex = _run(sys.executable, str(REPO / "docs" / "examples" / "cluster_tasks.py"), env=env)
