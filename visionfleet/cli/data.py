@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,8 +14,36 @@ from visionfleet.cli._common import cli_errors, err, out, parse_float_list, prin
 app = typer.Typer(help="Datasets: generate synthetic data, import image folders, list.", no_args_is_help=True)
 
 
-def _dest(out_path: Optional[Path], name: str) -> Path:
-    return out_path.resolve() if out_path else settings().ensure().datasets_dir / name
+def _dest(out_path: Optional[Path], name: str) -> tuple[Path, Optional[str]]:
+    """The folder to write, and the store URI to publish it to afterwards (None: the folder is the dataset).
+
+    ``--out`` is a folder; otherwise the dataset goes to the store area ``datasets``: its folder
+    on one machine (``<home>/datasets/<name>``), or a local staging folder published to
+    ``s3://.../datasets/<name>`` when the area is an object store.
+    """
+    if out_path:
+        return out_path.resolve(), None
+    s = settings().ensure()
+    area = s.store_uri("datasets")
+    if "://" not in area:
+        return Path(area) / name, None
+    from visionfleet.store import open_store
+
+    uri = f"{area.rstrip('/')}/{name}"
+    if open_store(uri).exists("_content.json"):
+        raise FileExistsError(f"a dataset already exists at {uri}; choose another --name or delete it")
+    return s.cache_dir / "datasets" / f".staging-{uuid.uuid4().hex[:12]}" / name, uri
+
+
+def _publish(dest: Path, uri: Optional[str]) -> str:
+    """Upload a staged dataset to the store (it then becomes this node's cached copy); returns where it is."""
+    if uri is None:
+        return str(dest)
+    from visionfleet.datasets.store import publish_dataset
+
+    publish_dataset(dest, uri, cache_dir=settings().cache_dir)  # moves dest into the cache
+    shutil.rmtree(dest.parent, ignore_errors=True)  # the empty staging folder
+    return uri
 
 
 @app.command()
@@ -43,7 +73,10 @@ def synth(
     if task not in ("classification", "detection"):
         raise ValueError(f"Got {task!r} for --task; expected classification or detection")
     if task == "detection":
-        return _synth_detection(_dest(out_path, name), n_train, n_holdout, size, seed, max_objects, as_json)
+        if out_path is None and "://" in settings().store_uri("datasets"):
+            raise ValueError("Got --task detection with the datasets area on an object store; expected --out "
+                             "(detection datasets stay local folders)")
+        return _synth_detection(_dest(out_path, name)[0], n_train, n_holdout, size, seed, max_objects, as_json)
     from visionfleet.datasets.synth import Drift
 
     drift = Drift(
@@ -54,9 +87,9 @@ def synth(
         color_cast=parse_float_list(color_cast, 3, "--color-cast"),  # type: ignore[arg-type]
         jpeg_quality=jpeg_quality,
     )
-    dest = _dest(out_path, name)
+    dest, uri = _dest(out_path, name)
     with progress() as p:
-        task = p.add_task("generating", total=n_train + n_holdout, info=str(dest))
+        task = p.add_task("generating", total=n_train + n_holdout, info=uri or str(dest))
         info = synthesize(
             dest,
             n_train=n_train,
@@ -69,10 +102,11 @@ def synth(
             progress=lambda k: p.advance(task, k),
             index_offset=index_offset,
         )
+    where = _publish(dest, uri)
     if as_json:
-        print_json({"path": str(dest), **info.__dict__})
+        print_json({"path": where, **info.__dict__})
     else:
-        out.print(f"dataset {info.name}: {info.splits} at {dest}")
+        out.print(f"dataset {info.name}: {info.splits} at {where}")
 
 
 def _synth_detection(dest: Path, n_train: int, n_holdout: int, size: int, seed: int, max_objects: int, as_json: bool) -> None:
@@ -110,7 +144,8 @@ def import_folder(
         raise ValueError(f"Got {flips!r} for --flips; expected off, horizontal or dihedral (or leave it out)")
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
-    dest = _dest(out_path, name or root.resolve().name)
+    ds_name = name or root.resolve().name
+    dest, uri = _dest(out_path, ds_name)
     total = sum(1 for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     with progress() as p:
         task = p.add_task("importing", total=total, info=str(root))
@@ -125,10 +160,11 @@ def import_folder(
     if flips is not None:  # read by `visionfleet train --flips auto` (train.auto)
         info.params["flips"] = flips
         _write_manifest(dest, info)
+    where = _publish(dest, uri)
     if as_json:
-        print_json({"path": str(dest), **info.__dict__, "skipped_files": skipped})
+        print_json({"path": where, **info.__dict__, "skipped_files": skipped})
         return
-    out.print(f"dataset {info.name}: {len(info.labels)} classes, {info.splits} at {dest}")
+    out.print(f"dataset {info.name}: {len(info.labels)} classes, {info.splits} at {where}")
     for rel, why in skipped[:20]:
         err.print(f"[yellow]skipped[/] {rel}: {why}")
     if len(skipped) > 20:
@@ -149,30 +185,29 @@ def import_builtin_cmd(
 
     if dataset not in BUILTIN:
         raise ValueError(f"Got {dataset!r} for the built-in dataset; expected one of {', '.join(sorted(BUILTIN))}")
-    dest = _dest(out_path, name or dataset)
+    dest, uri = _dest(out_path, name or dataset)
     with progress() as p:
         task = p.add_task("importing", total=None, info=f"{dataset}: {BUILTIN[dataset].summary}")
         info = import_builtin(dataset, dest, holdout_fraction=holdout_fraction, progress=lambda k: p.advance(task, k))
+    where = _publish(dest, uri)
     if as_json:
-        print_json({"path": str(dest), **info.__dict__})
+        print_json({"path": where, **info.__dict__})
         return
-    out.print(f"dataset {info.name}: {len(info.labels)} classes {info.labels}, {info.splits} at {dest} "
+    out.print(f"dataset {info.name}: {len(info.labels)} classes {info.labels}, {info.splits} at {where} "
               f"(from {BUILTIN[dataset].package}; licence {BUILTIN[dataset].licence})")
 
 
 @app.command("list")
 @cli_errors
 def list_(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
-    """List the datasets in the state dir."""
+    """List the datasets in the store area `datasets` (<home>/datasets on one machine)."""
     from rich.table import Table
 
-    from visionfleet.datasets.store import read_info
+    from visionfleet.datasets.store import list_datasets
 
-    root = settings().datasets_dir
     rows = []
-    for d in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
-        info = read_info(d.parent)
-        rows.append({"name": info.name, "path": str(d.parent), "labels": len(info.labels), "splits": info.splits, "source": info.source})
+    for ref, info in list_datasets(settings().store_uri("datasets")):
+        rows.append({"name": info.name, "path": ref, "labels": len(info.labels), "splits": info.splits, "source": info.source})
     if as_json:
         print_json({"datasets": rows})
         return

@@ -8,6 +8,16 @@ Layout of a dataset folder::
 
 Images stay encoded (the bytes a camera or client would send); they are decoded with
 :mod:`visionfleet.imaging`, the same code the server and the edge agent use.
+
+Where datasets live: the store area ``datasets`` (``Settings.store_uri("datasets")``). On one
+machine that is ``<home>/datasets`` and a dataset is its folder, as always. On an object store
+(``s3://bucket/prefix/datasets``) a dataset is written to a local folder, then
+:func:`publish_dataset` uploads its files and, last, ``_content.json`` (every file's size and
+SHA-256 and the dataset's content hash): a dataset without it is incomplete and unreadable.
+:func:`local_dataset` gives any node a local folder for a dataset reference: a folder as is, a
+store URI as a copy in ``<cache_dir>/datasets/<content hash>`` (downloaded once per node,
+checked against the hashes, renamed into place whole), so training on a node that did not
+write the dataset reads the same bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +56,10 @@ __all__ = [
     "read_split",
     "load_arrays",
     "resolve_dataset",
+    "resolve_dataset_ref",
+    "publish_dataset",
+    "local_dataset",
+    "list_datasets",
     "IMAGE_SUFFIXES",
 ]
 
@@ -64,6 +79,7 @@ SCHEMA = pa.schema(
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _MANIFEST = "manifest.json"
+_CONTENT = "_content.json"  # on an object store: the dataset's files and content hash, written last
 _ROWS_PER_FILE = 50_000
 _ROW_GROUP = 2_000
 
@@ -91,11 +107,160 @@ def resolve_dataset(ref: str | os.PathLike[str], datasets_dir: Path) -> Path:
     return (datasets_dir / str(ref)).resolve()
 
 
-def read_info(path: Path) -> DatasetInfo:
-    mf = Path(path) / _MANIFEST
+def resolve_dataset_ref(ref: str | os.PathLike[str], settings) -> str:  # noqa: ANN001 - visionfleet.settings.Settings
+    """A dataset reference any node can open with :func:`local_dataset`: a folder path (as
+    :func:`resolve_dataset`), a store URI as given, or a name in the store area ``datasets``
+    (``<home>/datasets/<name>`` on one machine, ``s3://.../datasets/<name>`` on a cluster)."""
+    raw = os.fspath(ref)
+    if "://" in raw:
+        return raw.rstrip("/")
+    area = settings.store_uri("datasets")
+    if "://" not in area:
+        return str(resolve_dataset(raw, Path(area)))
+    p = Path(raw).expanduser()
+    if p.is_dir() or os.sep in raw or raw.startswith("."):
+        return str(p.resolve())
+    return f"{area.rstrip('/')}/{raw}"
+
+
+def read_info(path: str | os.PathLike[str]) -> DatasetInfo:
+    """The manifest of a dataset folder, or of a published dataset at a store URI."""
+    raw = os.fspath(path)
+    if "://" in raw:
+        from visionfleet.store import StoreError, open_store
+
+        store = open_store(raw)
+        try:
+            if not store.exists(_CONTENT):
+                raise FileNotFoundError(f"no dataset at {raw} (missing {_CONTENT}: never published, or its upload "
+                                        f"did not finish)")
+            return DatasetInfo(**json.loads(store.read_bytes(_MANIFEST)))
+        except StoreError as e:
+            raise FileNotFoundError(f"no dataset at {raw}: {e}") from e
+    mf = Path(raw) / _MANIFEST
     if not mf.is_file():
         raise FileNotFoundError(f"no dataset at {path} (missing {_MANIFEST})")
     return DatasetInfo(**json.loads(mf.read_text()))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _content_of(folder: Path) -> dict:
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "files": files}
+
+
+def publish_dataset(folder: str | os.PathLike[str], uri: str, *, cache_dir: Path | None = None) -> str:
+    """Upload a finished dataset folder to ``uri`` (files first, ``_content.json`` last); returns its content hash.
+
+    With ``cache_dir`` the folder then becomes this node's cached copy (``<cache_dir>/datasets/<hash>``),
+    so the writer does not download what it just wrote.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a dataset (no manifest).
+        FileExistsError: a dataset is published at ``uri`` already.
+        visionfleet.store.StoreError: the store refused or did not answer.
+    """
+    import pyarrow.fs as pafs
+
+    from visionfleet.store import open_store
+
+    folder = Path(folder)
+    read_info(folder)
+    store = open_store(uri)
+    if store.exists(_CONTENT):
+        raise FileExistsError(f"a dataset already exists at {uri}; choose another name or delete it")
+    content = _content_of(folder)
+    for rel in content["files"]:
+        store._call(f"upload {uri}/{rel}", pafs.copy_files, str(folder / rel), store.path(rel),
+                    pafs.LocalFileSystem(), store.fs)
+    store.write_bytes(_CONTENT, json.dumps(content, indent=1).encode())
+    if cache_dir is not None:
+        _into_cache(folder, Path(cache_dir) / "datasets" / content["sha256"])
+    return content["sha256"]
+
+
+def _into_cache(tmp: Path, dest: Path) -> Path:
+    """Rename a complete folder to its cache place; a copy that got there first wins."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not (dest / _MANIFEST).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def local_dataset(ref: str | os.PathLike[str], cache_dir: Path) -> Path:
+    """A local folder of the dataset ``ref``: a folder path as is; a store URI as this node's copy
+    in ``<cache_dir>/datasets/<content hash>`` (downloaded once, every file checked against
+    ``_content.json``, renamed into place whole, so concurrent readers never see half of it).
+
+    Raises:
+        FileNotFoundError: no published dataset at ``ref``.
+        ValueError: a downloaded file does not match its recorded hash.
+        visionfleet.store.StoreError: the store refused or did not answer.
+    """
+    import pyarrow.fs as pafs
+
+    from visionfleet.store import StoreError, open_store
+
+    raw = os.fspath(ref)
+    if "://" not in raw:
+        return Path(raw)
+    store = open_store(raw)
+    try:
+        content = json.loads(store.read_bytes(_CONTENT))
+    except StoreError as e:
+        if store.exists(_CONTENT):
+            raise
+        raise FileNotFoundError(f"no dataset at {raw} (missing {_CONTENT}: never published, or its upload did not "
+                                f"finish)") from e
+    dest = Path(cache_dir) / "datasets" / content["sha256"]
+    if (dest / _MANIFEST).is_file():
+        return dest
+    tmp = dest.parent / f".tmp-{content['sha256'][:12]}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for rel, meta in content["files"].items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            store._call(f"download {raw}/{rel}", pafs.copy_files, store.path(rel), str(target),
+                        store.fs, pafs.LocalFileSystem())
+            got = _sha256_file(target)
+            if got != meta["sha256"]:
+                raise ValueError(f"Got SHA-256 {got[:16]}… for {raw}/{rel}; expected {meta['sha256'][:16]}… "
+                                 f"(the store's copy changed after it was published)")
+        return _into_cache(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_datasets(area: str) -> list[tuple[str, DatasetInfo]]:
+    """``(reference, info)`` of every dataset in a store area (a folder or a URI), by name."""
+    if "://" not in area:
+        root = Path(area)
+        return [(str(mf.parent), read_info(mf.parent)) for mf in sorted(root.glob(f"*/{_MANIFEST}"))] \
+            if root.is_dir() else []
+    from visionfleet.store import open_store
+
+    store = open_store(area)
+    rows = []
+    for key, _, is_dir in sorted(store.list("")):
+        if is_dir and store.exists(f"{key}/{_CONTENT}"):
+            ref = f"{area.rstrip('/')}/{key}"
+            rows.append((ref, read_info(ref)))
+    return rows
 
 
 class DatasetWriter:
