@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from visionfleet.registry import Registry
 
-    reg = Registry(s.registry_dir)
+    reg = Registry.from_settings(s)
     if args.model is None:
         from cluster.local import init_embedded
         from train.detect import DetectTrainConfig, fit_detector, register_detector
@@ -166,7 +166,7 @@ def _layout(rounds: int) -> dict:
     case = BY_ID["pp-picodet-layout-cdla"]
     src, _ = case.source(work)
     spec = ImportRequest.parse(**{"layout": "auto", "input_dtype": "auto", **case.request}).to_spec()
-    card = import_onnx(src, Registry(s.registry_dir), "layout-cdla", spec, description=case.title)
+    card = import_onnx(src, Registry.from_settings(s), "layout-cdla", spec, description=case.title)
     bench = _cli("bench", card.ref, "--annotations", str(ann), "--images", str(images), "--rounds", str(rounds),
                  "--no-ceiling", "--batch", "1")
     row = bench["rows"][0]

@@ -332,10 +332,11 @@ def run_simulation(cfg: SimConfig, *, home: Path, server_url: str, work: Path | 
     from visionfleet.fleet import FleetDB
     from visionfleet.imaging import encode_image
     from visionfleet.registry import Registry
+    from visionfleet.settings import Settings
 
     rng = random.Random(cfg.seed)
     home = Path(home)
-    reg = Registry(home / "registry")
+    reg = Registry.from_settings(Settings.from_env(home))
     start, update = reg.resolve(cfg.model), reg.resolve(cfg.update)
     if start.name != update.name or update.version <= start.version:
         raise ValueError(f"Got start {start} and update {update}; expected a newer version of the same model")

@@ -101,7 +101,7 @@ def main() -> None:
     from visionfleet.settings import Settings
 
     s = Settings.from_env().ensure()
-    reg = Registry(s.registry_dir)
+    reg = Registry.from_settings(s)
     r = reg.resolve(args.ref)
     card = reg.card(r.name, r.version)
     parent_dir = reg.local_dir(r.name, r.version)

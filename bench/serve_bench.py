@@ -60,8 +60,9 @@ def _wait(url: str, timeout: float = 180.0) -> None:
 def _heavy_model(home: Path) -> str:
     """Register an (untrained) ResNet-18-style model, CIFAR stem, at 96 px: same compute as a trained one."""
     from visionfleet.registry import NotFound, Registry
+    from visionfleet.settings import Settings
 
-    reg = Registry(home / "registry")
+    reg = Registry.from_settings(Settings.from_env(home))
     try:
         return str(reg.resolve("heavy"))
     except NotFound:
@@ -227,8 +228,9 @@ def main() -> None:
     from loadgen import multipart_body  # noqa: F401
     from serve_apps.deploy import apply_batching
     from visionfleet.registry import Registry
+    from visionfleet.settings import Settings
 
-    reg = Registry(home / "registry")
+    reg = Registry.from_settings(Settings.from_env(home))
     demo = str(reg.resolve("demo"))
     heavy = _heavy_model(home)
     ports = {k: free_port() for k in ("visionfleet", "fastapi", "fastapi_heavy", "bentoml", "bentoml_heavy")}

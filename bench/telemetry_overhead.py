@@ -60,7 +60,7 @@ def main() -> None:
     from visionfleet.registry import Registry
     from visionfleet.settings import Settings
 
-    demo = str(Registry(home / "registry").resolve("demo"))
+    demo = str(Registry.from_settings(Settings.from_env(home)).resolve("demo"))
     init_embedded(Settings.from_env(home))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -141,7 +141,7 @@ def main() -> None:
     ckpt = save_checkpoint(s.runs_dir / "heavy" / "model.pt", model, meta)
     parity, _ = load_arrays(ds, "holdout", (96, 96), "stretch", limit=32)
     card = register_checkpoint(
-        ckpt, Registry(s.registry_dir), args.name, parity_images=parity, run_id="bench-train-heavy",
+        ckpt, Registry.from_settings(s), args.name, parity_images=parity, run_id="bench-train-heavy",
         steps=[{"op": "train", "run": "bench/train_heavy.py", "phases": log}],
         description="ResNet-18-style, CIFAR stem, 96 px: the issue-3 benchmark model",
     )
@@ -232,7 +232,7 @@ def register_parts(args: argparse.Namespace) -> None:
         steps.append({"op": "finetune", **gpu["gpu_finetune"]})
     parity, _ = load_arrays(ds, "holdout", size, blob["resize"], limit=32)
     card = register_checkpoint(
-        ckpt, Registry(s.registry_dir), args.name, parity_images=parity, run_id="bench-gpu-heavy",
+        ckpt, Registry.from_settings(s), args.name, parity_images=parity, run_id="bench-gpu-heavy",
         parent=args.parent, steps=steps,
         description=f"ResNet-18-style, CIFAR stem, {size[0]} px (issue-3 benchmark model), trained on a GPU"
         + (", pruned 50% of the MACs and fine-tuned" if "gpu_prune" in gpu else ""),
