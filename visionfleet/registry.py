@@ -607,6 +607,48 @@ class Registry:
             self._write_atomic(self._p(name, version, _CARD), new.model_dump_json(indent=2).encode())
         return new
 
+    @_guarded
+    def adopt(self) -> dict[str, list[int]]:
+        """Record in the database the versions already under the root (a registry kept in files,
+        before ``$VISIONFLEET_DB`` was set or the folders were copied to a bucket), and their
+        ``aliases.json`` aliases where the database has none for that model.
+
+        Versions the database already knows are left alone; running it twice changes nothing.
+        Returns the versions adopted, per model.
+        """
+        if self._db is None:
+            raise RegistryError("Got a registry without a database; expected one (set VISIONFLEET_DB or a store URI)")
+        import time
+
+        from visionfleet.db import aliases as al
+        from visionfleet.db import model_versions as mv
+
+        adopted: dict[str, list[int]] = {}
+        infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
+        for model in sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                            and not i.base_name.startswith(".")):
+            on_disk = []
+            for i in self._fs.get_file_info(pafs.FileSelector(self._p(model), allow_not_found=True)):
+                if i.type == pafs.FileType.Directory and i.base_name.isdigit() and self._exists(
+                        self._p(model, i.base_name, _CARD)):
+                    on_disk.append(int(i.base_name))
+            alias_path = self._p(model, _ALIAS_FILE)
+            file_aliases = ({k: int(v) for k, v in self._read_json(alias_path).get("aliases", {}).items()}
+                            if self._exists(alias_path) else {})
+            with self._db.engine.begin() as c:
+                known = set(c.execute(sa.select(mv.c.version).where(mv.c.model == model)).scalars())
+                new = sorted(set(on_disk) - known)
+                for v in new:
+                    c.execute(mv.insert().values(model=model, version=v, created_ts=time.time()))
+                has_aliases = c.execute(sa.select(sa.func.count()).select_from(al).where(al.c.model == model)).scalar()
+            if not has_aliases:
+                for alias, v in sorted(file_aliases.items()):
+                    if v in set(on_disk) | known:
+                        self._db_alias(model, alias, v, reason="adopted from aliases.json")
+            if new:
+                adopted[model] = new
+        return adopted
+
 
 def _check_filename(fname: str) -> None:
     if not fname or "/" in fname or "\\" in fname or fname in (".", "..") or fname.startswith("."):

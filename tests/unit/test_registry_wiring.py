@@ -199,3 +199,23 @@ def test_a_store_outage_is_503_for_what_needs_it_and_heals(served, s3_server) ->
         s3_server.resume()
     back = predict("?model=colour:2")  # the store is back: the version loads now
     assert back.status_code == 200 and back.json()["version"] == 2, back.text
+
+
+def test_adopt_brings_a_file_registry_into_the_database(tmp_path: Path, model_file: Path) -> None:
+    """A home used without a database, then given one: `models adopt` records its versions and aliases."""
+    home = tmp_path / "home"
+    files = Registry(home / "registry")  # the embedded default's layout
+    for _ in range(2):
+        files.register(ModelCard(name="colour", labels=LABELS, input_size=(16, 16)), {"onnx": model_file})
+    files.set_alias("colour", "production", 2)
+    db = {"VISIONFLEET_DB": f"sqlite:///{tmp_path}/shared.db"}
+    r = _vf(home, "models", "adopt", "--json", **db)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"adopted": {"colour": [1, 2]}}
+    listed = json.loads(_vf(home, "models", "list", "--json", **db).stdout)["models"]
+    assert [(m["version"], m["aliases"]) for m in listed] == [(1, []), (2, ["production"])]
+    assert json.loads(_vf(home, "models", "adopt", "--json", **db).stdout) == {"adopted": {}}  # idempotent
+    shared = Registry.from_settings(Settings(home=home, db_url=db["VISIONFLEET_DB"]))
+    card = shared.register(ModelCard(name="colour", labels=LABELS, input_size=(16, 16)), {"onnx": model_file})
+    assert card.version == 3  # allocation continues after the adopted versions
+    _fails(_vf(home, "models", "adopt"), "expected one (set VISIONFLEET_DB")

@@ -105,6 +105,21 @@ def promote(
     out.print(f"{r.name}@{alias}: {previous} -> {r.version}")
 
 
+@app.command()
+@cli_errors
+def adopt(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
+    """Record versions already in the registry's folders (kept in files before VISIONFLEET_DB, or
+    copied into the bucket) in the database, with their aliases.json aliases; safe to run again."""
+    adopted = _registry().adopt()
+    if as_json:
+        print_json({"adopted": adopted})
+        return
+    if not adopted:
+        out.print("nothing to adopt: the database knows every version")
+    for name, versions in adopted.items():
+        out.print(f"{name}: adopted versions {', '.join(map(str, versions))}")
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace(" ", "").split("x")
     try:
