@@ -219,3 +219,20 @@ def test_adopt_brings_a_file_registry_into_the_database(tmp_path: Path, model_fi
     card = shared.register(ModelCard(name="colour", labels=LABELS, input_size=(16, 16)), {"onnx": model_file})
     assert card.version == 3  # allocation continues after the adopted versions
     _fails(_vf(home, "models", "adopt"), "expected one (set VISIONFLEET_DB")
+
+
+def test_the_node_cache_is_keyed_and_checked_by_content_hash(s3_env: str, tmp_path: Path, model_file: Path) -> None:
+    from visionfleet.registry import RegistryError
+
+    db = f"sqlite:///{tmp_path}/state.db"
+    reg = Registry(f"{s3_env}/registry", cache_dir=tmp_path / "cache", db=db)
+    card = reg.register(ModelCard(name="colour", labels=LABELS, input_size=(16, 16)), {"onnx": model_file})
+    folder = reg.local_dir("colour", 1)
+    assert reg.local_dir("colour", 1) == folder  # downloaded once
+    blob = tmp_path / "cache" / "blobs" / card.files[0].sha256
+    assert (folder / "model.onnx").samefile(blob)  # the version's folder links the blob
+    open_store(f"{s3_env}/registry").write_bytes("colour/1/model.onnx", b"not the registered bytes")
+    other = Registry(f"{s3_env}/registry", cache_dir=tmp_path / "cache2", db=db)
+    with pytest.raises(RegistryError, match="expected .* from its card"):
+        other.local_dir("colour", 1)
+    assert not [p for p in (tmp_path / "cache2").rglob("*") if p.is_file()]  # nothing half-written is kept
