@@ -52,10 +52,13 @@ class DetectTrainConfig:
     augment: bool = True
     limit_train: int | None = None
     run_name: str | None = None
+    max_failures: int = 1  # worker failures survived (the detector restarts its fit from the start)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"Got {self.epochs} for epochs; expected >= 1")
+        if self.max_failures < 0:
+            raise ValueError(f"Got {self.max_failures} for max_failures; expected >= 0")
         if self.num_workers < 1 or self.batch_size < self.num_workers:
             raise ValueError(
                 f"Got batch_size {self.batch_size} and {self.num_workers} workers; expected workers >= 1 and "
@@ -229,9 +232,15 @@ def detect_loop_per_worker(config: dict) -> None:
 
 
 def fit_detector(
-    cfg: DetectTrainConfig, *, runs_dir: Path, on_progress: Callable[[dict], None] | None = None
+    cfg: DetectTrainConfig, *, runs_dir: Path, on_progress: Callable[[dict], None] | None = None,
+    storage: str | None = None,
 ) -> TrainResult:
-    """Run :func:`detect_loop_per_worker` on a ``TorchTrainer``; Ray must be initialized."""
+    """Run :func:`detect_loop_per_worker` on a ``TorchTrainer``; Ray must be initialized.
+
+    ``storage``: Ray Train's checkpoints and run state (default ``runs_dir/_ray``). The
+    detector trains on CPU workers and reports once, at the end: a worker that dies
+    restarts the fit from the start (up to ``max_failures`` times).
+    """
     from visionfleet.datasets.detect import coco_split
 
     coco_split(cfg.dataset, "train")  # fail fast, before any worker starts
@@ -244,7 +253,8 @@ def fit_detector(
         detect_loop_per_worker,
         {"train": asdict(cfg), "run_id": run_id, "progress_path": str(progress_path)},
         num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, run_id=run_id, run_dir=run_dir,
-        runs_dir=Path(runs_dir), progress_path=progress_path, on_progress=on_progress, thread_name="vf-detect-fit",
+        storage=storage or str(Path(runs_dir) / "_ray"), progress_path=progress_path, on_progress=on_progress,
+        thread_name="vf-detect-fit", gpu=False, max_failures=cfg.max_failures,  # its loop keeps tensors on the CPU
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(run_id=run_id, run_dir=run_dir, checkpoint=dest, metrics=metrics, seconds=seconds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -25,6 +26,11 @@ __all__ = ["TrainConfig", "TrainResult", "fit", "train_loop_per_worker", "evalua
 
 CHECKPOINT_FILE = "model.pt"
 _PROGRESS_FILE = "progress.json"
+# Rank 0 appends one line per finished epoch: {"epoch", "resumed_from", "pid", "at", "checkpoint"}.
+EPOCHS_LOG = "epochs.jsonl"
+# An epoch-end resume point (epoch, model, optimizer, schedule, early-stopping state); the
+# final checkpoint holds model.pt instead.
+_RESUME_FILE = "resume.pt"
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,17 @@ class TrainConfig:
     wandb_project: str = "visionfleet"
     wandb_group: str | None = None
     run_name: str | None = None
+    gpu: bool | None = None  # None: GPU workers when the cluster has a GPU for each (train.scaling)
+    max_failures: int = 1  # worker failures survived; each restart resumes from the latest epoch checkpoint
+    checkpoint_every: int = 1  # epochs between resume checkpoints (to the run's storage_path)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"Got {self.epochs} for epochs; expected >= 1")
+        if self.max_failures < 0:
+            raise ValueError(f"Got {self.max_failures} for max_failures; expected >= 0")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"Got {self.checkpoint_every} for checkpoint_every; expected >= 1")
         if self.batch_size < self.num_workers:
             raise ValueError(f"Got batch_size {self.batch_size} < num_workers {self.num_workers}")
         if self.num_workers < 1:
@@ -203,27 +216,43 @@ def train_loop_per_worker(config: dict) -> None:
 
     from train.checkpoint import load_checkpoint, save_checkpoint
     from train.models import ArchSpec, build_model, load_init_weights
-    from visionfleet.datasets.store import load_arrays, read_info
+    from visionfleet.datasets.store import load_arrays, local_dataset, read_info
+    from visionfleet.settings import Settings
 
     cfg = TrainConfig(**{**config["train"], "extra_datasets": tuple(config["train"]["extra_datasets"]),
                          "class_weights": tuple(config["train"]["class_weights"]) if config["train"].get("class_weights") else None})
     torch.set_num_threads(cfg.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()  # the CPU, or this worker's GPU when the run has use_gpu
+    # A restarted worker group continues from the latest epoch checkpoint (max_failures >= 1).
+    resume = _load_resume(ray.train.get_checkpoint())
+    start_epoch = resume["epoch"] if resume else 0
+    torch.manual_seed(cfg.seed + 1000 * start_epoch)
+    np.random.seed(cfg.seed + rank + 1000 * start_epoch)
 
-    # --- data: each worker decodes its own shard
+    def all_reduce(t, op=dist.ReduceOp.SUM):
+        """Sum (or ``op``) ``t`` across workers in place, through the device (NCCL reduces GPU tensors only)."""
+        if world > 1:
+            on_device = t.to(device)
+            dist.all_reduce(on_device, op=op)
+            t.copy_(on_device.cpu())
+        return t
+
+    # --- data: each worker decodes its own shard (a dataset on the store is copied to this node once)
+    cache_dir = Settings.from_env().cache_dir
+    base = local_dataset(cfg.dataset, cache_dir)
     size = (cfg.input_size, cfg.input_size)
-    info = read_info(Path(cfg.dataset))
+    info = read_info(base)
     labels = info.labels
     k = len(labels)
     xs, ys = [], []
     for j, ds in enumerate((cfg.dataset, *cfg.extra_datasets)):
-        ds_info = read_info(Path(ds))
+        ds_path = local_dataset(ds, cache_dir)
+        ds_info = read_info(ds_path)
         if ds_info.labels != labels:
             raise ValueError(f"dataset {ds} has labels {ds_info.labels}; expected {labels}")
-        x, y = load_arrays(Path(ds), "train", size, cfg.resize, shard=(rank, world), limit=cfg.limit_train)
+        x, y = load_arrays(ds_path, "train", size, cfg.resize, shard=(rank, world), limit=cfg.limit_train)
         repeat = cfg.extra_repeat if j > 0 else 1
         xs.extend([x] * repeat)
         ys.extend([y] * repeat)
@@ -261,33 +290,37 @@ def train_loop_per_worker(config: dict) -> None:
         x_val, y_val = nchw(x_all[is_val]), torch.from_numpy(y_all[is_val])
         x_all, y_all = x_all[~is_val], y_all[~is_val]
     x_train, y_train = nchw(x_all), torch.from_numpy(y_all)
-    x_hold, y_hold = load_arrays(Path(cfg.dataset), "holdout", size, cfg.resize, shard=(rank, world))
+    x_hold, y_hold = load_arrays(base, "holdout", size, cfg.resize, shard=(rank, world))
     x_hold, y_hold = nchw(x_hold), torch.from_numpy(y_hold)
 
-    if cfg.init_checkpoint:
+    if resume:  # the statistics the first attempt computed, so that every epoch sees the same pixels
+        mean, std = resume["mean"], resume["std"]
+        model.load_state_dict(resume["model"])
+    elif cfg.init_checkpoint:
         mean = torch.tensor(init_meta["mean"][:ch]).view(1, ch, 1, 1)
         std = torch.tensor(init_meta["std"][:ch]).view(1, ch, 1, 1)
     else:
         # per-channel statistics of the training pixels, averaged over workers
-        stats = torch.stack([x_train.float().mean((0, 2, 3)), x_train.float().pow(2).mean((0, 2, 3))])
-        if world > 1:
-            dist.all_reduce(stats)
-            stats /= world
+        stats = all_reduce(torch.stack([x_train.float().mean((0, 2, 3)), x_train.float().pow(2).mean((0, 2, 3))]))
+        stats /= world
         mean = stats[0].view(1, ch, 1, 1)
         std = (stats[1].view(1, ch, 1, 1) - mean**2).clamp_min(1.0).sqrt()
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # moves it to `device`; DDP when world > 1
     raw = model.module if hasattr(model, "module") else model
+    mean_cpu, std_cpu = mean, std
+    mean, std = mean.to(device), std.to(device)
 
     local_batch = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, len(x_train) // local_batch)
-    if world > 1:  # every rank must run the same number of steps (DDP all-reduce)
-        t = torch.tensor([steps_per_epoch])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        steps_per_epoch = int(t.item())
+    # every rank must run the same number of steps (DDP all-reduce)
+    steps_per_epoch = int(all_reduce(torch.tensor([steps_per_epoch]), op=dist.ReduceOp.MIN).item())
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total))
-    weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+    if resume:
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32).to(device) if cfg.class_weights else None
     if weight is not None and len(weight) != k:
         raise ValueError(f"Got {len(weight)} class weights; expected {k} (one per label)")
 
@@ -314,16 +347,14 @@ def train_loop_per_worker(config: dict) -> None:
         chunks = []
         with torch.no_grad():
             for i in range(0, len(xe), 256):
-                chunks.append(F.softmax(model(normalize(xe[i : i + 256])), 1))
+                chunks.append(F.softmax(model(normalize(xe[i : i + 256].to(device))), 1).cpu())
         probs = torch.cat(chunks) if chunks else torch.zeros(0, k)
         v = _stats_vector(probs, ye, k)
         nll = -torch.log(probs.gather(1, ye.view(-1, 1)).clamp_min(1e-12)).sum().double().view(1)
         cm = torch.zeros(k * k, dtype=torch.float64)
         if confusion:
             cm.index_add_(0, ye * k + probs.argmax(1), torch.ones(len(ye), dtype=torch.float64))
-        v = torch.cat([v, nll, cm])
-        if world > 1:
-            dist.all_reduce(v)
+        v = all_reduce(torch.cat([v, nll, cm]))
         m = _metrics_from_stats(v[: -1 - k * k], k, labels)
         m["nll"] = float(v[-1 - k * k]) / max(m["n"], 1)
         if confusion:
@@ -333,22 +364,27 @@ def train_loop_per_worker(config: dict) -> None:
         return m
 
     progress_path = Path(config["progress_path"])
+    epochs_log = progress_path.with_name(EPOCHS_LOG)
     pad = max(1, cfg.input_size // 16) if cfg.augment else 0
-    step = 0
+    step = resume["step"] if resume else 0
     t0 = time.time()
     best: tuple | None = None  # (val top-1, -val nll) of the best epoch
     best_state, best_epoch, since_best = None, 0, 0
     metrics: dict = {}
-    for epoch in range(cfg.epochs):
+    if resume:
+        best = tuple(resume["best"]) if resume["best"] is not None else None
+        best_state, best_epoch, since_best = resume["best_state"], resume["best_epoch"], resume["since_best"]
+        metrics = json.loads(resume["metrics"])
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
         perm = torch.randperm(len(x_train))
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for i in range(steps_per_epoch):
             idx = perm[i * local_batch : (i + 1) * local_batch]
-            xb = normalize(x_train[idx])
+            xb = normalize(x_train[idx].to(device))
             if cfg.augment:
                 xb = _augment(xb, pad, cfg.flips)
-            loss = F.cross_entropy(model(xb), y_train[idx], weight=weight, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(model(xb), y_train[idx].to(device), weight=weight, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -385,9 +421,33 @@ def train_loop_per_worker(config: dict) -> None:
             )
         if rank == 0:
             _write_progress(progress_path, {"step": step, "total": total, "epoch": epoch + 1, "metrics": metrics})
-        # one report to Ray Train, at the end (per-epoch figures go to the progress file and W&B)
-        if stop:
+        # per-epoch figures go to the progress file and W&B; Ray Train gets a resume point every
+        # checkpoint_every epochs (a sync of all workers) and the model in one report at the end
+        if stop or epoch + 1 == cfg.epochs:
+            if rank == 0:
+                _append_line(epochs_log, {"epoch": epoch + 1, "resumed_from": start_epoch, "pid": os.getpid(), "at": round(time.time(), 3),
+                                          "checkpoint": False})
             break
+        saved = (epoch + 1) % cfg.checkpoint_every == 0
+        if saved:
+            tmp_dir = None
+            resume_ckpt = None
+            if rank == 0:
+                tmp_dir, resume_ckpt = _save_resume({
+                    "epoch": epoch + 1, "step": step, "mean": mean_cpu, "std": std_cpu,
+                    "model": {kk: v.detach().cpu() for kk, v in raw.state_dict().items()},
+                    "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "best": best, "best_epoch": best_epoch, "since_best": since_best,
+                    "best_state": {kk: v.cpu() for kk, v in best_state.items()} if best_state is not None else None,
+                    "metrics": json.dumps({kk: v for kk, v in metrics.items() if kk != "per_class"}),
+                })
+            ray.train.report({"epoch": epoch + 1, "step": step, "top1": metrics["top1"],
+                              "train_loss": metrics["train_loss"], "split": metrics["split"]}, checkpoint=resume_ckpt)
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)  # Ray copied it to the run's storage_path
+        if rank == 0:
+            _append_line(epochs_log, {"epoch": epoch + 1, "resumed_from": start_epoch, "pid": os.getpid(), "at": round(time.time(), 3),
+                                      "checkpoint": saved})
 
     # --- the final model: the best validation epoch's weights (or the last epoch's), judged on the holdout
     last_epoch = metrics.get("epoch", 0)
@@ -398,7 +458,8 @@ def train_loop_per_worker(config: dict) -> None:
                        "stopped_early": last_epoch < cfg.epochs}
     final = evaluate(x_hold, y_hold, confusion=True)
     final.update(epoch=last_epoch, epochs_run=last_epoch, step=step, seconds=time.time() - t0,
-                 train_loss=metrics.get("train_loss"), split="holdout", **val_summary)
+                 train_loss=metrics.get("train_loss"), split="holdout", resumed_from_epoch=start_epoch,
+                 device=device.type, **val_summary)
     if init_note:
         final["init_weights"] = init_note
     checkpoint = None
@@ -413,8 +474,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "input_size": [cfg.input_size, cfg.input_size],
                 "resize": cfg.resize,
                 # 3 values even for a gray model: RGB input is normalized per channel, then turned to luma
-                "mean": mean.flatten().tolist() * (3 // ch),
-                "std": std.flatten().tolist() * (3 // ch),
+                "mean": mean_cpu.flatten().tolist() * (3 // ch),
+                "std": std_cpu.flatten().tolist() * (3 // ch),
                 "metrics": json.dumps(final),
                 "dataset": cfg.dataset,
                 **({"training": json.dumps(cfg.plan)} if cfg.plan else {}),
@@ -434,9 +495,40 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _write_progress(path: Path, doc: dict) -> None:
+    # The folder is the driver's run dir; a worker on another node (no shared disk) writes its own copy.
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc))
     tmp.replace(path)
+
+
+def _append_line(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(doc) + "\n")
+
+
+def _save_resume(state: dict):
+    """A Ray Train checkpoint of a resume point (a temp folder that Ray copies to storage)."""
+    import ray.train
+    import torch
+
+    tmp = tempfile.mkdtemp(prefix="vf-resume-")
+    torch.save(state, os.path.join(tmp, _RESUME_FILE))
+    return tmp, ray.train.Checkpoint.from_directory(tmp)
+
+
+def _load_resume(checkpoint) -> dict | None:  # noqa: ANN001 - ray.train.Checkpoint | None
+    """The resume point of ``ray.train.get_checkpoint()``; None on a first attempt."""
+    import torch
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = Path(d) / _RESUME_FILE
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
 
 
 # --------------------------------------------------------------------------- driver
@@ -448,17 +540,21 @@ def fit(
     runs_dir: Path,
     wandb_dir: Path,
     on_progress: Callable[[dict], None] | None = None,
+    storage: str | None = None,
 ) -> TrainResult:
     """Run :func:`train_loop_per_worker` on a ``TorchTrainer``; Ray must be initialized.
 
     ``on_progress`` is called from this thread with the latest progress document
-    (step, total, epoch, metrics) while training runs.
+    (step, total, epoch, metrics) while training runs. ``storage`` is where Ray Train keeps
+    checkpoints and run state (``<store runs area>/_ray``: a local folder or ``s3://...``);
+    by default ``runs_dir/_ray``. ``runs_dir`` keeps this node's copy of the run (config,
+    progress, metrics, ``model.pt``).
     """
     from visionfleet.datasets.store import read_info
 
-    read_info(Path(cfg.dataset))  # fail fast, before any worker starts
+    read_info(cfg.dataset)  # fail fast, before any worker starts (a folder or a dataset on the store)
     for ds in cfg.extra_datasets:
-        read_info(Path(ds))
+        read_info(ds)
     if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint at {cfg.init_checkpoint}")
     if cfg.init_weights:  # refuse a state dict that does not fit before any worker starts
@@ -486,7 +582,8 @@ def fit(
             "wandb_dir": str(wandb_dir),
         },
         num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, run_id=run_id, run_dir=run_dir,
-        runs_dir=runs_dir, progress_path=progress_path, on_progress=on_progress, thread_name="vf-train-fit",
+        storage=storage or str(runs_dir / "_ray"), progress_path=progress_path, on_progress=on_progress,
+        thread_name="vf-train-fit", gpu=cfg.gpu, max_failures=cfg.max_failures,
     )
     for key in ("per_class", "confusion", "init_weights"):
         if key in metrics:
@@ -505,30 +602,42 @@ def run_trainer(
     cpus_per_worker: float,
     run_id: str,
     run_dir: Path,
-    runs_dir: Path,
+    storage: str,
     progress_path: Path,
     on_progress: Callable[[dict], None] | None,
     thread_name: str,
+    gpu: bool | None = None,
+    max_failures: int = 1,
 ) -> tuple[Path, dict[str, Any], float]:
-    """Run ``loop_per_worker`` on a CPU ``TorchTrainer``, relaying its progress file to ``on_progress``.
+    """Run ``loop_per_worker`` on a ``TorchTrainer``, relaying its progress file to ``on_progress``.
 
     The classifier (:func:`fit`) and the detector (``train.detect.fit_detector``) share it.
-    Returns the checkpoint file copied into ``run_dir``, the final metrics and the seconds taken.
+    Workers get a GPU each when the cluster has enough (``gpu=None``; ``train.scaling``).
+    Checkpoints and run state go to ``storage`` (a local folder or ``s3://bucket/prefix``);
+    a worker that dies is restarted up to ``max_failures`` times, from the latest checkpoint.
+    Returns the checkpoint file copied into ``run_dir``, the final metrics (with ``use_gpu``)
+    and the seconds taken.
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from train.scaling import decide_workers, ray_storage
+
+    workers = decide_workers(ray.cluster_resources(), num_workers=num_workers, cpus_per_worker=cpus_per_worker, gpu=gpu)
+    storage_path, storage_fs = ray_storage(storage)
     trainer = TorchTrainer(
         loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=workers.num_workers, use_gpu=workers.use_gpu, resources_per_worker=workers.resources_per_worker
         ),
         run_config=ray.train.RunConfig(
             name=run_id,
-            storage_path=str(Path(runs_dir) / "_ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
     box: dict[str, Any] = {}
@@ -561,6 +670,6 @@ def run_trainer(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_id} finished without a checkpoint")
     dest = Path(run_dir) / CHECKPOINT_FILE
-    with result.checkpoint.as_directory() as d:
+    with result.checkpoint.as_directory() as d:  # downloaded from the store when it is remote
         dest.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
-    return dest, dict(result.metrics), time.time() - t0
+    return dest, {**dict(result.metrics), "use_gpu": workers.use_gpu}, time.time() - t0

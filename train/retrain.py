@@ -183,7 +183,7 @@ def retrain(
         if log:
             log(name, entry)
 
-    registry = Registry(settings.registry_dir)
+    registry = Registry.from_settings(settings)
     prod = registry.resolve(f"{cfg.model}@production")
     prod_card = registry.card(prod.name, prod.version)
     step("start", reason=reason, production=str(prod), config=asdict(cfg))

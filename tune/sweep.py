@@ -261,7 +261,7 @@ def prepare(cfg: SweepConfig, settings: Settings) -> SweepPlan:
     from visionfleet.spec import Task
     from visionfleet.targets import profile
 
-    registry = Registry(settings.registry_dir)
+    registry = Registry.from_settings(settings)
     resolved = registry.resolve(cfg.model)  # NotFound (a LookupError) names the model and its versions
     parent = registry.card(resolved.name, resolved.version)
     if parent.task is not Task.CLASSIFICATION:
@@ -533,6 +533,7 @@ def run_sweep(plan: SweepPlan, *, on_event: Event = _no_event) -> SweepResult:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from train.scaling import ray_storage
     from tune.trial import tune_trial
     from visionfleet.targets import profile
 
@@ -568,6 +569,10 @@ def run_sweep(plan: SweepPlan, *, on_event: Event = _no_event) -> SweepResult:
     callbacks = [_progress_callback(space, cfg.trials, on_event)]
     if cfg.wandb:
         callbacks.append(_wandb_callback(plan))
+    # Tune's experiment state goes to the store area `tune` (<home>/tune/<sweep> on one machine,
+    # as the report files; s3://.../tune/<sweep> on a cluster). The trial records and the report
+    # stay in plan.out_dir on this node.
+    storage_path, storage_fs = ray_storage(f"{plan.settings.store_uri('tune').rstrip('/')}/{plan.sweep_id}")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), {"cpu": cfg.trial_cpus}),
         param_space=_param_space(space),
@@ -578,7 +583,8 @@ def run_sweep(plan: SweepPlan, *, on_event: Event = _no_event) -> SweepResult:
         ),
         run_config=tune.RunConfig(
             name="ray",
-            storage_path=str(plan.out_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             stop=_stopper(constraints.latency_ms, cfg.hopeless_factor),
             callbacks=callbacks,
             verbose=0,
@@ -701,7 +707,7 @@ def _register(plan: SweepPlan, point: Point, best: TrialRecord, c: Constraints, 
     from visionfleet.spec import Lineage
 
     cfg = plan.config
-    registry = Registry(plan.settings.registry_dir)
+    registry = Registry.from_settings(plan.settings)
     ctx = _context(plan, c)
     parent = parent_stage(ctx)
     if point.is_identity(plan.space.native_size):

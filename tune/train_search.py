@@ -40,7 +40,7 @@ def config_from_plan(dataset: str, values: dict[str, Any], data: dict[str, Any],
     )
 
 
-def _trial(config: dict, *, dataset: str, values: dict, data: dict, runs_dir: str) -> None:
+def _trial(config: dict, *, dataset: str, values: dict, data: dict, runs_dir: str, train_storage: str | None) -> None:
     from ray import tune
 
     from train.loop import fit
@@ -49,7 +49,7 @@ def _trial(config: dict, *, dataset: str, values: dict, data: dict, runs_dir: st
          "patience": max(8, config["epochs"] // 4)}
     cfg = config_from_plan(dataset, v, data, wandb=False)
     t0 = time.time()
-    result = fit(cfg, runs_dir=Path(runs_dir), wandb_dir=Path(runs_dir) / "wandb")
+    result = fit(cfg, runs_dir=Path(runs_dir), wandb_dir=Path(runs_dir) / "wandb", storage=train_storage)
     m = result.metrics
     tune.report({"val_top1": m.get("val_top1", m["top1"]), "holdout_top1": m["top1"],
                  "balanced_top1": m.get("balanced_top1"), "epochs_run": m.get("epochs_run"), "seconds": time.time() - t0})
@@ -65,8 +65,13 @@ def search_training(
     epochs_choices: list[int] | None = None,
     widths: list[int] | None = None,
     on_trial: Callable[[dict], None] | None = None,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """Search lr (log-uniform), epochs and width around the default plan; Ray must be initialized.
+
+    ``storage``: where Tune's experiment state and the trials' Ray Train checkpoints go (a
+    folder or ``s3://bucket/prefix``, e.g. ``Settings.store_uri("tune") + "/search"``);
+    by default ``out_dir/ray`` and each trial's ``runs/_ray``, as before.
 
     Returns ``{"default_plan", "space", "trials": [...], "best_by_validation", "best_holdout_top1"}``.
     """
@@ -75,6 +80,7 @@ def search_training(
     from ray.tune.search.optuna import OptunaSearch
 
     from train.auto import plan_training
+    from train.scaling import ray_storage
 
     plan = plan_training(dataset)
     v = plan.values
@@ -85,7 +91,9 @@ def search_training(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_parameters(_trial, dataset=str(dataset), values=v, data=plan.data,
-                                     runs_dir=str(out_dir / "runs"))
+                                     runs_dir=str(out_dir / "runs"),
+                                     train_storage=f"{storage.rstrip('/')}/runs" if storage else None)
+    storage_path, storage_fs = ray_storage(storage or out_dir / "ray")
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 0.01}),  # the trial's Ray Train workers hold the CPUs
         param_space=space,
@@ -93,7 +101,7 @@ def search_training(
             metric="val_top1", mode="max", num_samples=trials, max_concurrent_trials=1,
             search_alg=OptunaSearch(sampler=TPESampler(seed=seed, n_startup_trials=max(2, trials // 2))),
         ),
-        run_config=tune.RunConfig(name="search", storage_path=str(out_dir / "ray"), verbose=0,
+        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     with contextlib.redirect_stdout(sys.stderr):

@@ -477,7 +477,7 @@ def parent_stage(ctx: TrialContext) -> Stage:
     from visionfleet.settings import Settings
 
     settings = Settings.from_env(ctx.home)
-    registry = Registry(settings.registry_dir, cache_dir=settings.home / "cache" / "registry")
+    registry = Registry.from_settings(settings)
     name, _, version = ctx.parent_ref.partition(":")
     return Stage(registry.local_dir(name, int(version)), registry.card(name, int(version)))
 

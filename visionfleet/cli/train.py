@@ -38,19 +38,27 @@ def run_training(
     init_weights: Optional[str] = None,
     plan: Optional[dict] = None,
     serve_sizes: Optional[list[tuple[int, int]]] = None,
+    gpu: Optional[bool] = None,
+    max_failures: int = 1,
 ):
     """Train, export, register; returns ``(card, train_result)``. Ray is started if needed.
 
     ``serve_sizes``: more (height, width) sizes the version also serves at; the ONNX
     graph then keeps H x W dynamic (parity-checked at each) and the card lists them,
-    the trained size first.
+    the trained size first. ``gpu``: None takes GPU workers when the cluster has one per
+    worker (``$VISIONFLEET_TRAIN_GPU`` = auto|on|off sets the default). Checkpoints and Ray
+    Train's run state go to the store area ``runs``; a worker that dies is restarted up to
+    ``max_failures`` times from the latest epoch checkpoint.
     """
+    import os
+
     import ray
 
     from cluster.local import init_embedded, runtime_env
     from train.loop import TrainConfig, fit
     from train.pipeline import register_checkpoint
-    from visionfleet.datasets.store import load_arrays, read_info, resolve_dataset
+    from train.scaling import ENV_TRAIN_GPU, parse_gpu_setting
+    from visionfleet.datasets.store import load_arrays, local_dataset, read_info, resolve_dataset_ref
     from visionfleet.imaging import ResizeMode
     from visionfleet.registry import Registry
     from visionfleet.spec import validate_name
@@ -58,14 +66,17 @@ def run_training(
     s = settings().ensure()
     validate_name(model_name)
     ResizeMode(resize)
-    ds = resolve_dataset(dataset, s.datasets_dir)
+    if gpu is None:
+        gpu = parse_gpu_setting(os.environ.get(ENV_TRAIN_GPU))
+    ref = resolve_dataset_ref(dataset, s)  # a folder, or a dataset on the store (every worker copies it)
+    ds = local_dataset(ref, s.cache_dir)  # this node's copy, for the parity images
     read_info(ds)  # clear error before Ray starts
     try:
         depth_t = tuple(int(d) for d in depths.split(","))
     except ValueError:
         raise ValueError(f"Got {depths!r} for --depths; expected comma-separated integers like 1,1,1,1") from None
     cfg = TrainConfig(
-        dataset=str(ds),
+        dataset=ref,
         arch={"arch": arch, "width": width, "depths": list(depth_t), "stem_stride": stem_stride,
               **({"in_channels": in_channels} if in_channels != 3 else {})},
         input_size=input_size,
@@ -83,6 +94,8 @@ def run_training(
         class_weights=tuple(class_weights) if class_weights else None,
         init_weights=init_weights,
         plan=plan,
+        gpu=gpu,
+        max_failures=max_failures,
     )
     from train.models import ArchSpec
 
@@ -102,7 +115,8 @@ def run_training(
                 info += f"  loss {doc['loss']:.3f}"
             p.update(task, total=doc.get("total"), completed=doc.get("step", 0), info=info)
 
-        result = fit(cfg, runs_dir=s.runs_dir, wandb_dir=s.home / "wandb", on_progress=on_progress)
+        result = fit(cfg, runs_dir=s.runs_dir, wandb_dir=s.home / "wandb", on_progress=on_progress,
+                     storage=f"{s.store_uri('runs').rstrip('/')}/_ray")
     m = result.metrics
     early = f", best epoch {m['best_epoch']} of {m['epochs_run']} (validation top-1 {m['val_top1']:.4f})" if "best_epoch" in m else ""
     err.print(f"trained in {result.seconds:.0f}s: holdout top-1 {m['top1']:.4f}, ECE {m['ece']:.4f}{early}")
@@ -110,7 +124,7 @@ def run_training(
     parity, _ = load_arrays(ds, "holdout", size, resize, limit=64)
     card = register_checkpoint(
         result.checkpoint,
-        Registry(s.registry_dir),
+        Registry.from_settings(s),
         model_name,
         parity_images=parity,
         run_id=result.run_id,
@@ -155,6 +169,10 @@ def train(
         "(the trained size stays the default)")] = None,
     report: Annotated[Optional[str], typer.Option("--report", help="write an HTML page: settings, per-class accuracy, confusion matrix")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers")] = 2,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="GPU workers (default: when the cluster has a "
+                                                "GPU per worker; $VISIONFLEET_TRAIN_GPU=auto|on|off)")] = None,
+    max_failures: Annotated[int, typer.Option(help="worker failures to survive; each restart resumes from the "
+                                               "latest epoch checkpoint")] = 1,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per worker")] = 0.5,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     wandb: Annotated[bool, typer.Option(help="log to W&B (offline unless configured)")] = True,
@@ -170,9 +188,11 @@ def train(
     from pathlib import Path
 
     from train.auto import plan_training
-    from visionfleet.datasets.store import resolve_dataset
+    from visionfleet.datasets.store import local_dataset, resolve_dataset_ref
 
-    ds = resolve_dataset(data, settings().ensure().datasets_dir)
+    s = settings().ensure()
+    ref = resolve_dataset_ref(data, s)
+    ds = local_dataset(ref, s.cache_dir)  # a dataset on the store is copied to this node's cache once
     from visionfleet.datasets.detect import is_detection_dataset
 
     serve_sizes = None
@@ -211,7 +231,7 @@ def train(
     _print_plan(plan)
     v = plan.values
     card, result = run_training(
-        dataset=str(ds),
+        dataset=ref,
         model_name=name,
         arch=v["arch"],
         width=v["width"],
@@ -235,6 +255,8 @@ def train(
         seed=seed,
         wandb=wandb,
         address=address,
+        gpu=gpu,
+        max_failures=max_failures,
     )
     if report:
         from visionfleet.report import write_model_report
