@@ -169,7 +169,8 @@ def retrain(
     from train.finetune import prune_tools
     from train.loop import TrainConfig, fit
     from train.pipeline import register_checkpoint
-    from visionfleet.datasets.store import load_arrays, read_info
+    from visionfleet.datasets.store import load_arrays, local_dataset, read_info
+    from visionfleet.store import StoreError
 
     t0 = time.time()
     run_id = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -199,10 +200,15 @@ def retrain(
 
     # 2. fine-tune from the production weights on base + new data
     anc_version, weights = torch_ancestor(registry, prod.name, prod.version)
-    base_ds = registry.card(prod.name, anc_version).lineage.dataset
-    if not base_ds or not (Path(base_ds) / "manifest.json").is_file():
+    base_ds = registry.card(prod.name, anc_version).lineage.dataset  # a folder, or a dataset on the store
+    try:
+        base_local = local_dataset(base_ds, settings.cache_dir) if base_ds else None
+        base_n = read_info(base_local).splits.get("train", 0) if base_local else None
+    except (FileNotFoundError, StoreError) as exc:
+        raise RetrainFailed("data", f"the base dataset of {prod.name}:{anc_version} ({base_ds}) is not available: "
+                                    f"{exc}") from exc
+    if base_n is None:
         raise RetrainFailed("data", f"the base dataset of {prod.name}:{anc_version} ({base_ds}) is not available")
-    base_n = read_info(Path(base_ds)).splits.get("train", 0)
     if cfg.base_limit is not None:
         base_n = min(base_n, cfg.base_limit)
     repeat = max(1, round(cfg.new_data_share * base_n / ((1 - cfg.new_data_share) * len(train_rows))))
@@ -226,11 +232,12 @@ def retrain(
         run_name=run_id,
     )
     try:
-        result = fit(tc, runs_dir=settings.runs_dir, wandb_dir=settings.home / "wandb")
+        result = fit(tc, runs_dir=settings.runs_dir, wandb_dir=settings.home / "wandb",
+                     storage=f"{settings.store_uri('runs').rstrip('/')}/_ray")
     except Exception as exc:  # noqa: BLE001 - any training failure is a failed step
         raise RetrainFailed("train", f"{type(exc).__name__}: {exc}") from exc
     size = tuple(prod_card.input_size)
-    parity, _ = load_arrays(Path(base_ds), "holdout", size, prod_card.resize, limit=32)
+    parity, _ = load_arrays(base_local, "holdout", size, prod_card.resize, limit=32)
     fp32 = register_checkpoint(
         result.checkpoint, registry, cfg.model, parity_images=parity, run_id=run_id, set_production_if_none=False,
         parent=f"{prod.name}:{anc_version}",
