@@ -26,6 +26,17 @@ Why each piece (https://theupdateframework.io/docs/security/):
 A bundle is published as the target ``<model>/<target>/bundle.tar`` (the *channel*);
 its custom metadata — model, version, bundle id, rollout percentage, halted flag,
 sha256 — is signed with the rest, so a rollout change is as protected as the bundle.
+
+**Where it lives.** On one machine (the embedded profile) all of the above is a folder,
+``<home>/tuf``, and an ``fcntl`` lock serialises publishers. On a cluster with no shared
+disk (:meth:`TufRepository.from_settings` with an ``s3://`` store) ``config.json`` and
+``repo/`` live on the store area ``tuf`` (same keys); every write is one atomic PUT, and
+because consistent snapshots never rewrite a versioned file, a reader sees the old state
+or the new one. Publishers on different nodes are serialised by a lock in the shared
+database (``visionfleet.db.tuf``). The signing keys do not go to the object store: the
+operator gives a folder (``$VISIONFLEET_TUF_KEYS``, a mounted Secret) holding
+``targets.pem``, ``snapshot.pem`` and ``timestamp.pem`` (``root.pem`` is needed only to
+create the repository; keep it offline afterwards).
 """
 
 from __future__ import annotations
@@ -36,19 +47,27 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from edge_agent.durable import atomic_write, fsync_dir, write_file
 from edge_agent.ota import channel_path
+
+if TYPE_CHECKING:
+    from visionfleet.db import Database
+    from visionfleet.settings import Settings
+    from visionfleet.store import Store
 
 __all__ = [
     "ROLES",
     "Expiry",
     "TufRepository",
     "RepositoryMissing",
+    "SigningKeysMissing",
+    "ENV_KEYS",
     "channel_path",
     "publish_bundle",
     "set_rollout",
@@ -58,10 +77,133 @@ __all__ = [
 ROLES = ("root", "targets", "snapshot", "timestamp")
 _HASH = "sha256"
 _KEEP_TARGET_FILES = 3  # per channel: old bundles a slow device may still be fetching
+ENV_KEYS = "VISIONFLEET_TUF_KEYS"  # the signing keys' folder for a repository on a shared store
+_ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+_CHUNK = 8 * 1024 * 1024
 
 
 class RepositoryMissing(FileNotFoundError):
     """No TUF repository in this state dir yet (``visionfleet edge keys`` creates one)."""
+
+
+class SigningKeysMissing(FileNotFoundError):
+    """A repository on a shared store, and no signing keys where the operator said they are."""
+
+
+class _LocalFiles:
+    """The repository in a folder of this disk: every write fsynced and renamed, as on a device."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def read(self, key: str) -> bytes:
+        return (self.base / key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return (self.base / key).is_file()
+
+    def write(self, key: str, data: bytes) -> None:
+        atomic_write(self.base / key, data)
+
+    def put_file(self, key: str, local_file: str | os.PathLike[str]) -> None:
+        dest = self.base / key
+        if dest.exists():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name.split('.', 1)[0]}.{uuid.uuid4().hex[:8]}.tmp"
+        shutil.copyfile(local_file, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+
+    def names(self, prefix: str) -> list[tuple[str, float]]:
+        """(file name, mtime) of the files directly under ``prefix`` (no hidden ones)."""
+        d = self.base / prefix
+        return [(p.name, p.stat().st_mtime) for p in d.glob("[!.]*") if p.is_file()] if d.is_dir() else []
+
+    def delete(self, key: str) -> None:
+        (self.base / key).unlink(missing_ok=True)
+
+
+class _StoreFiles:
+    """The repository on a store (``s3://``): each object written whole by one PUT or upload."""
+
+    def __init__(self, store: "Store") -> None:
+        self.store = store
+
+    def read(self, key: str) -> bytes:
+        from visionfleet.store import StoreError, StoreUnavailable
+
+        try:
+            return self.store.read_bytes(key)
+        except StoreUnavailable:
+            raise
+        except StoreError:
+            if not self.store.exists(key):
+                raise FileNotFoundError(f"{self.store.uri}/{key}") from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        self.store.write_bytes(key, data)
+
+    def _size(self, key: str) -> int | None:
+        import pyarrow.fs as pafs
+
+        info = self.store._call(f"stat {self.store.uri}/{key}", self.store.fs.get_file_info, self.store.path(key))
+        return None if info.type == pafs.FileType.NotFound else int(info.size or 0)
+
+    def put_file(self, key: str, local_file: str | os.PathLike[str]) -> None:
+        """Upload a file under a content-addressed key; checked by size, so a cut upload is redone."""
+        from visionfleet.store import StoreError
+
+        size = os.path.getsize(local_file)
+        if self._size(key) == size:
+            return
+
+        def _upload() -> None:
+            with open(local_file, "rb") as src, self.store.fs.open_output_stream(self.store.path(key)) as dst:
+                while chunk := src.read(_CHUNK):
+                    dst.write(chunk)
+        self.store._call(f"upload {self.store.uri}/{key}", _upload)
+        if self._size(key) != size:  # an aborted multipart upload can still complete short
+            self.store.delete(key)
+            raise StoreError(f"upload {self.store.uri}/{key}: the object is not {size} bytes; retry the publish")
+
+    def names(self, prefix: str) -> list[tuple[str, float]]:
+        import pyarrow.fs as pafs
+
+        sel = pafs.FileSelector(self.store.path(prefix), allow_not_found=True)
+        infos = self.store._call(f"list {self.store.uri}/{prefix}", self.store.fs.get_file_info, sel)
+        return [(i.base_name, i.mtime.timestamp() if i.mtime else 0.0) for i in infos
+                if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
+
+    def delete(self, key: str) -> None:
+        self.store.delete(key)
+
+    def download(self, key: str, dest: Path, sha256: str | None) -> None:
+        """Copy an object to ``dest`` (temp file, renamed), refused if its hash is not ``sha256``."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        h = hashlib.sha256()
+
+        def _copy() -> None:
+            with self.store.fs.open_input_stream(self.store.path(key)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    dst.write(chunk)
+        try:
+            if not self.store.exists(key):
+                raise FileNotFoundError(f"{self.store.uri}/{key}")
+            self.store._call(f"read {self.store.uri}/{key}", _copy)
+            if sha256 is not None and h.hexdigest() != sha256:
+                raise ValueError(f"Got sha256 {h.hexdigest()} for {self.store.uri}/{key}; expected {sha256}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -87,25 +229,76 @@ def _now() -> _dt.datetime:
 
 
 class TufRepository:
-    """Create, sign and publish to the repository under ``<home>/tuf``.
+    """Create, sign and publish to the repository under ``<home>/tuf``, or on a shared store.
 
-    Safe across processes: every change holds an exclusive lock on ``<home>/tuf/.lock``.
+    ``TufRepository(home)``: the embedded profile, a folder; every change holds an
+    exclusive lock on ``<home>/tuf/.lock``. ``TufRepository(store=URI, db=URL, keys_dir=…)``:
+    metadata and targets on the store, changes serialised by a lock in the database, keys
+    from ``keys_dir``. :meth:`from_settings` picks one from the settings.
     """
 
-    def __init__(self, home: str | os.PathLike[str]) -> None:
-        self.base = Path(home) / "tuf"
-        self.keys_dir = self.base / "keys"
-        self.repo_dir = self.base / "repo"
-        self.metadata_dir = self.repo_dir / "metadata"
-        self.targets_dir = self.repo_dir / "targets"
+    def __init__(self, home: str | os.PathLike[str] | None = None, *, store: "str | Store | None" = None,
+                 db: "str | Database | None" = None, keys_dir: str | os.PathLike[str] | None = None,
+                 work_dir: str | os.PathLike[str] | None = None, base: str | os.PathLike[str] | None = None) -> None:
+        if sum(x is not None for x in (home, store, base)) != 1:
+            raise ValueError("Got home, store and base together (or none); expected exactly one")
+        self._db_arg = db
+        self._database: Database | None = None
+        if store is None:
+            self.base = Path(base) if base is not None else Path(home) / "tuf"  # type: ignore[arg-type]
+            self.keys_dir: Path | None = self.base / "keys"
+            self.repo_dir = self.base / "repo"
+            self.metadata_dir = self.repo_dir / "metadata"
+            self.targets_dir = self.repo_dir / "targets"
+            self.location = str(self.base)
+            self.shared = False
+            self.work_dir = self.base
+            self._files: Any = _LocalFiles(self.base)
+            return
+        from visionfleet.store import open_store
+
+        if db is None:
+            raise ValueError(f"Got a TUF repository on {store} without a database; expected db= (VISIONFLEET_DB): "
+                             "publishers on different nodes are serialised by a lock in it")
+        st = open_store(store) if isinstance(store, (str, os.PathLike)) else store
+        self.shared = True
+        self.location = st.uri
+        self.keys_dir = Path(keys_dir) if keys_dir is not None else None
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / "visionfleet-tuf"
+        # No local folders: what devices fetch is on the store, read through ``read_public``.
+        self.base = self.repo_dir = self.metadata_dir = self.targets_dir = None  # type: ignore[assignment]
+        self._files = _StoreFiles(st)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", *, keys_dir: str | os.PathLike[str] | None = None) -> "TufRepository":
+        """The repository of these settings: a folder for a local store area ``tuf`` (the embedded
+        profile: ``<home>/tuf``), else the store area with the database lock and the keys from
+        ``keys_dir`` or ``$VISIONFLEET_TUF_KEYS``."""
+        uri = settings.store_uri("tuf")
+        if "://" not in uri:
+            return cls(base=uri)
+        keys = keys_dir if keys_dir is not None else (os.environ.get(ENV_KEYS) or None)
+        return cls(store=uri, db=settings.db_url, keys_dir=keys, work_dir=settings.cache_dir / "tuf")
+
+    @property
+    def archive_dir(self) -> Path:
+        """Where ``publish_bundle`` packs archives (a local folder in both profiles)."""
+        return self.work_dir / "archives"
+
+    def _db(self) -> "Database":
+        if self._database is None:
+            from visionfleet.db import Database, open_db
+
+            self._database = self._db_arg if isinstance(self._db_arg, Database) else open_db(str(self._db_arg))
+        return self._database
 
     # ------------------------------------------------------------------ setup
     def exists(self) -> bool:
-        return (self.metadata_dir / "1.root.json").is_file() and (self.metadata_dir / "timestamp.json").is_file()
+        return self._files.exists("repo/metadata/1.root.json") and self._files.exists("repo/metadata/timestamp.json")
 
     def require(self) -> None:
         if not self.exists():
-            raise RepositoryMissing(f"no TUF repository at {self.base}; create it with `visionfleet edge keys`")
+            raise RepositoryMissing(f"no TUF repository at {self.location}; create it with `visionfleet edge keys`")
 
     def init(self, expiry: Expiry | None = None) -> bool:
         """Create keys and the first signed metadata; returns False when it already exists."""
@@ -116,11 +309,14 @@ class TufRepository:
             if self.exists():
                 return False
             expiry = expiry or Expiry()
+            if self.keys_dir is None:
+                raise SigningKeysMissing(self._keys_message("creating it"))
             self.keys_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.keys_dir, 0o700)
-            self.metadata_dir.mkdir(parents=True, exist_ok=True)
-            self.targets_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.base / "config.json", json.dumps({"expiry": asdict(expiry)}, indent=2).encode())
+            if not self.shared:
+                self.metadata_dir.mkdir(parents=True, exist_ok=True)
+                self.targets_dir.mkdir(parents=True, exist_ok=True)
+            self._files.write("config.json", json.dumps({"expiry": asdict(expiry)}, indent=2).encode())
             signers = {}
             for role in ROLES:
                 signer = CryptoSigner.generate_ed25519()
@@ -146,7 +342,7 @@ class TufRepository:
 
     def expiry(self) -> Expiry:
         try:
-            doc = json.loads((self.base / "config.json").read_text())
+            doc = json.loads(self._files.read("config.json"))
         except FileNotFoundError:
             return Expiry()
         return Expiry(**doc.get("expiry", {}))
@@ -155,21 +351,35 @@ class TufRepository:
         """Change the expiry periods; they apply from the next signature of each role."""
         self.require()
         with self._lock():
-            atomic_write(self.base / "config.json", json.dumps({"expiry": asdict(expiry)}, indent=2).encode())
+            self._files.write("config.json", json.dumps({"expiry": asdict(expiry)}, indent=2).encode())
 
     # ------------------------------------------------------------------ keys and files
     def _signer(self, role: str):
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
         from securesystemslib.signer import CryptoSigner
 
-        key_file = self.keys_dir / f"{role}.pem"
+        if self.shared and (self.keys_dir is None or not (self.keys_dir / f"{role}.pem").is_file()):
+            raise SigningKeysMissing(self._keys_message(f"signing {role}"))
+        key_file = self.keys_dir / f"{role}.pem"  # type: ignore[operator]
         mode = key_file.stat().st_mode & 0o777
         if mode & 0o077:
             raise PermissionError(f"{key_file} has mode {oct(mode)}; expected 0600 (a private key)")
         return CryptoSigner(load_pem_private_key(key_file.read_bytes(), None))
 
+    def _keys_message(self, doing: str) -> str:
+        where = f"{self.keys_dir} has no such key" if self.keys_dir is not None else f"${ENV_KEYS} is not set"
+        return (f"Got no TUF signing keys for the repository on {self.location} while {doing} ({where}); expected "
+                f"${ENV_KEYS}=/path to a folder with {', '.join(r + '.pem' for r in _ONLINE_ROLES)} (mode 0600, "
+                "mounted from a Secret; docs/edge.md, 'The repository on a shared store')")
+
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
+        if self.shared:
+            from visionfleet.db.tuf import repository_lock
+
+            with repository_lock(self._db(), self.location):
+                yield
+            return
         import fcntl
 
         self.base.mkdir(parents=True, exist_ok=True)
@@ -186,33 +396,67 @@ class TufRepository:
 
         data = md.to_bytes(JSONSerializer(compact=False))
         name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        atomic_write(self.metadata_dir / name, data)
+        self._files.write(f"repo/metadata/{name}", data)
         if role == "root":
-            atomic_write(self.metadata_dir / "root.json", data)  # the newest root, for bootstrapping devices
+            self._files.write("repo/metadata/root.json", data)  # the newest root, for bootstrapping devices
         return data
 
     def _load(self, role: str):
         from tuf.api.metadata import Metadata
 
         self.require()
+
+        def read(name: str) -> Any:
+            return Metadata.from_bytes(self._files.read(f"repo/metadata/{name}"))
+
         if role == "timestamp":
-            return Metadata.from_file(str(self.metadata_dir / "timestamp.json"))
+            return read("timestamp.json")
         if role == "snapshot":
-            v = self._load("timestamp").signed.snapshot_meta.version
-            return Metadata.from_file(str(self.metadata_dir / f"{v}.snapshot.json"))
+            return read(f"{self._load('timestamp').signed.snapshot_meta.version}.snapshot.json")
         if role == "targets":
-            v = self._load("snapshot").signed.meta["targets.json"].version
-            return Metadata.from_file(str(self.metadata_dir / f"{v}.targets.json"))
+            return read(f"{self._load('snapshot').signed.meta['targets.json'].version}.targets.json")
         if role == "root":
-            versions = sorted(int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json")
-                              if p.name.split(".")[0].isdigit())
-            return Metadata.from_file(str(self.metadata_dir / f"{versions[-1]}.root.json"))
+            versions = sorted(int(n.split(".")[0]) for n, _ in self._files.names("repo/metadata")
+                              if n.endswith(".root.json") and n.split(".")[0].isdigit())
+            return read(f"{versions[-1]}.root.json")
         raise ValueError(f"Got role {role!r}; expected one of {ROLES}")
 
     def root_bytes(self) -> bytes:
         """The newest root metadata: what a new device is given as its trust anchor."""
         self.require()
-        return (self.metadata_dir / "root.json").read_bytes()
+        return self._files.read("repo/metadata/root.json")
+
+    def read_public(self, path: str) -> "bytes | Path":
+        """A file devices fetch (``metadata/...`` or ``targets/...``): a local path, or, on a store,
+        the bytes of metadata (read each time: ``timestamp.json`` changes) and a path in the local
+        read-through cache for targets (hash-named, checked on download, so never stale).
+
+        Raises:
+            FileNotFoundError: no such file, or a path outside ``metadata/`` and ``targets/``.
+            visionfleet.store.StoreUnavailable: the store did not answer.
+        """
+        parts = path.split("/")
+        if parts[0] not in ("metadata", "targets") or len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+            raise FileNotFoundError(path)
+        if not self.shared:
+            root = self.repo_dir.resolve()
+            target = (root / path).resolve()
+            if root not in target.parents or not target.is_file():
+                raise FileNotFoundError(path)
+            return target
+        if parts[0] == "metadata":
+            return self._files.read(f"repo/{path}")
+        cached = self.work_dir / "cache" / path
+        if not cached.is_file():
+            digest = parts[-1].split(".", 1)[0]
+            self._files.download(f"repo/{path}", cached, digest if len(digest) == 64 else None)
+            # The store keeps a few bundles per channel; the cache keeps a few more, newest first.
+            old = sorted((p for p in cached.parent.glob("[!.]*") if p.is_file()), key=lambda p: p.stat().st_mtime,
+                         reverse=True)[2 * _KEEP_TARGET_FILES:]
+            for p in old:
+                if p != cached:
+                    p.unlink(missing_ok=True)
+        return cached
 
     def _snapshot_and_timestamp(self, targets_bytes: bytes, targets_version: int, signers: dict, expiry: Expiry,
                                 *, snapshot_version: int | None = None, timestamp_version: int | None = None) -> None:
@@ -261,21 +505,17 @@ class TufRepository:
         info.unrecognized_fields["custom"] = custom
         digest = info.hashes[_HASH]
         dirname, _, basename = path.rpartition("/")
-        dest_dir = self.targets_dir / dirname
-        dest = dest_dir / f"{digest}.{basename}"
+        key = f"repo/targets/{dirname}/{digest}.{basename}"
+        if self.shared:
+            # Content-addressed, so it can go up before the lock: other publishers wait less.
+            self._files.put_file(key, local_file)
         with self._lock():
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            if not dest.exists():
-                tmp = dest_dir / f".{digest}.{uuid.uuid4().hex[:8]}.tmp"
-                shutil.copyfile(local_file, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, dest)
-                fsync_dir(dest_dir)
+            if not self.shared:
+                self._files.put_file(key, local_file)
             md = self._load("targets")
             md.signed.targets[path] = info
             self._sign_targets(md, self.expiry())
-            self._prune(dest_dir, basename, keep={digest})
+            self._prune(f"repo/targets/{dirname}", basename, keep={digest})
         return info
 
     def update_custom(self, path: str, changes: dict[str, Any]) -> Any:
@@ -289,12 +529,13 @@ class TufRepository:
             self._sign_targets(md, self.expiry())
             return info
 
-    def _prune(self, dest_dir: Path, basename: str, keep: set[str]) -> None:
+    def _prune(self, prefix: str, basename: str, keep: set[str]) -> None:
         """Keep the newest few files of a channel; older ones are no longer referenced."""
-        files = sorted(dest_dir.glob(f"*.{basename}"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for p in files[_KEEP_TARGET_FILES:]:
-            if p.name.split(".", 1)[0] not in keep:
-                p.unlink(missing_ok=True)
+        files = sorted((f for f in self._files.names(prefix) if f[0].endswith(f".{basename}")),
+                       key=lambda f: f[1], reverse=True)
+        for name, _ in files[_KEEP_TARGET_FILES:]:
+            if name.split(".", 1)[0] not in keep:
+                self._files.delete(f"{prefix}/{name}")
 
     def refresh(self, min_remaining: float = 0.5) -> list[str]:
         """Re-sign roles with less than ``min_remaining`` of their lifetime left; returns them.
@@ -327,7 +568,7 @@ class TufRepository:
             if stale("snapshot"):
                 md_t = self._load("targets")
                 v = md_t.signed.version
-                data = (self.metadata_dir / f"{v}.targets.json").read_bytes()
+                data = self._files.read(f"repo/metadata/{v}.targets.json")
                 self._snapshot_and_timestamp(data, v, signers, expiry)
                 return ["snapshot", "timestamp"]
             if stale("timestamp"):
@@ -346,7 +587,7 @@ class TufRepository:
         """Roles, versions, expiry dates and key ids (no secrets)."""
         self.require()
         root = self._load("root").signed
-        out: dict[str, Any] = {"path": str(self.base), "consistent_snapshot": root.consistent_snapshot, "roles": {}}
+        out: dict[str, Any] = {"path": self.location, "consistent_snapshot": root.consistent_snapshot, "roles": {}}
         for role in ROLES:
             s = self._load(role).signed
             out["roles"][role] = {"version": s.version, "expires": s.expires.isoformat(),
@@ -393,7 +634,8 @@ def publish_bundle(
                 f"Got {m.model}:{m.version} for channel {path}, which serves version {cur_v}; expected a newer "
                 "version (pass --allow-downgrade to send devices back to an older one)"
             )
-    archive_dir = Path(archive_dir) if archive_dir else repo.base / "archives"
+    scratch = repo.shared and not archive_dir  # on a shared store the archive's home is the store
+    archive_dir = Path(archive_dir) if archive_dir else repo.archive_dir
     archive = pack_bundle(bundle_dir, archive_dir / f"{m.bundle_id}.tar")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     custom = {
@@ -409,7 +651,11 @@ def publish_bundle(
         "sha256": digest,
         "published_at": _now().isoformat(),
     }
-    info = repo.add_target(path, archive, custom)
+    try:
+        info = repo.add_target(path, archive, custom)
+    finally:
+        if scratch:
+            archive.unlink(missing_ok=True)
     return {"path": path, "length": info.length, **custom}
 
 

@@ -10,7 +10,9 @@
 * ``GET /tuf/{path}`` — the repository's metadata and bundles, read-only; any path
   outside ``metadata/`` and ``targets/`` is refused. Fetching ``timestamp.json``
   re-signs the timestamp when half its lifetime is gone, so a running server keeps its
-  repository fresh without a cron job.
+  repository fresh without a cron job. The repository is ``<home>/tuf`` on one machine,
+  or the store area ``tuf`` (``$VISIONFLEET_STORE``): metadata is read from the store on
+  each request, bundles through a local cache (``edge_export.tuf_repo.read_public``).
 * ``GET /v1/edge/fleet``, ``GET /v1/edge/channels`` and ``POST /v1/edge/rollouts`` —
   admin routes (bearer token): devices and rollouts, published channels, and changing
   a channel's rollout percentage or halting/resuming it.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -188,12 +190,22 @@ async def _parse(request: Request, model: type, limit: int) -> Any:
         raise ApiError(400, f"invalid body: {where}: {first.get('msg', str(exc)[:200])}") from None
 
 
+@lru_cache(maxsize=8)
+def _tuf(home: str) -> Any:
+    """The TUF repository of this server: ``<home>/tuf``, or the store area ``tuf`` when the
+    store is shared (``$VISIONFLEET_STORE``, the database lock, ``$VISIONFLEET_TUF_KEYS``)."""
+    from edge_export.tuf_repo import TufRepository
+    from visionfleet.settings import Settings
+
+    return TufRepository.from_settings(Settings.from_env(home).with_home(home))
+
+
 def _apply_halts(home: str, halts: List[Dict[str, Any]]) -> None:
     """Re-sign halted channels in TUF, if the channel still serves the failing bundle."""
-    from edge_export.tuf_repo import TufRepository, set_rollout
+    from edge_export.tuf_repo import set_rollout
     from edge_agent.ota import channel_path
 
-    repo = TufRepository(home)
+    repo = _tuf(home)
     if not repo.exists():
         return
     targets = repo.targets()
@@ -204,20 +216,21 @@ def _apply_halts(home: str, halts: List[Dict[str, Any]]) -> None:
             logger.warning("edge rollout of %s halted: %s", h["bundle_id"], h["reason"])
 
 
-def _tuf_file(home: str, path: str) -> Path:
+def _tuf_file(home: str, path: str) -> "bytes | Path":
+    from visionfleet.store import StoreUnavailable
+
     if not _TUF_PATH.match(path) or any(p.startswith(".") for p in path.split("/")):
         raise ApiError(404, "no such repository file")
-    root = (Path(home) / "tuf" / "repo").resolve()
-    target = (root / path).resolve()
-    if root not in target.parents or not target.is_file():
-        raise ApiError(404, "no such repository file")
-    return target
+    try:
+        return _tuf(home).read_public(path)
+    except FileNotFoundError:
+        raise ApiError(404, "no such repository file") from None
+    except StoreUnavailable as exc:
+        raise ApiError(503, f"the TUF repository's store did not answer; retry later ({exc})") from None
 
 
 def _maybe_refresh(home: str) -> None:
-    from edge_export.tuf_repo import TufRepository
-
-    repo = TufRepository(home)
+    repo = _tuf(home)
     if repo.exists():
         try:
             repo.refresh(0.5)
@@ -267,18 +280,18 @@ def router(cfg: AppConfig) -> APIRouter:
 
 
     @r.get("/tuf/{path:path}")
-    async def tuf_file(path: str) -> FileResponse:
+    async def tuf_file(path: str) -> Response:
         """A file of the TUF repository (metadata or a bundle), read-only."""
         if path == "metadata/timestamp.json":
             await run_in_threadpool(_maybe_refresh, home)
-        target = _tuf_file(home, path)
+        target = await run_in_threadpool(_tuf_file, home, path)
         mutable = path in ("metadata/timestamp.json", "metadata/root.json")
-        return FileResponse(
-            target,
-            media_type="application/json" if target.suffix == ".json" else "application/octet-stream",
-            # Versioned and hash-named files never change; timestamp.json does.
-            headers={"Cache-Control": "no-cache" if mutable else "public, max-age=31536000, immutable"},
-        )
+        media_type = "application/json" if path.endswith(".json") else "application/octet-stream"
+        # Versioned and hash-named files never change; timestamp.json does.
+        headers = {"Cache-Control": "no-cache" if mutable else "public, max-age=31536000, immutable"}
+        if isinstance(target, bytes):
+            return Response(target, media_type=media_type, headers=headers)
+        return FileResponse(target, media_type=media_type, headers=headers)
 
 
     @r.get("/v1/edge/fleet")
@@ -291,10 +304,10 @@ def router(cfg: AppConfig) -> APIRouter:
     @r.get("/v1/edge/channels")
     async def edge_channels(request: Request) -> Dict[str, Any]:
         """Published channels with their signed rollout metadata."""
-        from edge_export.tuf_repo import TufRepository, channels
+        from edge_export.tuf_repo import channels
 
         require_admin(request, cfg.admin_token)
-        repo = TufRepository(home)
+        repo = _tuf(home)
         if not repo.exists():
             return {"channels": []}
         return {"channels": await run_in_threadpool(channels, repo)}
@@ -303,13 +316,13 @@ def router(cfg: AppConfig) -> APIRouter:
     @r.post("/v1/edge/rollouts")
     async def edge_rollout(request: Request) -> Dict[str, Any]:
         """Change a channel's rollout percentage, or halt / resume it (re-signed in TUF)."""
-        from edge_export.tuf_repo import RepositoryMissing, TufRepository, set_rollout
+        from edge_export.tuf_repo import RepositoryMissing, SigningKeysMissing, set_rollout
 
         require_admin(request, cfg.admin_token)
         body = await _parse(request, RolloutBody, 64 * 1024)
 
         def change() -> Dict[str, Any]:
-            doc = set_rollout(TufRepository(home), body.model, body.target, rollout=body.rollout, halted=body.halted,
+            doc = set_rollout(_tuf(home), body.model, body.target, rollout=body.rollout, halted=body.halted,
                               reason=body.reason)
             status = "rolling" if not doc.get("halted") else "halted"
             _fleet(home).set_rollout_status(body.model, body.target, doc["bundle_id"], status, body.reason, doc.get("rollout"))
@@ -317,6 +330,8 @@ def router(cfg: AppConfig) -> APIRouter:
 
         try:
             return {"channel": await run_in_threadpool(change)}
+        except SigningKeysMissing as exc:
+            raise ApiError(503, str(exc)) from None
         except RepositoryMissing as exc:
             raise ApiError(404, str(exc)) from None
         except LookupError as exc:

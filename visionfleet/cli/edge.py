@@ -25,10 +25,11 @@ def _registry():
 def _repo(create: bool = True):
     from edge_export.tuf_repo import TufRepository
 
-    repo = TufRepository(settings().ensure().home)
+    repo = TufRepository.from_settings(settings().ensure())  # <home>/tuf, or the shared store area tuf
     if create and repo.init():
-        err.print(f"[green]✓[/] created the TUF repository and its keys in {repo.base} "
-                  f"(give devices {repo.metadata_dir / 'root.json'} as their --root)")
+        root = repo.metadata_dir / "root.json" if repo.metadata_dir else "`visionfleet edge keys --export-root FILE`"
+        err.print(f"[green]✓[/] created the TUF repository and its keys in {repo.location} "
+                  f"(keys: {repo.keys_dir}; give devices {root} as their --root)")
     return repo
 
 
@@ -173,7 +174,7 @@ def keys(
     for role, r in doc["roles"].items():
         t.add_row(role, str(r["version"]), r["expires"], ", ".join(k[:12] for k in r["keyids"]))
     out.print(t)
-    out.print(f"keys: {repo.keys_dir} (mode 0600) · metadata: {repo.metadata_dir}")
+    out.print(f"keys: {repo.keys_dir} (mode 0600) · metadata: {repo.metadata_dir or repo.location + '/repo/metadata'}")
 
 
 @app.command()
