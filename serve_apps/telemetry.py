@@ -4,10 +4,39 @@ The sink does one job, events: it de-duplicates them by ``(request_id, role)``, 
 late labels from ``/v1/feedback``, keeps per-experiment per-variant accumulators (the
 input of the A/B statistics, read by the ExperimentCoordinator actor in
 ``serve_apps.experiments``), keeps the per-version monitors, offers samples to the
-labeling queue, and writes the Parquet event lake::
+labeling queue, and writes the Parquet event lake on the store area ``telemetry``
+(``Settings.store_uri("telemetry")``: ``<home>/telemetry`` on one machine, an ``s3://``
+prefix on a cluster), through :mod:`visionfleet.store`::
 
-    <state>/telemetry/events/date=YYYY-MM-DD/source=<source>/part-*.parquet
-    <state>/telemetry/feedback/date=YYYY-MM-DD/part-*.parquet
+    events/date=YYYY-MM-DD/source=<source>/part-*.parquet
+    feedback/date=YYYY-MM-DD/part-*.parquet
+
+**What survives a restart.** Everything the sink knows is in the database
+(``$VISIONFLEET_DB``; tables in :mod:`visionfleet.db.sink`):
+
+* each accepted event, label and reset is journaled, one transaction per ``record`` /
+  ``feedback`` call, before the call returns (the acknowledgement);
+* each flush writes the lake parts, marks their journal rows ``in_lake``, and checkpoints
+  what changed: per-experiment arm accumulators and shadow figures, per-version monitor
+  windows (reference and current), pending label joins, the monitoring/sampling
+  configuration, the counters, and the journal position the checkpoint includes;
+* a new sink of the same lake (the actor restarted by Ray, a new process) loads the
+  checkpoint, replays the journal entries after it, reloads the last ``_MAX_REMEMBERED``
+  events as de-duplication keys and join partners, and re-queues rows not yet in the lake.
+  So a replayed event is not counted twice, a label that came before its event still joins,
+  and the A/B figures and drift windows come out as if the sink had never stopped.
+
+Why the database and not the store: the checkpoint, the journal and the lake marks must
+change together (accumulators at entry N plus the entries after N), which is one
+transaction in a database and has no equivalent across objects in S3; the rows are small
+and rewritten often (a PUT per document per flush); and the journal is what keeps
+acknowledged rows while the store is away. The store holds the lake, the blobs.
+
+**The store going away.** A flush that cannot write a part keeps its rows and retries at
+the next flush; memory holds at most ``max_buffer_rows`` of them, the rest wait in the
+journal (``lake_spilled``) and are read back when the store answers again. Rows are lost
+(``lake_dropped``) only when the database is away too and the buffer overflows; the sampler's
+rate limits (``visionfleet.sampling``) are not kept.
 
 The client never blocks a request: events go to an in-memory buffer that a background
 task ships in batches; when the sink is behind (too many batches in flight) new events
@@ -18,14 +47,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import json
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from visionfleet.names import SINK_NAME
 from visionfleet.telemetry import EVENT_FIELDS, ArmAccumulator, event_key
@@ -34,8 +62,12 @@ __all__ = ["TelemetrySink", "TelemetryClient", "SINK_NAME", "get_or_create_sink"
 
 logger = logging.getLogger("ray.serve")
 
-_MAX_REMEMBERED = 200_000  # events kept in memory for joining labels and de-duplication
+_MAX_REMEMBERED = 200_000  # events kept (memory and journal) for joining labels and de-duplication
 _MAX_PENDING_LABELS = 100_000
+_MAX_BUFFER_ROWS = 100_000  # lake rows held in memory while the store is away; the rest wait in the journal
+_RETRY_S = 1.0  # after a failed journal write or lake write, wait this long before the next try
+
+_Emit = Callable[[str, dict], None] | None
 
 
 def _date(ts: float) -> str:
@@ -43,31 +75,69 @@ def _date(ts: float) -> str:
 
 
 class TelemetrySinkImpl:
-    """The sink's logic, without Ray (the actor below is a thin shell around it)."""
+    """The sink's logic, without Ray (the actor below is a thin shell around it).
 
-    def __init__(self, home: str, *, flush_rows: int = 2000) -> None:
-        self.home = Path(home)
-        self.events_dir = self.home / "telemetry" / "events"
-        self.feedback_dir = self.home / "telemetry" / "feedback"
+    Args:
+        home: this node's home; the settings come from ``Settings.from_env(home)`` unless given.
+        flush_rows: flush as soon as this many rows wait for the lake.
+        settings: where the lake (store area ``telemetry``) and the state (``db_url``) live.
+        max_buffer_rows: lake rows kept in memory while the store is away.
+
+    Raises:
+        visionfleet.db.DatabaseError: the database cannot be opened.
+        visionfleet.store.StoreError: the store URL cannot be used.
+    """
+
+    def __init__(self, home: str, *, flush_rows: int = 2000, settings: Any = None,
+                 max_buffer_rows: int = _MAX_BUFFER_ROWS) -> None:
+        from visionfleet.db import open_db
+        from visionfleet.db.sink import SinkState
+        from visionfleet.settings import Settings
+        from visionfleet.store import open_store
+
+        if max_buffer_rows < 1:
+            raise ValueError(f"Got {max_buffer_rows} for max_buffer_rows; expected >= 1")
+        self.settings = settings if settings is not None else Settings.from_env(home)
+        self.home = Path(self.settings.home)
+        self.store = open_store(self.settings.store_uri("telemetry"))
+        self._db = open_db(self.settings.db_url)
+        self._state = SinkState(self._db, self.store.uri)
         self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()
         self._seen: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
-        self._pending_labels: OrderedDict[str, str | int] = OrderedDict()  # name or class index, event not seen yet
-        self._buffer: list[dict[str, Any]] = []
-        self._feedback_buffer: list[dict[str, Any]] = []
+        # request id -> (label name or class index, ts): feedback whose event was not seen yet
+        self._pending_labels: OrderedDict[str, tuple[str | int, float]] = OrderedDict()
+        self._seq = 0  # the last journal entry
+        self._lake: list = []  # JournalRow: rows not yet in the lake, in seq order
+        self._unjournaled: list = []  # JournalRow: entries the database did not take yet
+        self._written_unmarked: list[int] = []  # in the lake, not yet marked in the journal
+        self._lake_spilled = False  # some unwritten rows are only in the journal
+        self._journal_failed_at: float | None = None
+        self._lake_failed_at: float | None = None
+        self._dirty: set[tuple[str, str]] = set()  # checkpoint documents that changed
+        self._meta_written: Any = None
         self._flush_rows = flush_rows
+        self._max_buffer = max_buffer_rows
         self._arms: dict[str, dict[str, ArmAccumulator]] = {}
         self._shadow: dict[str, dict[str, float]] = {}
         self._label_cache: dict[tuple[str, int], list[str]] = {}
         self._monitors: dict[tuple[str, int], Any] = {}
         self._monitoring = None  # MonitoringConfig; set by configure()
         self._sampler = None  # ActiveSampler; set by configure()
+        self._config_doc: dict[str, Any] = {"monitoring": None, "sampling": None}
         self._queue = None  # LabelingQueue, opened lazily
+        self._registry = None
         self.counters = {"received": 0, "duplicates": 0, "written": 0, "labels": 0, "labels_late": 0,
                          "labels_refused_late": 0, "dropped_reported": 0,
-                         "samples_offered": 0, "samples_kept": 0}
+                         "samples_offered": 0, "samples_kept": 0,
+                         "lake_failures": 0, "lake_spilled": 0, "lake_dropped": 0,
+                         "journal_failures": 0, "journal_dropped": 0, "checkpoint_failures": 0}
+        self.restored: dict[str, int] = {}
+        self._restore()
 
     # -------------------------------------------------------------- events
     def record(self, events: list[dict[str, Any]], dropped: int = 0, samples: list[dict[str, Any]] | None = None) -> int:
+        """Accept events (de-duplicated), journal them, and return how many were new."""
         accepted = 0
         if samples:
             try:
@@ -77,38 +147,60 @@ class TelemetrySinkImpl:
         late: list[tuple[str, str]] = []
         with self._lock:
             self.counters["dropped_reported"] += int(dropped)
+            entries: list = []
+            emit = self._emitter(entries)
             for ev in events:
-                key = event_key(ev)
-                if key in self._seen:
+                if event_key(ev) in self._seen:
                     self.counters["duplicates"] += 1
                     continue
-                self._remember(key, ev)
-                self._buffer.append(ev)
+                emit("event", ev)  # encoded at insert time, so it carries the monitor's _seq
                 accepted += 1
-                self._aggregate(ev)
-                self._monitor_event(ev)
-                given = self._pending_labels.pop(ev["request_id"], None) if ev.get("role") == "primary" else None
-                if given is not None:
-                    try:
-                        label, class_id = self._resolve(ev, given)
-                    except ValueError as exc:  # e.g. a class index the model does not have: nobody to tell now
-                        self.counters["labels_refused_late"] += 1
-                        logger.warning("late label dropped: %s", exc)
-                        continue
-                    if isinstance(given, int):  # the lake learns the name now
-                        self._feedback_buffer.append({"request_id": ev["request_id"], "label": label,
-                                                      "class_id": class_id, "ts": time.time()})
-                    self._apply_label(ev, label)
-                    late.append((ev["request_id"], label))
-            self.counters["received"] += accepted
-            if len(self._buffer) >= self._flush_rows:
-                self._flush_locked()
+                joined = self._apply_event(ev, emit)
+                if joined is not None:
+                    late.append(joined)
+            self._journal_locked(entries)
+            due = len(self._lake) >= self._flush_rows and not self._recently(self._lake_failed_at)
+        if due and self._flush_lock.acquire(blocking=False):
+            try:
+                self._flush_held()
+            finally:
+                self._flush_lock.release()
         if late:  # labels that arrived before their event reach the labeling queue now
             try:
                 self.labeling_queue().add_labels(late, labeler="feedback")
             except Exception:  # noqa: BLE001
                 logger.exception("labeling queue update failed")
         return accepted
+
+    def _emitter(self, entries: list) -> Callable[[str, dict], None]:
+        from visionfleet.db.sink import JournalRow
+
+        def emit(kind: str, doc: dict) -> None:
+            self._seq += 1
+            entries.append(JournalRow(self._seq, kind, doc, in_lake=kind == "op"))
+        return emit
+
+    def _apply_event(self, ev: dict[str, Any], emit: _Emit) -> tuple[str, str] | None:
+        """Count one new event; returns ``(request_id, label)`` when a pending label joined it."""
+        self._remember(event_key(ev), ev)
+        self.counters["received"] += 1
+        self._aggregate(ev)
+        self._monitor_event(ev)
+        if ev.get("role") != "primary" or ev["request_id"] not in self._pending_labels:
+            return None
+        given, ts = self._pending_labels.pop(ev["request_id"])
+        self._dirty.add(("pending", ""))
+        try:
+            label, class_id = self._resolve(ev, given)
+        except ValueError as exc:  # e.g. a class index the model does not have: nobody to tell now
+            self.counters["labels_refused_late"] += 1
+            logger.warning("late label dropped: %s", exc)
+            return None
+        if isinstance(given, int) and emit is not None:  # the lake learns the name now
+            emit("feedback", {"row": {"request_id": ev["request_id"], "label": label, "class_id": class_id,
+                                      "ts": ts}, "op": None})
+        self._apply_label(ev, label)
+        return ev["request_id"], label
 
     def _remember(self, key: tuple[str, str], ev: dict[str, Any]) -> None:
         self._seen[key] = ev
@@ -134,11 +226,13 @@ class TelemetrySinkImpl:
         arms = self._arms.setdefault(exp, {})
         arm = arms.setdefault(ev["variant"], ArmAccumulator(ev["variant"]))
         arm.add_event(ev)
+        self._dirty.add(("arms", exp))
         shadow = self._seen.get((ev["request_id"], "shadow"))
         if shadow is not None:
             self._shadow_pair(exp, ev, shadow)
 
     def _shadow_stats(self, exp: str) -> dict[str, float]:
+        self._dirty.add(("shadow", exp))
         return self._shadow.setdefault(
             exp, {"n": 0, "errors": 0, "conf_sum": 0.0, "lat_sum": 0.0, "pairs": 0, "agree": 0, "primary_conf_sum": 0.0}
         )
@@ -154,19 +248,28 @@ class TelemetrySinkImpl:
 
     # -------------------------------------------------------------- monitoring
     def configure(self, monitoring: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None) -> None:
-        """Monitoring windows and sampling limits (the ingress passes its AppConfig's)."""
+        """Monitoring windows and sampling limits (the ingress passes its AppConfig's); kept across restarts."""
+        with self._lock:
+            self._configure(monitoring, sampling)
+            entries: list = []
+            self._emitter(entries)("op", {"op": "configure", "monitoring": monitoring, "sampling": sampling})
+            self._journal_locked(entries)
+
+    def _configure(self, monitoring: dict[str, Any] | None, sampling: dict[str, Any] | None) -> None:
         from serve_apps.config import MonitoringConfig, SamplingConfig
         from visionfleet.sampling import ActiveSampler, SamplingPolicy
 
-        with self._lock:
-            if monitoring is not None:
-                self._monitoring = MonitoringConfig.model_validate(monitoring)
-            if sampling is not None:
-                sc = SamplingConfig.model_validate(sampling)
-                self._sampler = ActiveSampler(SamplingPolicy(
-                    low_confidence=sc.low_confidence, margin=sc.margin, random_share=sc.random_share,
-                    rate_per_s=sc.rate_per_s, burst=sc.burst, per_class_cap=sc.per_class_cap, period_s=sc.period_s,
-                ))
+        if monitoring is not None:
+            self._monitoring = MonitoringConfig.model_validate(monitoring)
+            self._config_doc["monitoring"] = monitoring
+        if sampling is not None:
+            sc = SamplingConfig.model_validate(sampling)
+            self._sampler = ActiveSampler(SamplingPolicy(
+                low_confidence=sc.low_confidence, margin=sc.margin, random_share=sc.random_share,
+                rate_per_s=sc.rate_per_s, burst=sc.burst, per_class_cap=sc.per_class_cap, period_s=sc.period_s,
+            ))
+            self._config_doc["sampling"] = sampling
+        self._dirty.add(("config", ""))
 
     def _monitor_cfg(self):
         if self._monitoring is None:
@@ -184,6 +287,7 @@ class TelemetrySinkImpl:
             cfg = self._monitor_cfg()
             mon = VersionMonitor(cfg.reference_size, cfg.window_size, cfg.low_confidence)
             self._monitors[key] = mon
+        self._dirty.add(("monitor", f"{model}:{int(version)}"))
         return mon
 
     def _monitor_event(self, ev: dict[str, Any]) -> None:
@@ -203,11 +307,32 @@ class TelemetrySinkImpl:
 
     def reset_reference(self, model: str, version: int) -> bool:
         with self._lock:
-            mon = self._monitors.get((model, int(version)))
+            if not self._apply_op({"op": "reset_reference", "model": model, "version": int(version)}):
+                return False
+            entries: list = []
+            self._emitter(entries)("op", {"op": "reset_reference", "model": model, "version": int(version)})
+            self._journal_locked(entries)
+            return True
+
+    def _apply_op(self, doc: dict[str, Any]) -> bool:
+        op = doc.get("op")
+        if op == "configure":
+            self._configure(doc.get("monitoring"), doc.get("sampling"))
+        elif op == "reset_reference":
+            key = (doc["model"], int(doc["version"]))
+            mon = self._monitors.get(key)
             if mon is None:
                 return False
             mon.reset_reference()
-            return True
+            self._dirty.add(("monitor", f"{key[0]}:{key[1]}"))
+        elif op == "reset_experiment":
+            self._arms.pop(doc["name"], None)
+            self._shadow.pop(doc["name"], None)
+            self._dirty |= {("arms", doc["name"]), ("shadow", doc["name"])}
+        else:
+            raise ValueError(f"Got {op!r} for a journaled operation; expected configure, reset_reference or "
+                             "reset_experiment")
+        return True
 
     # -------------------------------------------------------------- active learning
     def offer_samples(self, samples: list[dict[str, Any]]) -> int:
@@ -236,7 +361,9 @@ class TelemetrySinkImpl:
         if self._queue is None:
             from visionfleet.labeling import LabelingQueue
 
-            self._queue = LabelingQueue(self.home)
+            # the database-backed queue when visionfleet.labeling offers it, else the home's
+            opener = getattr(LabelingQueue, "from_settings", None)
+            self._queue = opener(self.settings) if opener is not None else LabelingQueue(self.home)
         return self._queue
 
     def labeling_pending(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -251,36 +378,50 @@ class TelemetrySinkImpl:
 
         Returns what was understood (``label``, ``class_id``, ``given``: ``name`` or
         ``class_index``) and, when the prediction is known, whether it was correct.
-        A label that arrives before its prediction is kept and joined when it comes.
+        A label that arrives before its prediction is kept (across restarts too) and
+        joined when it comes.
 
         Raises:
             ValueError: a name or index the model that answered does not have.
         """
         ts = ts or time.time()
-        given = "class_index" if isinstance(label, int) else "name"
         with self._lock:
-            ev = self._seen.get((request_id, "primary"))
-            if ev is None:
-                self._pending_labels[request_id] = label
-                self.counters["labels"] += 1
-                self.counters["labels_late"] += 1
-                if len(self._pending_labels) > _MAX_PENDING_LABELS:
-                    self._pending_labels.popitem(last=False)
-                name = label if isinstance(label, str) else None
-                self._feedback_buffer.append({"request_id": request_id, "label": name, "class_id": None, "ts": ts})
-                return {"matched": False, "given": given, "label": name,
-                        "class_id": label if isinstance(label, int) else None}
-            name, class_id = self._resolve(ev, label)
-            self.counters["labels"] += 1
-            self._feedback_buffer.append({"request_id": request_id, "label": name, "class_id": class_id, "ts": ts})
-            self._apply_label(ev, name)
-            result = {"matched": True, "given": given, "label": name, "class_id": class_id, "model": ev.get("model"),
-                      "version": ev.get("version"), "correct": ev.get("label") == name}
-        try:  # a sampled request gets its label in the labeling queue too
-            self.labeling_queue().add_labels([(request_id, name)], labeler="feedback")
-        except Exception:  # noqa: BLE001
-            logger.exception("labeling queue update failed")
+            entries: list = []
+            result, joined = self._apply_feedback(request_id, label, ts, self._emitter(entries))
+            self._journal_locked(entries)
+        if joined is not None:  # a sampled request gets its label in the labeling queue too
+            try:
+                self.labeling_queue().add_labels([joined], labeler="feedback")
+            except Exception:  # noqa: BLE001
+                logger.exception("labeling queue update failed")
         return result
+
+    def _apply_feedback(self, request_id: str, label: str | int, ts: float,
+                        emit: _Emit) -> tuple[dict[str, Any], tuple[str, str] | None]:
+        given = "class_index" if isinstance(label, int) else "name"
+        ev = self._seen.get((request_id, "primary"))
+        if ev is None:
+            self._pending_labels.pop(request_id, None)
+            self._pending_labels[request_id] = (label, ts)
+            self._dirty.add(("pending", ""))
+            self.counters["labels"] += 1
+            self.counters["labels_late"] += 1
+            if len(self._pending_labels) > _MAX_PENDING_LABELS:
+                self._pending_labels.popitem(last=False)
+            name = label if isinstance(label, str) else None
+            if emit is not None:
+                emit("feedback", {"row": {"request_id": request_id, "label": name, "class_id": None, "ts": ts},
+                                  "op": label})
+            return {"matched": False, "given": given, "label": name,
+                    "class_id": label if isinstance(label, int) else None}, None
+        name, class_id = self._resolve(ev, label)
+        self.counters["labels"] += 1
+        if emit is not None:
+            emit("feedback", {"row": {"request_id": request_id, "label": name, "class_id": class_id, "ts": ts},
+                              "op": label})
+        self._apply_label(ev, name)
+        return {"matched": True, "given": given, "label": name, "class_id": class_id, "model": ev.get("model"),
+                "version": ev.get("version"), "correct": ev.get("label") == name}, (request_id, name)
 
     def _resolve(self, ev: dict[str, Any], label: str | int) -> tuple[str, int | None]:
         """``(name, class index)`` of a label given as either, for the model that answered ``ev``."""
@@ -304,10 +445,13 @@ class TelemetrySinkImpl:
         key = (model, version)
         if key not in self._label_cache:
             from visionfleet.registry import NotFound, Registry
+            from visionfleet.store import StoreError
 
             try:
-                self._label_cache[key] = Registry(self.home / "registry").card(model, version).labels
-            except (NotFound, OSError, ValueError):
+                if self._registry is None:
+                    self._registry = Registry.from_settings(self.settings)
+                self._label_cache[key] = self._registry.card(model, version).labels
+            except (NotFound, OSError, ValueError, StoreError):
                 return None
         return self._label_cache[key]
 
@@ -320,6 +464,7 @@ class TelemetrySinkImpl:
         if exp and ev.get("status") == 200:
             arm = self._arms.setdefault(exp, {}).setdefault(ev["variant"], ArmAccumulator(ev["variant"]))
             arm.add_label(ev.get("label") == label)
+            self._dirty.add(("arms", exp))
 
     # -------------------------------------------------------------- queries
     def experiment_summary(self, name: str) -> dict[str, Any]:
@@ -340,50 +485,229 @@ class TelemetrySinkImpl:
 
     def reset_experiment(self, name: str) -> None:
         with self._lock:
-            self._arms.pop(name, None)
-            self._shadow.pop(name, None)
+            doc = {"op": "reset_experiment", "name": name}
+            self._apply_op(doc)
+            entries: list = []
+            self._emitter(entries)("op", doc)
+            self._journal_locked(entries)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self.counters, "buffered": len(self._buffer), "remembered": len(self._seen)}
+            return {**self.counters, "buffered": len(self._lake), "unjournaled": len(self._unjournaled),
+                    "remembered": len(self._seen), "pending_labels": len(self._pending_labels),
+                    "spilled": self._lake_spilled, "restored": dict(self.restored)}
+
+    # -------------------------------------------------------------- journal and checkpoint
+    @staticmethod
+    def _recently(at: float | None) -> bool:
+        return at is not None and time.monotonic() - at < _RETRY_S
+
+    def _journal_locked(self, entries: list) -> None:
+        """Journal new entries now (the acknowledgement), or keep them for the next flush."""
+        if not entries:
+            return
+        self._lake.extend(r for r in entries if not r.in_lake)
+        if self._unjournaled or self._recently(self._journal_failed_at):
+            self._unjournaled.extend(entries)  # the database was away: the next flush retries, in order
+        else:
+            try:
+                self._state.append(entries)
+            except Exception:  # noqa: BLE001 - database away: keep serving, retry at the flush
+                logger.warning("telemetry journal write failed; keeping %d entries for the next flush",
+                               len(entries), exc_info=True)
+                self.counters["journal_failures"] += 1
+                self._journal_failed_at = time.monotonic()
+                self._unjournaled.extend(entries)
+        self._bound_locked()
+
+    def _bound_locked(self) -> None:
+        """At most ``max_buffer_rows`` lake rows and as many unjournaled entries in memory."""
+        over = len(self._lake) - self._max_buffer
+        if over > 0:
+            # rows the journal has (or will have) can be read back from it later
+            del self._lake[:over]
+            self._lake_spilled = True
+            self.counters["lake_spilled"] += over
+        over = len(self._unjournaled) - self._max_buffer
+        if over > 0:
+            in_memory = {r.seq for r in self._lake}
+            lost = sum(1 for r in self._unjournaled[:over] if not r.in_lake and r.seq not in in_memory)
+            del self._unjournaled[:over]
+            self.counters["journal_dropped"] += over
+            self.counters["lake_dropped"] += lost
+
+    def _restore(self) -> None:
+        """Load the checkpoint, replay the journal after it, re-queue rows not in the lake."""
+        from visionfleet.monitoring import VersionMonitor
+
+        t0 = time.perf_counter()
+        docs, rows = self._state.load()
+        with self._lock:
+            meta = docs.pop(("meta", ""), None) or {"applied_seq": 0, "counters": {}}
+            applied = int(meta["applied_seq"])
+            self.counters.update(meta["counters"])
+            cfg = docs.pop(("config", ""), None)
+            if cfg:
+                self._configure(cfg.get("monitoring"), cfg.get("sampling"))
+            for (kind, key), doc in docs.items():
+                if kind == "arms":
+                    self._arms[key] = {a: ArmAccumulator.from_dict(d) for a, d in doc.items()}
+                elif kind == "shadow":
+                    self._shadow[key] = dict(doc)
+                elif kind == "monitor":
+                    model, _, version = key.rpartition(":")
+                    self._monitors[(model, int(version))] = VersionMonitor.from_dict(doc)
+                elif kind == "pending":
+                    self._pending_labels = OrderedDict((rid, (label, ts)) for rid, label, ts in doc)
+            replayed = 0
+            for r in rows:
+                self._seq = max(self._seq, r.seq)
+                if not r.in_lake:
+                    self._lake.append(r)
+                if r.seq <= applied:
+                    if r.kind == "event":
+                        self._remember(event_key(r.doc), r.doc)
+                    continue
+                replayed += 1
+                if r.kind == "event":
+                    self._apply_event(r.doc, None)
+                elif r.kind == "feedback" and r.doc.get("op") is not None:
+                    row = r.doc["row"]
+                    try:
+                        self._apply_feedback(row["request_id"], r.doc["op"], row["ts"], None)
+                    except ValueError as exc:
+                        logger.warning("journaled label not applied on restore: %s", exc)
+                elif r.kind == "op":
+                    self._apply_op(r.doc)
+            self._seq = max(self._seq, applied)
+            self._dirty.clear()
+            if replayed:  # what the replay changed goes into the next checkpoint
+                self._dirty |= {("arms", k) for k in self._arms} | {("shadow", k) for k in self._shadow}
+                self._dirty |= {("monitor", f"{m}:{v}") for m, v in self._monitors} | {("pending", "")}
+            self._bound_locked()
+            self.restored = {"checkpoint_seq": applied, "replayed": replayed, "remembered": len(self._seen),
+                             "unwritten": len(self._lake), "ms": int((time.perf_counter() - t0) * 1000)}
+        if applied or rows:
+            logger.info("telemetry sink restored: %s", self.restored)
+
+    def _checkpoint_docs_locked(self) -> dict[tuple[str, str], Any]:
+        docs: dict[tuple[str, str], Any] = {}
+        for kind, key in self._dirty:
+            if kind == "arms":
+                arms = self._arms.get(key)
+                docs[(kind, key)] = None if arms is None else {a: acc.to_dict() for a, acc in arms.items()}
+            elif kind == "shadow":
+                docs[(kind, key)] = self._shadow.get(key)
+            elif kind == "monitor":
+                model, _, version = key.rpartition(":")
+                mon = self._monitors.get((model, int(version)))
+                docs[(kind, key)] = None if mon is None else mon.to_dict()
+            elif kind == "pending":
+                docs[(kind, key)] = [[rid, label, ts] for rid, (label, ts) in self._pending_labels.items()]
+            elif kind == "config":
+                docs[(kind, key)] = dict(self._config_doc)
+        self._dirty = set()
+        meta = {"applied_seq": self._seq, "counters": dict(self.counters)}
+        if meta != self._meta_written:
+            docs[("meta", "")] = meta
+        return docs
 
     # -------------------------------------------------------------- Parquet
     def flush(self) -> int:
+        """Write waiting rows to the lake and checkpoint; returns the events written."""
+        with self._flush_lock:
+            return self._flush_held()
+
+    def _flush_held(self) -> int:
         with self._lock:
-            return self._flush_locked()
+            rows = self._rows_to_write_locked()
+        written, n_events = self._write_lake(rows) if rows else ([], 0)  # the store is slow or away: not under the lock
+        with self._lock:
+            done = set(written)
+            self._lake = [r for r in self._lake if r.seq not in done]
+            self.counters["written"] += n_events
+            marks = self._written_unmarked + written
+            journal = list(self._unjournaled)
+            docs = self._checkpoint_docs_locked()
+            applied = self._seq
+        try:
+            self._state.checkpoint(docs=docs, journal=journal, written=marks, applied_seq=applied,
+                                   keep_events_after=applied - _MAX_REMEMBERED)
+        except Exception:  # noqa: BLE001 - database away: everything stays in memory for the next flush
+            logger.warning("telemetry checkpoint failed; retrying at the next flush", exc_info=True)
+            with self._lock:
+                self.counters["checkpoint_failures"] += 1
+                self._dirty |= {k for k in docs if k != ("meta", "")}
+                self._written_unmarked = marks
+                self._journal_failed_at = time.monotonic()
+            return n_events
+        with self._lock:
+            self._written_unmarked = []
+            if "meta" in {k for k, _ in docs}:
+                self._meta_written = docs[("meta", "")]
+            if journal:
+                taken = {r.seq for r in journal}
+                self._unjournaled = [r for r in self._unjournaled if r.seq not in taken]
+                self._journal_failed_at = None
+        return n_events
 
-    def _flush_locked(self) -> int:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def _rows_to_write_locked(self) -> list:
+        """The rows this flush writes: memory's, or, after an overflow, the oldest the journal holds."""
+        if not self._lake_spilled:
+            return list(self._lake)
+        try:
+            stored = self._state.unwritten(self._max_buffer + len(self._written_unmarked))
+        except Exception:  # noqa: BLE001 - the database is away too: write what memory holds
+            logger.warning("reading spilled telemetry rows failed", exc_info=True)
+            return list(self._lake)
+        unmarked = set(self._written_unmarked)
+        merged = {r.seq: r for r in stored if r.seq not in unmarked}
+        if len(stored) < self._max_buffer + len(unmarked):  # all of them fit: memory holds the rest again
+            merged.update({r.seq: r for r in self._lake})
+            self._lake = [merged[s] for s in sorted(merged)]
+            self._lake_spilled = False
+            return list(self._lake)
+        return [merged[s] for s in sorted(merged)]  # the oldest first; memory keeps the newest
 
-        written = 0
-        if self._buffer:
-            rows, self._buffer = self._buffer, []
-            groups: dict[tuple[str, str], list[dict]] = {}
-            for r in rows:
-                groups.setdefault((_date(r["ts"]), str(r.get("source") or "server")), []).append(r)
-            schema = _event_schema()
-            for (date, source), items in groups.items():
-                d = self.events_dir / f"date={date}" / f"source={source.replace('/', '_')}"
-                d.mkdir(parents=True, exist_ok=True)
-                table = pa.Table.from_pylist([{k: r.get(k) for k in EVENT_FIELDS} for r in items], schema=schema)
-                tmp = d / f".part-{uuid.uuid4().hex}.parquet"
-                pq.write_table(table, tmp)
-                tmp.rename(d / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
-                written += len(items)
-            self.counters["written"] += written
-        if self._feedback_buffer:
-            fb, self._feedback_buffer = self._feedback_buffer, []
-            by_date: dict[str, list[dict]] = {}
-            for r in fb:
-                by_date.setdefault(_date(r["ts"]), []).append(r)
-            for date, items in by_date.items():
-                d = self.feedback_dir / f"date={date}"
-                d.mkdir(parents=True, exist_ok=True)
-                tmp = d / f".part-{uuid.uuid4().hex}.parquet"
-                pq.write_table(pa.Table.from_pylist(items, schema=_feedback_schema()), tmp)
-                tmp.rename(d / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
-        return written
+    def _write_lake(self, rows: list) -> tuple[list[int], int]:
+        """Write rows as Parquet parts; returns the seqs written and the number of events."""
+        from visionfleet.store import StoreError
+
+        groups: dict[tuple[str, str], list] = {}
+        for r in rows:
+            if r.kind == "event":
+                key = f"events/date={_date(r.doc['ts'])}/source={str(r.doc.get('source') or 'server').replace('/', '_')}"
+            else:
+                key = f"feedback/date={_date(r.doc['row']['ts'])}"
+            groups.setdefault((r.kind, key), []).append(r)
+        written: list[int] = []
+        n_events = 0
+        for (kind, prefix), items in groups.items():
+            if kind == "event":
+                table = [{k: r.doc.get(k) for k in EVENT_FIELDS} for r in items]
+            else:
+                table = [r.doc["row"] for r in items]
+            try:
+                self.store.write_bytes(f"{prefix}/part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet",
+                                       _parquet(table, _event_schema() if kind == "event" else _feedback_schema()))
+            except StoreError as exc:  # kept; the next flush retries (each part is written whole or not at all)
+                self.counters["lake_failures"] += 1
+                self._lake_failed_at = time.monotonic()
+                logger.warning("telemetry lake write failed (%d rows kept for the next flush): %s",
+                               sum(len(v) for v in groups.values()) - len(written), exc)
+                break
+            written.extend(r.seq for r in items)
+            n_events += len(items) if kind == "event" else 0
+        return written, n_events
+
+
+def _parquet(rows: list[dict[str, Any]], schema) -> bytes:  # noqa: ANN001 - pyarrow schema
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue().to_pybytes()
 
 
 def _feedback_schema():
@@ -404,14 +728,17 @@ class TelemetrySink(TelemetrySinkImpl):
     """The Ray actor: a thin shell that flushes Parquet and publishes the monitor windows.
 
     A threaded actor (``max_concurrency`` > 1) so that a slow export never stalls
-    ``record``; a background thread flushes and exports every ``flush_interval_s``.
+    ``record``; a background thread flushes (and checkpoints), exports, and runs the lake's
+    compaction and retention (``visionfleet.lake.Maintenance``) every ``flush_interval_s``.
+    Ray restarts it when it dies (``max_restarts=-1``); the new one restores from the database.
     """
 
     def __init__(self, home: str, flush_interval_s: float = 2.0) -> None:
         super().__init__(home)
         from serve_apps.exporters import MonitorExporter
 
-        self._exporter = MonitorExporter(home)
+        self._exporter = MonitorExporter(self.home)
+        self._maintenance = _maintenance(self.settings)
         self._stop = threading.Event()
         self._interval = flush_interval_s
         self._thread = threading.Thread(target=self._loop, name="vf-sink-loop", daemon=True)
@@ -427,6 +754,8 @@ class TelemetrySink(TelemetrySinkImpl):
                 self.export_monitoring()
             except Exception:  # noqa: BLE001
                 logger.exception("monitoring export failed")
+            if self._maintenance is not None:
+                self._maintenance.maybe_run()  # logs and retries later on failure
 
     def export_monitoring(self) -> dict[str, Any]:
         """Publish the window metrics (Prometheus gauges, one W&B run per version).
@@ -452,9 +781,24 @@ class TelemetrySink(TelemetrySinkImpl):
         return self.flush()
 
 
+def _maintenance(settings: Any) -> Any:
+    """The lake's compaction and retention (``visionfleet.lake``), when that module is there."""
+    try:
+        from visionfleet.lake import Maintenance
+    except ImportError:
+        return None
+    return Maintenance.from_settings(settings)
+
+
 def get_or_create_sink(home: str, namespace: str | None = None):
-    """The detached, named sink actor of this cluster (created on first use)."""
+    """The detached, named sink actor of this cluster (created on first use).
+
+    Its runtime environment carries this process's settings (``Settings.runtime_env_vars``:
+    home, store, database, per-area overrides), so the actor writes the same lake and state.
+    """
     import ray
+
+    from visionfleet.settings import Settings
 
     actor_cls = ray.remote(TelemetrySink)
     return actor_cls.options(
@@ -465,7 +809,7 @@ def get_or_create_sink(home: str, namespace: str | None = None):
         num_cpus=0,
         max_concurrency=8,
         max_restarts=-1,
-        runtime_env={"env_vars": {"VISIONFLEET_HOME": home}},
+        runtime_env={"env_vars": Settings.from_env(home).runtime_env_vars()},
     ).remote(home)
 
 

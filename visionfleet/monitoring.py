@@ -43,6 +43,8 @@ __all__ = [
     "PolicyState",
     "PolicyDecision",
     "evaluate_policy",
+    "VersionMonitor",
+    "drift_from_dict",
 ]
 
 SIGNALS = ("confidence", "brightness", "contrast", "blur")
@@ -85,6 +87,22 @@ class Window:
 
     def full(self) -> bool:
         return len(self) >= self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The window's values, JSON-ready (floats round-trip exactly): what the sink checkpoints."""
+        return {"size": self.size, "values": {s: list(self.values[s]) for s in SIGNALS},
+                "classes": list(self.classes), "outcomes": [[c, k] for c, k in self.outcomes]}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> "Window":
+        size = int(doc["size"])
+        missing = set(SIGNALS) - set(doc["values"])
+        if missing:
+            raise ValueError(f"Got a window without {sorted(missing)}; expected values for {list(SIGNALS)}")
+        w = cls(size, values={s: deque((float(v) for v in doc["values"][s]), maxlen=size) for s in SIGNALS},
+                classes=deque(str(c) for c in doc["classes"]),
+                outcomes=deque((float(c), bool(k)) for c, k in doc["outcomes"]))
+        return w
 
 
 def psi(reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.ndarray, bins: int = 10) -> float:
@@ -360,6 +378,21 @@ class VersionMonitor:
     def reset_reference(self) -> None:
         self.reference = Window(self.reference.size)
         self._ref_start = self._ref_end = self.seen
+
+    def to_dict(self) -> dict[str, Any]:
+        """Both windows and the counters that place a labeled prediction in them."""
+        return {"reference": self.reference.to_dict(), "current": self.current.to_dict(),
+                "low_threshold": self.low_threshold, "seen": self.seen, "ref_start": self._ref_start,
+                "ref_end": self._ref_end}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> "VersionMonitor":
+        """The monitor :meth:`to_dict` described: same windows, same drift report."""
+        m = cls(int(doc["reference"]["size"]), int(doc["current"]["size"]), float(doc["low_threshold"]))
+        m.reference = Window.from_dict(doc["reference"])
+        m.current = Window.from_dict(doc["current"])
+        m.seen, m._ref_start, m._ref_end = int(doc["seen"]), int(doc["ref_start"]), int(doc["ref_end"])
+        return m
 
     def snapshot(self, thresholds: DriftThresholds = DriftThresholds()) -> dict[str, Any]:
         drift = drift_report(self.reference, self.current, thresholds) if self.reference.full() else None

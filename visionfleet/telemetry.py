@@ -110,6 +110,21 @@ class LatencyHistogram:
             return float(self._EDGES[-1])
         return float(math.sqrt(self._EDGES[i - 1] * self._EDGES[i]))  # geometric bucket middle
 
+    def to_dict(self) -> dict[str, Any]:
+        """The non-empty buckets (JSON-ready; the sink checkpoints it)."""
+        nz = np.flatnonzero(self.counts)
+        return {"n": int(self.n), "buckets": [[int(i), int(self.counts[i])] for i in nz]}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "LatencyHistogram":
+        h = cls()
+        for i, c in doc["buckets"]:
+            if not 0 <= int(i) < len(h.counts) or int(c) < 0:
+                raise ValueError(f"Got bucket {i}={c} for a latency histogram; expected 0..{len(h.counts) - 1} and a count >= 0")
+            h.counts[int(i)] = int(c)
+        h.n = int(doc["n"])
+        return h
+
 
 @dataclass
 class ArmAccumulator:
@@ -152,6 +167,22 @@ class ArmAccumulator:
     def add_label(self, correct: bool) -> None:
         self.labeled += 1
         self.correct += int(bool(correct))
+
+    _SCALARS = ("n", "errors", "conf_sum", "conf_sq", "labeled", "correct", "det_sum", "det_sq", "detection_model")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure, JSON-ready (floats round-trip exactly); the sink checkpoints it."""
+        return {"name": self.name, **{k: getattr(self, k) for k in self._SCALARS},
+                "latency": self.latency.to_dict(), "versions": sorted(self.versions), "clients": sorted(self.clients)}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "ArmAccumulator":
+        known = {"name", "latency", "versions", "clients", *cls._SCALARS}
+        if set(doc) != known:
+            raise ValueError(f"Got keys {sorted(doc)} for an arm accumulator; expected {sorted(known)}")
+        return cls(name=doc["name"], **{k: doc[k] for k in cls._SCALARS},
+                   latency=LatencyHistogram.from_dict(doc["latency"]),
+                   versions={int(v) for v in doc["versions"]}, clients={str(c) for c in doc["clients"]})
 
     @property
     def ok(self) -> int:
