@@ -369,7 +369,7 @@ class TufRepository:
     def _keys_message(self, doing: str) -> str:
         where = f"{self.keys_dir} has no such key" if self.keys_dir is not None else f"${ENV_KEYS} is not set"
         return (f"Got no TUF signing keys for the repository on {self.location} while {doing} ({where}); expected "
-                f"${ENV_KEYS}=/path to a folder with {', '.join(r + '.pem' for r in _ONLINE_ROLES)} (mode 0600, "
+                f"${ENV_KEYS}=/path to a folder with {', '.join(r + '.pem' for r in _ONLINE_ROLES)} (readable by the owner only, "
                 "mounted from a Secret; docs/edge.md, 'The repository on a shared store')")
 
     @contextlib.contextmanager
