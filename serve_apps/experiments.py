@@ -6,9 +6,13 @@ reads the per-variant accumulators from the TelemetrySink by name. State changes
 reach every ingress replica through the ``apply`` callback it is given — the app's
 composition root (``serve_apps.deploy``) passes one that reconfigures the running
 app — so all replicas route alike and nothing restarts, and nothing here imports
-the deployment code. Each experiment has a folder ``<state>/experiments/<name>/`` holding
-``experiment.json`` (config, status, decision) and ``timeline.jsonl`` (cumulative
-per-variant snapshots, the input of the report).
+the deployment code. Experiments live in the shared database (``$VISIONFLEET_DB``,
+:mod:`visionfleet.db.experiments`): config, status, decision and the timeline of cumulative
+per-variant snapshots (the input of the report), so every ingress replica and a coordinator
+restarted on another node see the same state. Each state change is a compare-and-set on the
+experiment's revision: of two coordinators deciding at once, one applies the decision and the
+other gets :class:`Conflict`. A home's older ``experiments/<name>/experiment.json`` +
+``timeline.jsonl`` are imported on first open.
 
 A tick (every few seconds) snapshots the running experiments, updates bandit weights,
 and — with ``auto_decide`` — promotes or rolls back by itself: promotion moves
@@ -17,23 +21,24 @@ and — with ``auto_decide`` — promotes or rolls back by itself: promotion mov
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from serve_apps.config import ExperimentConfig, IngressUserConfig
+from visionfleet.db.experiments import open_experiments
 from visionfleet.registry import NotFound, Registry
+from visionfleet.settings import Settings
 from visionfleet.spec import parse_ref
 
 __all__ = ["ExperimentCoordinator", "CoordinatorActor", "Conflict", "get_or_create_coordinator", "get_coordinator"]
 
 logger = logging.getLogger("ray.serve")
+_CAS_TRIES = 5  # re-reads after losing a compare-and-set to a concurrent change
 
 
 class Conflict(RuntimeError):
@@ -57,13 +62,14 @@ def _policy(cfg: ExperimentConfig):
 
 
 class ExperimentCoordinator:
-    """Experiment lifecycle over a store folder, a registry and the sink's accumulators.
+    """Experiment lifecycle over the database, a registry and the sink's accumulators.
 
     Args:
-        home: the state dir.
+        home: the state dir (settings come from ``Settings.from_env(home)`` unless given).
         summaries: ``(name, sticky, arms) -> {arm: ArmSummary}`` (the sink's, under its lock).
         reset: forget an experiment's accumulators (on start).
         apply: push a new ingress user config to the running app.
+        settings: the database, store and cache to use.
     """
 
     def __init__(
@@ -74,10 +80,13 @@ class ExperimentCoordinator:
         apply: Callable[[IngressUserConfig], None],
         *,
         bandit_interval_s: float = 10.0,
+        settings: Settings | None = None,
     ) -> None:
         self.home = Path(home)
-        self.dir = self.home / "experiments"
-        self.registry = Registry(self.home / "registry")
+        self.settings = settings or Settings.from_env(home)
+        self.dir = self.home / "experiments"  # legacy files, imported once
+        self.registry = Registry.from_settings(self.settings)
+        self.store = open_experiments(self.settings)
         self._summaries = summaries
         self._reset = reset
         self._apply = apply
@@ -93,36 +102,29 @@ class ExperimentCoordinator:
         self._wandb = WandbRuns(self.home)
 
     # ------------------------------------------------------------------ store
-    def _path(self, name: str) -> Path:
-        return self.dir / name / "experiment.json"
+    def _load(self, name: str) -> tuple[ExperimentConfig, int]:
+        got = self.store.get(name)
+        if got is None:
+            raise NotFound(f"no experiment named {name!r}")
+        return ExperimentConfig.model_validate(got.doc), got.rev
 
-    def _save(self, cfg: ExperimentConfig) -> None:
-        p = self._path(cfg.name)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".experiment.{uuid.uuid4().hex}.json")
-        tmp.write_text(cfg.model_dump_json(indent=2))
-        tmp.replace(p)
+    def _dump(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        return cfg.model_dump(mode="json")
 
     def load(self, name: str) -> ExperimentConfig:
-        p = self._path(name)
-        if not p.is_file():
-            raise NotFound(f"no experiment named {name!r}")
-        return ExperimentConfig.model_validate_json(p.read_text())
+        return self._load(name)[0]
 
     def names(self) -> list[str]:
-        return sorted(p.parent.name for p in self.dir.glob("*/experiment.json")) if self.dir.is_dir() else []
+        return self.store.names()
 
     def running(self) -> list[ExperimentConfig]:
-        return [c for c in (self.load(n) for n in self.names()) if c.status == "running"]
+        return [ExperimentConfig.model_validate(e.doc) for e in self.store.all(status="running")]
 
     def _user_config(self) -> IngressUserConfig:
         return IngressUserConfig(experiments=self.running())
 
     def timeline(self, name: str) -> list[dict[str, Any]]:
-        p = self.dir / name / "timeline.jsonl"
-        if not p.is_file():
-            return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return self.store.timeline(name)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +133,7 @@ class ExperimentCoordinator:
 
         cfg = ExperimentConfig.model_validate(spec)
         with self._lock:
-            if self._path(cfg.name).exists():
+            if self.store.get(cfg.name) is not None:
                 raise Conflict(f"an experiment named {cfg.name!r} already exists; choose another name")
             if any(r.model == cfg.model for r in self.running()):
                 raise Conflict(f"model {cfg.model!r} already has a running experiment; stop it first")
@@ -160,15 +162,18 @@ class ExperimentCoordinator:
                     "decision": None,
                 }
             )
+            if not self.store.create(self._dump(cfg)):  # another coordinator got there first
+                if self.store.get(cfg.name) is not None:
+                    raise Conflict(f"an experiment named {cfg.name!r} already exists; choose another name")
+                raise Conflict(f"model {cfg.model!r} already has a running experiment; stop it first")
             self._reset(cfg.name)
             self._previous.pop(cfg.name, None)
             self._share_time[cfg.name] = {a.name: 0.0 for a in cfg.arms}
             self._last_tick[cfg.name] = time.time()
-            self._save(cfg)
             try:
                 self._apply(self._user_config())
             except Exception:
-                self._path(cfg.name).unlink(missing_ok=True)
+                self.store.delete(cfg.name, 1)
                 raise
             logger.info("experiment %s started: %s", cfg.name, [a.model for a in cfg.arms])
             return cfg.model_dump(mode="json")
@@ -183,34 +188,39 @@ class ExperimentCoordinator:
 
         cfg = ExperimentConfig.model_validate(spec)
         with self._lock:
-            if self._path(cfg.name).exists():
+            if self.store.get(cfg.name) is not None:
                 return False
             update: dict[str, Any] = {"started_at": cfg.started_at or time.time()}
             if cfg.allocation is None:
                 update["allocation"] = initial_allocation(cfg.weights()).to_dict()
             cfg = cfg.model_copy(update=update)
+            if not self.store.create(self._dump(cfg)):
+                return False
             self._reset(cfg.name)
             self._share_time[cfg.name] = {a.name: 0.0 for a in cfg.arms}
             self._last_tick[cfg.name] = time.time()
-            self._save(cfg)
             return True
 
     def reweight(self, name: str, weights: dict[str, float], *, reason: str = "manual") -> dict[str, Any]:
         from visionfleet.experiments import Allocation, reweight
 
         with self._lock:
-            cfg = self.load(name)
-            if cfg.status != "running":
-                raise Conflict(f"experiment {name!r} is {cfg.status}")
-            unknown = set(weights) - {a.name for a in cfg.arms}
-            if unknown:
-                raise ValueError(f"Got unknown arms {sorted(unknown)}; expected {[a.name for a in cfg.arms]}")
-            full = {a.name: float(weights.get(a.name, 0.0)) for a in cfg.arms}
-            alloc = reweight(Allocation.from_dict(cfg.allocation), full)
-            total = sum(full.values())
-            arms = [a.model_copy(update={"weight": full[a.name] / total}) for a in cfg.arms]
-            cfg = cfg.model_copy(update={"allocation": alloc.to_dict(), "arms": arms})
-            self._save(cfg)
+            for _ in range(_CAS_TRIES):
+                cfg, rev = self._load(name)
+                if cfg.status != "running":
+                    raise Conflict(f"experiment {name!r} is {cfg.status}")
+                unknown = set(weights) - {a.name for a in cfg.arms}
+                if unknown:
+                    raise ValueError(f"Got unknown arms {sorted(unknown)}; expected {[a.name for a in cfg.arms]}")
+                full = {a.name: float(weights.get(a.name, 0.0)) for a in cfg.arms}
+                alloc = reweight(Allocation.from_dict(cfg.allocation), full)
+                total = sum(full.values())
+                arms = [a.model_copy(update={"weight": full[a.name] / total}) for a in cfg.arms]
+                cfg = cfg.model_copy(update={"allocation": alloc.to_dict(), "arms": arms})
+                if self.store.update(self._dump(cfg), rev):
+                    break
+            else:
+                raise Conflict(f"experiment {name!r} kept changing under this re-weight; try again")
             self._apply(self._user_config())
             self._last_reweight[name] = time.time()
             logger.info("experiment %s re-weighted (%s): %s", name, reason, full)
@@ -220,23 +230,32 @@ class ExperimentCoordinator:
         """End an experiment; ``promote`` moves @production to the treatment, ``rollback`` to the control."""
         if action not in ("promote", "rollback", "none"):
             raise ValueError(f"Got {action!r} for action; expected promote, rollback or none")
+        status = {"promote": "promoted", "rollback": "rolled_back", "none": "stopped"}[action]
         with self._lock:
-            cfg = self.load(name)
-            if cfg.status != "running":
-                raise Conflict(f"experiment {name!r} is already {cfg.status}")
-            self.snapshot(cfg)
-            target = {"promote": cfg.treatment, "rollback": cfg.control}.get(action)
+            for _ in range(_CAS_TRIES):
+                before, rev = self._load(name)
+                if before.status != "running":
+                    raise Conflict(f"experiment {name!r} is already {before.status}")
+                cfg = before.model_copy(
+                    update={
+                        "status": status,
+                        "decision": {"action": action, "reason": reason, "at": time.time(), **(decision or {})},
+                    }
+                )
+                # Claim the decision first: of two coordinators only one update matches the revision.
+                if self.store.update(self._dump(cfg), rev):
+                    break
+            else:
+                raise Conflict(f"experiment {name!r} kept changing under this stop; try again")
+            target = {"promote": before.treatment, "rollback": before.control}.get(action)
             if target is not None:
                 r = parse_ref(target.model)
-                self.registry.set_alias(r.name, "production", r.version, reason=f"experiment {name}: {action}: {reason}")  # type: ignore[arg-type]
-            status = {"promote": "promoted", "rollback": "rolled_back", "none": "stopped"}[action]
-            cfg = cfg.model_copy(
-                update={
-                    "status": status,
-                    "decision": {"action": action, "reason": reason, "at": time.time(), **(decision or {})},
-                }
-            )
-            self._save(cfg)
+                try:
+                    self.registry.set_alias(r.name, "production", r.version, reason=f"experiment {name}: {action}: {reason}")  # type: ignore[arg-type]
+                except Exception:
+                    self.store.update(self._dump(before), rev + 1)  # still running: the alias did not move
+                    raise
+            self.snapshot(before)
             self._apply(self._user_config())
             self._finish_wandb(name, cfg.decision or {})
             logger.info("experiment %s %s: %s", name, status, reason)
@@ -275,10 +294,7 @@ class ExperimentCoordinator:
             "weights": cfg.weights(),
             **{"control" if a.name == cfg.control.name else "treatment": s[a.name].to_dict() for a in cfg.arms},
         }
-        p = self.dir / cfg.name / "timeline.jsonl"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.store.append(cfg.name, row)
         self._log_wandb(cfg, s)
         return row
 
@@ -345,14 +361,16 @@ class ExperimentCoordinator:
                     if d.action is not Action.CONTINUE:
                         self.stop(cfg.name, d.action.value, d.reason, decision=d.to_dict())
                         actions.append({"experiment": cfg.name, "action": d.action.value, "reason": d.reason})
+            except Conflict as exc:  # another coordinator changed it first; the next look re-reads
+                logger.info("experiment %s: %s", cfg.name, exc)
             except Exception:  # noqa: BLE001 - one bad experiment must not stop the others' looks
                 logger.exception("experiment tick failed for %s", cfg.name)
         return actions
 
     def list(self) -> list[dict[str, Any]]:
         out = []
-        for name in self.names():
-            cfg = self.load(name)
+        for e in self.store.all():
+            cfg, name = ExperimentConfig.model_validate(e.doc), e.name
             out.append({"name": name, "model": cfg.model, "status": cfg.status, "arms": [a.model_dump() for a in cfg.arms],
                         "started_at": cfg.started_at, "decision": cfg.decision})
         return out
@@ -448,7 +466,7 @@ def get_or_create_coordinator(home: str, apply: Callable[[IngressUserConfig], No
         num_cpus=0,
         max_concurrency=8,  # a slow redeploy in one call must not stall status calls
         max_restarts=-1,
-        runtime_env={"env_vars": {"VISIONFLEET_HOME": home}},
+        runtime_env={"env_vars": Settings.from_env(home).runtime_env_vars()},
     ).remote(home, apply, namespace)
 
 
