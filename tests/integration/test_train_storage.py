@@ -1,6 +1,6 @@
 """Ray Train survives a worker that dies mid-fit: the run restarts (max_failures=1) and resumes
 from its latest epoch checkpoint in storage_path, not from scratch (local storage; the same on
-the S3 server is tests/slow/test_train_storage_s3.py)."""
+the S3 server is tests/slow/test_train_storage_s3.py). Both are in `make test-slow`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+import pytest
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is registered
 
@@ -67,12 +69,16 @@ def check_resumed(result, box: dict, epochs: int) -> None:
     assert 0.0 <= m["top1"] <= 1.0 and result.checkpoint.is_file()
 
 
+# 50-60 s on the 2-core machine (a fit, a restart, a second start of the worker group): above the
+# default suite's budget, so `make test-slow` runs it (with this tier's shared Ray and fixtures).
+@pytest.mark.slow
 def test_fit_resumes_from_its_checkpoint_after_a_worker_dies(ray_session, settings, tiny_dataset) -> None:
     from train.loop import TrainConfig
 
-    epochs = 8
+    epochs = 8  # one worker and 256 images keep it short; the two-worker run on S3 is in tests/slow
     cfg = TrainConfig(dataset=str(tiny_dataset), arch={"arch": "resnet", "width": 8, "stem_stride": 2}, input_size=32,
-                      epochs=epochs, batch_size=64, wandb=False, run_name="it-resume", max_failures=1)
+                      epochs=epochs, batch_size=64, num_workers=1, limit_train=256, wandb=False, run_name="it-resume",
+                      max_failures=1)
     storage = settings.runs_dir / "_ray"  # the embedded default: under the home, as before
     result, box = fit_with_a_kill(cfg, runs_dir=settings.runs_dir, storage=None,
                                   checkpoint_registered=lambda: (storage / "it-resume" / SNAPSHOT).is_file())
