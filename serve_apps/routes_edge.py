@@ -231,11 +231,11 @@ def _tuf_file(home: str, path: str) -> "bytes | Path":
 
 def _maybe_refresh(home: str) -> None:
     repo = _tuf(home)
-    if repo.exists():
-        try:
+    try:
+        if repo.exists():
             repo.refresh(0.5)
-        except Exception:  # noqa: BLE001 - serving the current (still valid) timestamp is better than a 500
-            logger.exception("TUF timestamp refresh failed")
+    except Exception:  # noqa: BLE001 - serving the current (still valid) timestamp is better than a 500
+        logger.exception("TUF timestamp refresh failed")
 
 
 def router(cfg: AppConfig) -> APIRouter:

@@ -73,7 +73,8 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 def test_publish_on_s3_and_postgres_and_a_device_updates_through_the_route(
-        s3_env: str, pg_url: str, tmp_path: Path, bundles, edge_server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        s3_env: str, pg_url: str, tmp_path: Path, bundles, edge_server, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        request: pytest.FixtureRequest) -> None:
     import json
 
     from edge_export.tuf_repo import SigningKeysMissing, TufRepository, publish_bundle, set_rollout
@@ -100,6 +101,7 @@ def test_publish_on_s3_and_postgres_and_a_device_updates_through_the_route(
     monkeypatch.setenv("VISIONFLEET_STORE", s3_env)
     monkeypatch.setenv("VISIONFLEET_DB", pg_url)
     monkeypatch.setenv("VISIONFLEET_TUF_KEYS", str(keys))
+    monkeypatch.setenv("VISIONFLEET_S3_TIMEOUT", "1")  # an outage below fails in seconds
     url = edge_server(tmp_path / "node2")
     status, body = _get(f"{url}/tuf/metadata/root.json")
     assert status == 200 and body == publisher.root_bytes()
@@ -122,6 +124,16 @@ def test_publish_on_s3_and_postgres_and_a_device_updates_through_the_route(
     dev.serves(doc2["bundle_id"])
     assert set_rollout(publisher, "toy", "x86-cpu", halted=True, reason="test")["halted"] is True
     assert publisher.describe()["roles"]["targets"]["version"] == 4
+
+    # The store goes away: devices get a 503 with a JSON error (and retry), never a 500.
+    s3_server = request.getfixturevalue("s3_server")
+    s3_server.pause()
+    try:
+        status, body = _get(f"{url}/tuf/metadata/timestamp.json")
+    finally:
+        s3_server.resume()
+    assert status == 503 and "store did not answer" in json.loads(body)["error"]
+    assert _get(f"{url}/tuf/metadata/timestamp.json")[0] == 200
 
     # Without the operator's key folder, signing fails with the way out in the message.
     monkeypatch.delenv("VISIONFLEET_TUF_KEYS")
