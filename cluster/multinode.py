@@ -70,6 +70,7 @@ _RECORD = "cluster.json"
 # temp dir (session_<date>_<pid>/sockets/plasma_store.N).
 _MAX_TEMP_DIR = 40
 _TMP_PREFIX = "vf-cluster-"
+_NODE_SUFFIX = 4  # "/n16": a node's own Ray temp dir (and "/t16", its $TMPDIR) below the cluster's
 # Variables that would point `ray start` or a client somewhere else, or override the
 # token we give it (RAY_AUTH_TOKEN wins over RAY_AUTH_TOKEN_PATH in Ray).
 _FOREIGN_ENV = (
@@ -171,9 +172,10 @@ def _cluster_name(settings: Settings) -> str:
 
 def _temp_dir(settings: Settings, own_disks: bool = False) -> Path:
     """Under the state dir when that is short enough for socket paths, else in /tmp. Nodes with
-    their own disks get their own Ray temp dir below it (``<temp>/n<i>``, 3 more bytes)."""
+    their own disks get their own Ray temp dir and ``$TMPDIR`` below it (``<temp>/n<i>``, ``<temp>/t<i>``:
+    up to 4 more bytes)."""
     preferred = settings.ray_dir / "cluster"
-    if len(str(preferred)) <= _MAX_TEMP_DIR - (3 if own_disks else 0):
+    if len(str(preferred)) <= _MAX_TEMP_DIR - (_NODE_SUFFIX if own_disks else 0):
         return preferred
     return Path("/tmp") / f"{_TMP_PREFIX}{hashlib.sha256(str(settings.home).encode()).hexdigest()[:12]}"
 
@@ -327,13 +329,19 @@ def _node_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _own_disk(settings: Settings, env: dict[str, str], node: str) -> tuple[dict[str, str], str, str]:
-    """A node's own home, working directory and temp dir: ``(env, cwd, home)``."""
+def _own_disk(settings: Settings, env: dict[str, str], node: str, tmp: Path) -> tuple[dict[str, str], str, str]:
+    """A node's own home, working directory and temp dir: ``(env, cwd, home)``.
+
+    The home and working dir are ``<home>/ray/nodes/<node>/{home,work}``; ``$TMPDIR`` is ``tmp``, a
+    short path below the cluster's temp dir: Python's multiprocessing puts its AF_UNIX sockets
+    there (the dashboard's forkserver), and a ``<home>`` deep enough fails with "path too long".
+    """
     root = settings.ray_dir / "nodes" / node
-    dirs = {d: root / d for d in ("home", "work", "tmp")}
-    for d in dirs.values():
+    dirs = {d: root / d for d in ("home", "work")}
+    for d in (*dirs.values(), tmp):
         d.mkdir(parents=True, exist_ok=True)
-    node_env = {**env, ENV_NODE_HOME: str(dirs["home"]), "TMPDIR": str(dirs["tmp"])}
+    os.chmod(tmp, 0o700)
+    node_env = {**env, ENV_NODE_HOME: str(dirs["home"]), "TMPDIR": str(tmp)}
     return node_env, str(dirs["work"]), str(dirs["home"])
 
 
@@ -434,7 +442,8 @@ def start_cluster(
     # A free port can be taken between our check and Ray's bind: try fresh ones.
     for attempt in range(3):
         gcs_port, dash_port, agent_port = _distinct_ports(3)
-        head_env, head_cwd, head_home = _own_disk(settings, env, "vf-head") if spec.own_disks else (env, None, "")
+        head_env, head_cwd, head_home = (_own_disk(settings, env, "vf-head", temp_dir / "t0") if spec.own_disks
+                                         else (env, None, ""))
         info = ClusterInfo(
             name=name,
             gcs_address=f"127.0.0.1:{gcs_port}",
@@ -476,7 +485,8 @@ def start_cluster(
     try:
         for i in range(1, spec.workers + 1):
             name_i = f"vf-worker-{i}"
-            node_env, node_cwd, node_home = _own_disk(settings, env, name_i) if spec.own_disks else (env, None, "")
+            node_env, node_cwd, node_home = (_own_disk(settings, env, name_i, temp_dir / f"t{i}") if spec.own_disks
+                                             else (env, None, ""))
             node = NodeRecord(name_i, "worker", int(spec.worker_cpus), _distinct_ports(1)[0], node_home)
             step(f"worker {i}/{spec.workers} ({node.num_cpus} CPU)")
             info = replace(info, nodes=(*info.nodes, node))
@@ -549,7 +559,8 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
 
     Returns ``{"cluster": None}`` when nothing is recorded; otherwise the record, whether
     the GCS answers, one entry per node (``name``, ``role``, ``alive``, ``resources``,
-    ``labels``) and the cluster's total and available resources.
+    ``labels``, ``home``: its own home on nodes that share no disk, else empty) and the cluster's
+    total and available resources.
     """
     info = read_cluster(settings)
     if info is None:
@@ -563,6 +574,7 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         doc["error"] = f"the dashboard at {info.dashboard_url} did not answer: {exc}"
         return doc
     nodes = reply.get("data", {}).get("result", {}).get("result", [])
+    homes = {n.name: n.home for n in info.nodes}
     for n in sorted(nodes, key=lambda n: (not n.get("is_head_node"), n.get("node_name") or "")):
         labels = n.get("labels") or {}
         doc["nodes"].append(
@@ -573,6 +585,8 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
                 "alive": n.get("state") == "ALIVE",
                 "resources": {k: v for k, v in (n.get("resources_total") or {}).items() if not k.startswith("node:")},
                 "labels": {k: v for k, v in labels.items() if not k.startswith("ray.io/")},
+                # its own home when the nodes share no disk, else "" (the cluster's home)
+                "home": homes.get(n.get("node_name") or "", ""),
             }
         )
     # CPUs in use per node: the autoscaler's load report (what `ray status` prints).

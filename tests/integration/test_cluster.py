@@ -106,6 +106,7 @@ def test_serve_deploy_to_a_local_multinode_cluster_sharing_no_disk(tmp_path: Pat
         assert sorted((n["name"], n["role"], n["alive"], n["resources"]["CPU"]) for n in nodes) == [
             ("vf-head", "head", True, 1.0), ("vf-worker-1", "worker", True, 1.0), ("vf-worker-2", "worker", True, 1.0)
         ]
+        assert {n["name"]: n["home"] for n in nodes} == {k: str(v) for k, v in homes.items()}  # status shows them
         node_ids = {n["node_id"] for n in nodes}
         # the cluster is not open: its dashboard refuses a client without the token
         assert _get(f"{info.dashboard_url}/api/serve/applications/")[0] == 401

@@ -35,7 +35,8 @@ def up(
     """Start a head and worker nodes (free ports, a private temp dir, token auth) and record them."""
     from cluster.multinode import ClusterSpec, client_env, start_cluster
 
-    spec = ClusterSpec(workers=workers, worker_cpus=worker_cpus, head_cpus=head_cpus, object_store_mb=object_store_mb, own_disks=own_disks)
+    spec = ClusterSpec(workers=workers, worker_cpus=worker_cpus, head_cpus=head_cpus, object_store_mb=object_store_mb,
+                       own_disks=own_disks)
     s = settings().ensure()
     with err.status("starting the cluster") as st:
         info = start_cluster(s, spec, timeout=timeout, on_step=lambda msg: st.update(f"starting the cluster: {msg}"))
@@ -87,7 +88,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print as JSON")
         used = f" used={n['cpu_used']:g}" if n.get("cpu_used") is not None else ""
         out.print(f"  {n['name']:<14} {n['role']:<7} {'alive' if n['alive'] else 'DEAD':<6} "
                   f"CPU={res.get('CPU', 0):g}{used} memory={res.get('memory', 0) / 2**30:.1f}GiB "
-                  f"object_store={res.get('object_store_memory', 0) / 2**20:.0f}MiB")
+                  f"object_store={res.get('object_store_memory', 0) / 2**20:.0f}MiB"
+                  + (f" home={n['home']}" if n.get("home") else ""))
     if not doc["alive"]:
         raise typer.Exit(1)
 
