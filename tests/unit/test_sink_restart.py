@@ -24,7 +24,7 @@ CLASSES = ("a", "b", "c")
 N = 1200
 
 
-def _traffic(seed: int = 7) -> list[tuple]:
+def _traffic(seed: int = 7, t0: float = 1_700_000_000.0) -> list[tuple]:
     """Seeded A/B traffic with a real difference, inputs that drift halfway, and labels
     (15% of them sent before their prediction). A list of ``("events", [..])`` / ``("label", rid, y)``."""
     rng = np.random.default_rng(seed)
@@ -43,7 +43,7 @@ def _traffic(seed: int = 7) -> list[tuple]:
             request_id=rid, model="m", version=version, variant=arm, experiment="e1", status=200,
             latency_ms=float(rng.gamma(4, 3)), label=pred, confidence=float(rng.beta(8 if pred == truth else 3, 2)),
             brightness=float(rng.normal(160 if drifted else 120, 10)), contrast=float(rng.normal(50, 5)),
-            blur=float(rng.normal(300, 30)), client_key=f"c{i}", ts=1_700_000_000.0 + i))
+            blur=float(rng.normal(300, 30)), client_key=f"c{i}", ts=t0 + i))
         u = rng.random()
         if u < 0.15:
             early.append(("label", rid, truth))
@@ -80,10 +80,11 @@ def _outcome(sink: TelemetrySinkImpl) -> dict:
 
 
 def _lake(settings: Settings, prefix: str) -> list[dict]:
+    """Every row of the lake's parts (and of compacted files, where the sink's maintenance ran)."""
     store = open_store(settings.store_uri("telemetry"))
     rows: list[dict] = []
     for key, _, is_dir in store.list(prefix, recursive=True):
-        if not is_dir and key.rsplit("/", 1)[-1].startswith("part-"):
+        if not is_dir and key.rsplit("/", 1)[-1].startswith(("part-", "compact-")):
             rows += pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist()
     return rows
 
