@@ -156,8 +156,10 @@ def _timeline(home: Path) -> list[dict[str, Any]]:
 
 
 def _experiments(home: Path) -> list[dict[str, Any]]:
-    d = Path(home) / "experiments"
-    return [json.loads(p.read_text()) for p in sorted(d.glob("*/experiment.json"))] if d.is_dir() else []
+    from visionfleet.db.experiments import open_experiments
+    from visionfleet.settings import Settings
+
+    return [e.doc for e in open_experiments(Settings.from_env(home)).all()]
 
 
 def _ts(t: float) -> str:

@@ -195,12 +195,16 @@ def report(
     from serve_apps.config import ExperimentConfig
     from visionfleet.experiments import ArmSummary, DecisionPolicy, write_report
 
+    from visionfleet.db.experiments import open_experiments
+
     s = settings()
     folder = s.home / "experiments" / name
-    if not (folder / "experiment.json").is_file():
-        raise FileNotFoundError(f"no experiment named {name!r} in {s.home / 'experiments'}")
-    cfg = ExperimentConfig.model_validate_json((folder / "experiment.json").read_text())
-    series = [json.loads(line) for line in (folder / "timeline.jsonl").read_text().splitlines() if line.strip()] if (folder / "timeline.jsonl").is_file() else []
+    store = open_experiments(s)
+    got = store.get(name)
+    if got is None:
+        raise FileNotFoundError(f"no experiment named {name!r} in the database ($VISIONFLEET_DB)")
+    cfg = ExperimentConfig.model_validate(got.doc)
+    series = store.timeline(name)
     if not series:
         raise ValueError(f"experiment {name!r} has no recorded snapshots yet")
     last = series[-1]

@@ -76,11 +76,10 @@ def up(
         # The proxy's own timeout bounds time spent queued before the ingress sees a request.
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": 60})
         # Experiments still running from before a restart keep routing traffic.
-        running = [
-            ExperimentConfig.model_validate_json(p.read_text())
-            for p in sorted((s.home / "experiments").glob("*/experiment.json"))
-        ]
-        deploy(cfg, IngressUserConfig(experiments=[e for e in running if e.status == "running"]), {"host": host, "port": port})
+        from visionfleet.db.experiments import open_experiments
+
+        running = [ExperimentConfig.model_validate(e.doc) for e in open_experiments(s).all(status="running")]
+        deploy(cfg, IngressUserConfig(experiments=running), {"host": host, "port": port})
         update_head(s, http_host=host, http_port=port)
         url = f"http://{host}:{port}/healthz"
         if not wait_http(url, timeout=timeout):
