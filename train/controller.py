@@ -133,8 +133,8 @@ class RetrainingController:
     def _labels_available(self) -> int:
         from visionfleet.labeling import LabelingQueue
 
-        t = LabelingQueue(self.settings.home).samples(labeled_only=True, since=self._labels_since)
-        return sum(1 for m in t.column("model").to_pylist() if m == self.cfg.model)
+        # A SQL COUNT on the queue's rows: a look never reads the sample images.
+        return LabelingQueue.from_settings(self.settings).count_labeled(model=self.cfg.model, since=self._labels_since)
 
     # ------------------------------------------------------------------ looks
     def look(self) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def collect_labeled(settings: Settings, model: str, labels: list[str], since: fl
     """Labeled samples of ``model`` from the queue, as decoded-ready rows."""
     from visionfleet.labeling import LabelingQueue
 
-    table = LabelingQueue(settings.home).samples(labeled_only=True, since=since)
+    table = LabelingQueue.from_settings(settings).samples(labeled_only=True, since=since)
     rows = [r for r in table.to_pylist() if r["model"] == model]
     known = set(labels)
     kept = [r for r in rows if r["label"] in known]

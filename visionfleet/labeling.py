@@ -1,30 +1,38 @@
 """The labeling queue: sampled inputs waiting for ground truth, and the labels they get.
 
-Layout under ``<state>/labeling/``::
+Where it lives:
 
-    samples/date=YYYY-MM-DD/part-*.parquet   sample_id, ts, source, model, version,
-                                             predicted, confidence, margin, reason,
-                                             image (encoded bytes), width, height
-    labels/date=YYYY-MM-DD/part-*.parquet    sample_id, label, ts, labeler
-    index.sqlite                              which sample ids exist / are labeled
+* rows in the database (``$VISIONFLEET_DB``, default ``sqlite:///<home>/state.db``;
+  tables in :mod:`visionfleet.db.labeling`): one row per sample id with its current
+  label, plus every label given and by whom (``labeling_labels``, unique per
+  sample, label and labeler, so a re-sent label is stored once);
+* image bytes on the store area ``samples`` (``<store>/samples``, default
+  ``<home>/samples``), one object per image keyed by its SHA-256
+  (``ab/abcdef….bin``): a re-sent image is the same object.
 
 Samples come from the server's active-learning sampler and from edge devices
 (``/v1/edge/sync``); labels from ``/v1/feedback``, a label file
-(``visionfleet label import``) or, in the drift scenario, the generator's truth. The
-SQLite index makes appends idempotent (a sample id is stored once, whoever sends it
-twice) and lets readers find unlabeled samples without scanning every file.
+(``visionfleet label import``) or, in the drift scenario, the generator's truth.
+Appends are idempotent by sample id (a primary key), counts are SQL ``COUNT``s
+that never read an image. An older home's ``<home>/labeling/index.sqlite`` and its
+Parquet parts are imported once on first open.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as _dt
+import hashlib
 import os
-import sqlite3
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import sqlalchemy as sa
+
+from visionfleet.db import labeling as _t
+
+if TYPE_CHECKING:
+    from visionfleet.settings import Settings
 
 __all__ = ["LabelingQueue", "SAMPLE_FIELDS"]
 
@@ -42,114 +50,83 @@ SAMPLE_FIELDS: dict[str, str] = {
     "width": "int64",
     "height": "int64",
 }
+_META = [k for k in SAMPLE_FIELDS if k != "image"]
 
 
-def _date(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d")
+def _image_key(sha: str) -> str:
+    return f"{sha[:2]}/{sha}.bin"
 
 
 class LabelingQueue:
-    """Append samples and labels; read what is labeled. Safe across processes."""
+    """Append samples and labels; read what is labeled. Safe across processes and nodes.
 
-    def __init__(self, home: str | os.PathLike[str]) -> None:
-        self.root = Path(home) / "labeling"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._db_path = self.root / "index.sqlite"
-        with self._db() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS samples (sample_id TEXT PRIMARY KEY, ts REAL, model TEXT, "
-                "version INTEGER, predicted TEXT, source TEXT, label TEXT, labeler TEXT, labeled_ts REAL)"
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS samples_unlabeled ON samples(label) WHERE label IS NULL")
+    ``LabelingQueue(home)`` is the embedded default (``<home>/state.db``, images under
+    ``<home>/samples``); :meth:`from_settings` follows ``$VISIONFLEET_DB`` and the store.
+    """
 
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._db_path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+    def __init__(self, home: str | os.PathLike[str], *, db_url: str | None = None,
+                 samples_uri: str | None = None) -> None:
+        from visionfleet.db import open_db
+        from visionfleet.store import open_store
+
+        self.home = Path(home)
+        self.db = open_db(db_url or f"sqlite:///{self.home}/state.db")
+        self.store = open_store(samples_uri or str(self.home / "samples"))
+        self._import_legacy()
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "LabelingQueue":
+        """The queue of these settings: their database and the store area ``samples``."""
+        return cls(settings.home, db_url=settings.db_url, samples_uri=settings.store_uri("samples"))
 
     # ------------------------------------------------------------------ writes
     def append(self, rows: Sequence[dict[str, Any]]) -> int:
         """Store new samples (ids already present are skipped); returns how many were new."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         if not rows:
             return 0
         for r in rows:
             if not r.get("sample_id") or not isinstance(r.get("image"), (bytes, bytearray)):
-                raise ValueError("a sample needs a sample_id and encoded image bytes")
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            fresh = []
+                raise ValueError(f"Got a sample without {'sample_id' if not r.get('sample_id') else 'image bytes'}; "
+                                 "expected a sample_id and encoded image bytes")
+        with self.db.engine.connect() as c:
+            known = {s for (s,) in c.execute(sa.select(_t.samples.c.sample_id).where(
+                _t.samples.c.sample_id.in_([str(r["sample_id"]) for r in rows])))}
+        # Images first (content-addressed, so a rewrite is harmless): a crash after this
+        # and before the commit leaves an unreferenced object, never a row without its image.
+        shas = {}
+        for r in rows:
+            sha = hashlib.sha256(bytes(r["image"])).hexdigest()
+            shas[str(r["sample_id"])] = sha
+            if str(r["sample_id"]) not in known:
+                self.store.write_bytes(_image_key(sha), bytes(r["image"]))
+        new = 0
+        with self.db.engine.begin() as c:
             for r in rows:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO samples (sample_id, ts, model, version, predicted, source) VALUES (?, ?, ?, ?, ?, ?)",
-                    (r["sample_id"], r.get("ts") or time.time(), r.get("model"), r.get("version"), r.get("predicted"), r.get("source")),
-                )
-                if cur.rowcount:
-                    fresh.append(r)
-            if fresh:
-                # Write the Parquet part before committing the index: a crash in between
-                # leaves an unindexed part (harmless, re-appended on retry) rather than an
-                # indexed sample without its image.
-                by_date: dict[str, list[dict]] = {}
-                for r in fresh:
-                    r = {k: r.get(k) for k in SAMPLE_FIELDS} | {"ts": r.get("ts") or time.time()}
-                    by_date.setdefault(_date(r["ts"]), []).append(r)
-                schema = _schema(SAMPLE_FIELDS)
-                for date, items in by_date.items():
-                    d = self.root / "samples" / f"date={date}"
-                    d.mkdir(parents=True, exist_ok=True)
-                    tmp = d / f".part-{uuid.uuid4().hex}.parquet"
-                    pq.write_table(pa.Table.from_pylist(items, schema=schema), tmp)
-                    _fsync(tmp)
-                    tmp.rename(d / f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
-            db.execute("COMMIT")
-            return len(fresh)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+                sid = str(r["sample_id"])
+                row = {k: r.get(k) for k in _META} | {"sample_id": sid, "ts": float(r.get("ts") or time.time()),
+                                                      "image_sha256": shas[sid]}
+                new += _t.insert_ignore(c, _t.samples, row)
+        return new
 
     def add_labels(self, pairs: Iterable[tuple[str, str]], labeler: str = "file") -> dict[str, int]:
         """Attach labels to queued samples; unknown ids are counted, not stored."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        pairs = list(pairs)
+        for sample_id, label in pairs:
+            if not label:
+                raise ValueError(f"Got an empty label for {sample_id!r}; expected a class name")
         now = time.time()
         known = unknown = 0
-        rows = []
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        s = _t.samples
+        with self.db.engine.begin() as c:
             for sample_id, label in pairs:
-                if not label:
-                    raise ValueError(f"Got an empty label for {sample_id!r}")
-                cur = db.execute(
-                    "UPDATE samples SET label = ?, labeler = ?, labeled_ts = ? WHERE sample_id = ?",
-                    (label, labeler, now, sample_id),
-                )
-                if cur.rowcount:
+                n = c.execute(sa.update(s).where(s.c.sample_id == sample_id)
+                              .values(label=label, labeler=labeler, labeled_ts=now)).rowcount
+                if n:
                     known += 1
-                    rows.append({"sample_id": sample_id, "label": label, "ts": now, "labeler": labeler})
+                    _t.insert_ignore(c, _t.labels, {"sample_id": sample_id, "label": label, "labeler": labeler,
+                                                    "ts": now})
                 else:
                     unknown += 1
-            if rows:
-                d = self.root / "labels" / f"date={_date(now)}"
-                d.mkdir(parents=True, exist_ok=True)
-                tmp = d / f".part-{uuid.uuid4().hex}.parquet"
-                pq.write_table(pa.Table.from_pylist(rows), tmp)
-                _fsync(tmp)
-                tmp.rename(d / f"part-{int(now * 1000)}-{uuid.uuid4().hex[:8]}.parquet")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
         return {"labeled": known, "unknown": unknown}
 
     def import_csv(self, path: str | os.PathLike[str], labeler: str = "file") -> dict[str, int]:
@@ -163,51 +140,95 @@ class LabelingQueue:
 
     # ------------------------------------------------------------------ reads
     def counts(self) -> dict[str, int]:
-        with self._db() as db:
-            total, labeled = db.execute("SELECT COUNT(*), COUNT(label) FROM samples").fetchone()
+        s = _t.samples
+        with self.db.engine.connect() as c:
+            total, labeled = c.execute(sa.select(sa.func.count(), sa.func.count(s.c.label))).one()
         return {"samples": int(total), "labeled": int(labeled), "pending": int(total - labeled)}
+
+    def count_labeled(self, *, model: str | None = None, since: float | None = None) -> int:
+        """Labeled samples (of ``model``, taken at or after ``since``): a SQL COUNT, no image read."""
+        s = _t.samples
+        q = sa.select(sa.func.count()).select_from(s).where(s.c.label.is_not(None))
+        if model is not None:
+            q = q.where(s.c.model == model)
+        if since is not None:
+            q = q.where(s.c.ts >= since)
+        with self.db.engine.connect() as c:
+            return int(c.execute(q).scalar_one())
+
+    def labels_of(self, sample_id: str) -> list[dict[str, Any]]:
+        """Every label a sample was given: label, labeler, ts (oldest first)."""
+        t = _t.labels
+        with self.db.engine.connect() as c:
+            rows = c.execute(sa.select(t.c.label, t.c.labeler, t.c.ts).where(t.c.sample_id == sample_id)
+                             .order_by(t.c.ts, t.c.id)).mappings().all()
+        return [dict(r) for r in rows]
 
     def pending(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Unlabeled samples (without image bytes), oldest first."""
-        with self._db() as db:
-            cur = db.execute(
-                "SELECT sample_id, ts, model, version, predicted, source FROM samples WHERE label IS NULL ORDER BY ts LIMIT ?",
-                (int(limit),),
-            )
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, row)) for row in cur.fetchall()]
+        s = _t.samples
+        q = (sa.select(s.c.sample_id, s.c.ts, s.c.model, s.c.version, s.c.predicted, s.c.source)
+             .where(s.c.label.is_(None)).order_by(s.c.ts, s.c.sample_id).limit(int(limit)))
+        with self.db.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings().all()]
 
     def samples(self, *, labeled_only: bool = False, since: float | None = None):
-        """A pyarrow Table of samples (with images) joined with their labels."""
+        """A pyarrow Table of samples (with images read from the store) and their labels."""
         import pyarrow as pa
+
+        s = _t.samples
+        q = sa.select(*[s.c[k] for k in _META], s.c.image_sha256, s.c.label, s.c.labeler).order_by(s.c.ts, s.c.sample_id)
+        if labeled_only:
+            q = q.where(s.c.label.is_not(None))
+        if since is not None:
+            q = q.where(s.c.ts >= since)
+        with self.db.engine.connect() as c:
+            rows = [dict(r) for r in c.execute(q).mappings().all()]
+        for r in rows:
+            r["image"] = self.store.read_bytes(_image_key(r.pop("image_sha256")))
+        return pa.Table.from_pylist(rows, schema=_schema({**SAMPLE_FIELDS, "label": "string", "labeler": "string"}))
+
+    # ------------------------------------------------------------------ upgrade
+    def _import_legacy(self) -> None:
+        """Import ``<home>/labeling`` (index.sqlite + Parquet parts) once; idempotent."""
+        legacy = self.home / "labeling" / "index.sqlite"
+        if not legacy.exists():
+            return
+        source = f"legacy:{legacy.resolve()}"
+        with self.db.engine.connect() as c:
+            if c.execute(sa.select(_t.imports.c.source).where(_t.imports.c.source == source)).first():
+                return
+        import sqlite3
+
         import pyarrow.parquet as pq
 
-        parts = sorted((self.root / "samples").rglob("part-*.parquet"))
-        if not parts:
-            return pa.Table.from_pylist([], schema=_schema({**SAMPLE_FIELDS, "label": "string", "labeler": "string"}))
-        table = pa.concat_tables([pq.read_table(p, schema=_schema(SAMPLE_FIELDS)) for p in parts])
-        with self._db() as db:
-            labels = dict(db.execute("SELECT sample_id, label FROM samples WHERE label IS NOT NULL").fetchall())
-            labelers = dict(db.execute("SELECT sample_id, labeler FROM samples WHERE label IS NOT NULL").fetchall())
-        ids = table.column("sample_id").to_pylist()
-        # A sample id may sit in two parts after a crash between write and commit: keep the first.
-        seen: set[str] = set()
-        keep = []
-        for i, sid in enumerate(ids):
-            if sid in seen:
-                continue
-            seen.add(sid)
-            if labeled_only and sid not in labels:
-                continue
-            keep.append(i)
-        table = table.take(pa.array(keep, type=pa.int64()))
-        if since is not None:
-            import pyarrow.compute as pc
-
-            table = table.filter(pc.greater_equal(table.column("ts"), since))
-        sel = table.column("sample_id").to_pylist()
-        table = table.append_column("label", pa.array([labels.get(s) for s in sel], pa.string()))
-        return table.append_column("labeler", pa.array([labelers.get(s) for s in sel], pa.string()))
+        images: dict[str, dict[str, Any]] = {}
+        for p in sorted((self.home / "labeling" / "samples").rglob("part-*.parquet")):
+            for r in pq.read_table(p).to_pylist():
+                images.setdefault(r["sample_id"], r)  # a crash could leave a sample in two parts
+        db = sqlite3.connect(legacy, timeout=30)
+        try:
+            index = db.execute("SELECT sample_id, ts, model, version, predicted, source, label, labeler, labeled_ts "
+                               "FROM samples").fetchall()
+        finally:
+            db.close()
+        rows, labels = [], []
+        for sid, ts, model, version, predicted, source_, label, labeler, labeled_ts in index:
+            part = images.get(sid)
+            if part is None or not part.get("image"):
+                continue  # indexed without an image cannot happen (the part is written first)
+            rows.append(part | {"ts": ts or part.get("ts"), "model": model, "version": version, "predicted": predicted,
+                                "source": source_})
+            if label:
+                labels.append((sid, label, labeler or "legacy", labeled_ts or time.time()))
+        self.append(rows)
+        s = _t.samples
+        with self.db.engine.begin() as c:
+            for sid, label, labeler, lts in labels:
+                c.execute(sa.update(s).where(s.c.sample_id == sid, s.c.label.is_(None))
+                          .values(label=label, labeler=labeler, labeled_ts=lts))
+                _t.insert_ignore(c, _t.labels, {"sample_id": sid, "label": label, "labeler": labeler, "ts": lts})
+            _t.insert_ignore(c, _t.imports, {"source": source, "rows": len(rows), "ts": time.time()})
 
 
 def _schema(fields: dict[str, str]):
@@ -215,8 +236,3 @@ def _schema(fields: dict[str, str]):
 
     types = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64(), "binary": pa.binary()}
     return pa.schema([pa.field(k, types[t]) for k, t in fields.items()])
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

@@ -82,7 +82,7 @@ def label_status(as_json: Annotated[bool, typer.Option("--json", help="print as 
     """How many samples wait for a label, and how many have one."""
     from visionfleet.labeling import LabelingQueue
 
-    counts = LabelingQueue(settings().home).counts()
+    counts = LabelingQueue.from_settings(settings()).counts()
     if as_json:
         print_json(counts)
     else:
@@ -101,7 +101,7 @@ def label_export(
     from visionfleet.imaging import sniff_format
     from visionfleet.labeling import LabelingQueue
 
-    q = LabelingQueue(settings().home)
+    q = LabelingQueue.from_settings(settings())
     pending = {p["sample_id"] for p in q.pending(limit)}
     t = q.samples()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def label_import(
         if not reader.fieldnames or not {"sample_id", "label"} <= set(reader.fieldnames):
             raise ValueError(f"Got columns {reader.fieldnames} in {csv_path}; expected a header with sample_id,label")
         pairs = [(r["sample_id"].strip(), r["label"].strip()) for r in reader if (r.get("label") or "").strip()]
-    res = LabelingQueue(settings().home).add_labels(pairs, labeler=labeler)
+    res = LabelingQueue.from_settings(settings()).add_labels(pairs, labeler=labeler)
     if as_json:
         print_json(res)
     else:
