@@ -140,6 +140,7 @@ def test_sink_killed_mid_experiment_restores_decision_drift_and_joins_sqlite(tmp
     _kill_and_restore(Settings(home=tmp_path / "base"), lambda name: Settings(home=tmp_path / name))
 
 
+@pytest.mark.slow  # ~10 s on a quiet 2-core VM (2,400 PostgreSQL transactions, S3 parts): over make test's budget
 def test_sink_killed_mid_experiment_restores_decision_drift_and_joins_postgres_s3(
         tmp_path: Path, s3_env: str, pg_url: str) -> None:
     _kill_and_restore(Settings(home=tmp_path / "base"),
