@@ -54,7 +54,14 @@ def _worker(args: dict, start: int, n: int) -> None:
         q.add_labels([(f"s{j}", "x") for j in range(i, i + 5)], labeler=f"w{start}")
 
 
-def test_two_processes_lose_and_duplicate_nothing(queue_args: dict) -> None:
+def test_two_processes_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    """SQLite here; the PostgreSQL + S3 race is tests/slow/test_labeling_race.py."""
+    race(tmp_path, {"home": tmp_path, "db_url": f"sqlite:///{tmp_path}/state.db",
+                    "samples_uri": str(tmp_path / "samples")})
+
+
+def race(tmp_path: Path, queue_args: dict) -> None:
+    """Two processes append and label 20 samples each (plus a shared re-sent one)."""
     LabelingQueue(**queue_args)  # migrate once before the race
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(queue_args, start, 20)) for start in (1, 21)]
