@@ -30,7 +30,6 @@ from typing import Any, Callable
 import numpy as np
 
 from serve_apps.config import ExperimentConfig, IngressUserConfig
-from visionfleet.db.experiments import open_experiments
 from visionfleet.registry import NotFound, Registry
 from visionfleet.settings import Settings
 from visionfleet.spec import parse_ref
@@ -86,6 +85,8 @@ class ExperimentCoordinator:
         self.settings = settings or Settings.from_env(home)
         self.dir = self.home / "experiments"  # legacy files, imported once
         self.registry = Registry.from_settings(self.settings)
+        from visionfleet.db.experiments import open_experiments  # SQLAlchemy only where the state is
+
         self.store = open_experiments(self.settings)
         self._summaries = summaries
         self._reset = reset

@@ -27,7 +27,8 @@ import sqlalchemy as sa
 
 from visionfleet.db import Database, open_db
 
-__all__ = ["experiments_metadata", "experiments", "experiment_timeline", "StoredExperiment", "ExperimentStore"]
+__all__ = ["experiments_metadata", "experiments", "experiment_timeline", "StoredExperiment", "ExperimentStore",
+           "open_experiments"]
 
 experiments_metadata = sa.MetaData()
 experiments = sa.Table(
@@ -158,5 +159,3 @@ def open_experiments(settings) -> ExperimentStore:  # noqa: ANN001 - visionfleet
     store.import_legacy(Path(settings.home) / "experiments")
     return store
 
-
-__all__ += ["open_experiments"]
