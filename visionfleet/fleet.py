@@ -1,7 +1,9 @@
 """Server-side fleet state: devices, rollouts, install reports and exactly-once edge sync.
 
-Everything lives in one SQLite database, ``<state>/edge/fleet.sqlite`` (WAL,
-``synchronous=FULL``), shared by every ingress replica and the CLI.
+Everything lives in the shared database (``$VISIONFLEET_DB``, default
+``sqlite:///<home>/state.db``; tables ``fleet_*`` of :mod:`visionfleet.db.fleet`), shared
+by every ingress replica, server process and the CLI. An older home's
+``<home>/edge/fleet.sqlite`` is imported once on first open.
 
 **Exactly once into the lake.** A sync batch is committed in one transaction: each
 record's ``(device, id)`` goes into ``seen`` (a resent id is a duplicate and is only
@@ -15,8 +17,8 @@ queue *before* the commit; its append is idempotent by sample id, so a retry aft
 crash in between is harmless.
 
 Edge events use the server's event schema (``visionfleet.telemetry.EVENT_FIELDS``),
-``source = "edge:<device>"``, under
-``<state>/telemetry/events/date=YYYY-MM-DD/source=edge_<device>/``: the closed loop
+``source = "edge:<device>"``, under ``events/date=YYYY-MM-DD/source=edge_<device>/`` of
+the store area ``telemetry`` (``<home>/telemetry`` by default): the closed loop
 reads edge predictions with the server's.
 
 **Rollouts halt by themselves**: when devices report install outcomes, a bundle whose
@@ -31,12 +33,18 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+import sqlalchemy as sa
+
+from visionfleet.db import fleet as _t
+from visionfleet.db.labeling import insert_ignore as _insert_ignore
+
+if TYPE_CHECKING:
+    from visionfleet.settings import Settings
 
 __all__ = [
     "FleetDB",
@@ -54,23 +62,6 @@ FAILED_OUTCOMES = ("health_failed", "invalid", "rolled_back")
 _DEVICE_RE = re.compile(DEVICE_ID_PATTERN)
 _ID_RE = re.compile(RECORD_ID_PATTERN)
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, first_seen REAL, last_seen REAL, model TEXT, "
-    "version INTEGER, bundle_id TEXT, target TEXT, health TEXT, backlog_records INTEGER, backlog_samples INTEGER, "
-    "dropped_samples INTEGER, agent TEXT, status TEXT, records INTEGER NOT NULL DEFAULT 0, "
-    "samples INTEGER NOT NULL DEFAULT 0, duplicates INTEGER NOT NULL DEFAULT 0, syncs INTEGER NOT NULL DEFAULT 0)",
-    "CREATE TABLE IF NOT EXISTS seen (device_id TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL, ts REAL NOT NULL, "
-    "PRIMARY KEY (device_id, kind, id)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS parts (part_id INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, "
-    "device_id TEXT NOT NULL, n INTEGER NOT NULL, payload TEXT, written INTEGER NOT NULL DEFAULT 0)",
-    "CREATE INDEX IF NOT EXISTS parts_pending ON parts(part_id) WHERE written = 0",
-    "CREATE TABLE IF NOT EXISTS updates (device_id TEXT NOT NULL, report_id TEXT NOT NULL, ts REAL, bundle_id TEXT, "
-    "model TEXT, version INTEGER, target TEXT, outcome TEXT, error TEXT, PRIMARY KEY (device_id, report_id))",
-    "CREATE INDEX IF NOT EXISTS updates_bundle ON updates(bundle_id)",
-    "CREATE TABLE IF NOT EXISTS rollouts (model TEXT NOT NULL, target TEXT NOT NULL, bundle_id TEXT NOT NULL, "
-    "version INTEGER, rollout INTEGER, status TEXT NOT NULL, published_at REAL, changed_at REAL, reason TEXT, "
-    "PRIMARY KEY (model, target, bundle_id))",
-)
 
 
 @dataclass(frozen=True)
@@ -117,38 +108,43 @@ class SyncResult:
                 "halts": self.halts, "server_time": time.time()}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _date(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d")
 
 
 class FleetDB:
-    """The fleet database of one state dir; cheap to construct, safe across processes."""
+    """The fleet state in the shared database; cheap to construct, safe across processes.
 
-    def __init__(self, home: str | os.PathLike[str], *, policy: HaltPolicy = HaltPolicy()) -> None:
+    ``FleetDB(home)`` is the embedded default (``<home>/state.db``, lake parts under
+    ``<home>/telemetry``); :meth:`from_settings` follows ``$VISIONFLEET_DB`` and the store.
+    """
+
+    def __init__(self, home: str | os.PathLike[str], *, policy: HaltPolicy = HaltPolicy(), db_url: str | None = None,
+                 telemetry_uri: str | None = None, samples_uri: str | None = None) -> None:
+        from visionfleet.db import open_db
+        from visionfleet.store import open_store
+
         self.home = Path(home)
-        self.root = self.home / "edge"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.path = self.root / "fleet.sqlite"
-        self.events_dir = self.home / "telemetry" / "events"
         self.policy = policy
-        with self._db() as db:
-            for stmt in _SCHEMA:
-                db.execute(stmt)
+        self.db = open_db(db_url or f"sqlite:///{self.home}/state.db")
+        self.lake = open_store(telemetry_uri or str(self.home / "telemetry"))
+        self._db_url = self.db.url
+        self._samples_uri = samples_uri
+        self._queue = None
+        self._import_legacy()
 
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=30000")
-        return db
+    @classmethod
+    def from_settings(cls, settings: "Settings", *, policy: HaltPolicy = HaltPolicy()) -> "FleetDB":
+        """The fleet of these settings: their database, store areas ``telemetry`` and ``samples``."""
+        return cls(settings.home, policy=policy, db_url=settings.db_url, telemetry_uri=settings.store_uri("telemetry"),
+                   samples_uri=settings.store_uri("samples"))
+
+    def _labeling(self):
+        from visionfleet.labeling import LabelingQueue
+
+        if self._queue is None:
+            self._queue = LabelingQueue(self.home, db_url=self._db_url, samples_uri=self._samples_uri)
+        return self._queue
 
     # ------------------------------------------------------------------ sync
     def ingest(
@@ -193,29 +189,25 @@ class FleetDB:
         if samples:
             self._queue_samples(device_id, samples)
 
-        db = self._db()
         halts: list[dict[str, Any]] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self.db.engine.begin() as db:
             fresh_records = self._mark_seen(db, device_id, "record", records, now)
             fresh_samples = self._mark_seen(db, device_id, "sample", samples, now)
             fresh_reports = self._mark_seen(db, device_id, "report", reports, now)
             part_id = None
             if fresh_records:
                 events = [self._event(device_id, r) for r in fresh_records]
-                cur = db.execute(
-                    "INSERT INTO parts (created_ms, device_id, n, payload) VALUES (?, ?, ?, ?)",
-                    (int(now * 1000), device_id, len(events), json.dumps(events, separators=(",", ":"))),
-                )
-                part_id = cur.lastrowid
+                part_id = db.execute(sa.text(
+                    "INSERT INTO fleet_parts (created_ms, device_id, n, payload, written) "
+                    "VALUES (:ms, :d, :n, :p, 0) RETURNING part_id"),
+                    {"ms": int(now * 1000), "d": device_id, "n": len(events),
+                     "p": json.dumps(events, separators=(",", ":"))}).scalar_one()
             touched = set()
             for rep in fresh_reports:
-                db.execute(
-                    "INSERT OR IGNORE INTO updates (device_id, report_id, ts, bundle_id, model, version, target, outcome, "
-                    "error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (device_id, rep["id"], float(rep.get("ts") or now), rep.get("bundle_id"), rep.get("model"),
-                     rep.get("version"), rep.get("target"), rep.get("outcome"), (rep.get("error") or "")[:2000]),
-                )
+                _insert_ignore(db, _t.updates, {
+                    "device_id": device_id, "report_id": rep["id"], "ts": float(rep.get("ts") or now),
+                    "bundle_id": rep.get("bundle_id"), "model": rep.get("model"), "version": rep.get("version"),
+                    "target": rep.get("target"), "outcome": rep.get("outcome"), "error": (rep.get("error") or "")[:2000]})
                 if rep.get("bundle_id"):
                     touched.add(str(rep["bundle_id"]))
             dups = {"records": len(records) - len(fresh_records), "samples": len(samples) - len(fresh_samples),
@@ -226,12 +218,6 @@ class FleetDB:
                 halt = self._evaluate_rollout(db, bid, now)
                 if halt:
                     halts.append(halt)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
         if part_id is not None or self.pending_parts():
             try:
                 self.flush_pending()  # this part, and any a crash left behind
@@ -246,15 +232,12 @@ class FleetDB:
         )
 
     @staticmethod
-    def _mark_seen(db: sqlite3.Connection, device_id: str, kind: str, items: Sequence[dict[str, Any]],
+    def _mark_seen(db: sa.Connection, device_id: str, kind: str, items: Sequence[dict[str, Any]],
                    now: float) -> list[dict[str, Any]]:
-        fresh = []
-        for it in items:
-            cur = db.execute("INSERT OR IGNORE INTO seen (device_id, kind, id, ts) VALUES (?, ?, ?, ?)",
-                             (device_id, kind, str(it["id"]), now))
-            if cur.rowcount:
-                fresh.append(it)
-        return fresh
+        # A primary key per (device, kind, id): a second server process inserting the same key
+        # waits for the first one's commit and then skips it, so a batch counts once.
+        return [it for it in items
+                if _insert_ignore(db, _t.seen, {"device_id": device_id, "kind": kind, "id": str(it["id"]), "ts": now})]
 
     @staticmethod
     def _event(device_id: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -304,44 +287,54 @@ class FleetDB:
             "width": s.get("width"),
             "height": s.get("height"),
         } for s in samples]
-        LabelingQueue(self.home).append(rows)
+        self._labeling().append(rows)
 
     @staticmethod
-    def _upsert_device(db: sqlite3.Connection, device_id: str, st: dict[str, Any], now: float, n_records: int,
+    def _upsert_device(db: sa.Connection, device_id: str, st: dict[str, Any], now: float, n_records: int,
                        n_samples: int, dups: int) -> None:
         backlog = st.get("backlog") or {}
-        db.execute(
-            "INSERT INTO devices (device_id, first_seen, last_seen, model, version, bundle_id, target, health, "
+        db.execute(sa.text(
+            "INSERT INTO fleet_devices (device_id, first_seen, last_seen, model, version, bundle_id, target, health, "
             "backlog_records, backlog_samples, dropped_samples, agent, status, records, samples, duplicates, syncs) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) "
+            "VALUES (:d, :now, :now, :model, :version, :bundle, :target, :health, :br, :bs, :ds, :agent, :status, "
+            ":nr, :ns, :dups, 1) "
             # A batch without a status (a bare resend) keeps the last reported one.
             "ON CONFLICT(device_id) DO UPDATE SET last_seen = excluded.last_seen, "
-            "model = COALESCE(excluded.model, model), version = COALESCE(excluded.version, version), "
-            "bundle_id = COALESCE(excluded.bundle_id, bundle_id), target = COALESCE(excluded.target, target), "
-            "health = COALESCE(excluded.health, health), "
-            "backlog_records = COALESCE(excluded.backlog_records, backlog_records), "
-            "backlog_samples = COALESCE(excluded.backlog_samples, backlog_samples), "
-            "dropped_samples = COALESCE(excluded.dropped_samples, dropped_samples), "
-            "agent = COALESCE(excluded.agent, agent), status = COALESCE(excluded.status, status), "
-            "records = records + excluded.records, "
-            "samples = samples + excluded.samples, duplicates = duplicates + excluded.duplicates, syncs = syncs + 1",
-            (device_id, now, now, st.get("model"), st.get("version"), st.get("bundle_id"), st.get("target"),
-             st.get("health"), backlog.get("records"), backlog.get("samples"), backlog.get("dropped_samples"),
-             st.get("agent"), json.dumps(st, separators=(",", ":"), default=str)[:8000] if st else None, n_records,
-             n_samples, dups),
+            "model = COALESCE(excluded.model, fleet_devices.model), "
+            "version = COALESCE(excluded.version, fleet_devices.version), "
+            "bundle_id = COALESCE(excluded.bundle_id, fleet_devices.bundle_id), "
+            "target = COALESCE(excluded.target, fleet_devices.target), "
+            "health = COALESCE(excluded.health, fleet_devices.health), "
+            "backlog_records = COALESCE(excluded.backlog_records, fleet_devices.backlog_records), "
+            "backlog_samples = COALESCE(excluded.backlog_samples, fleet_devices.backlog_samples), "
+            "dropped_samples = COALESCE(excluded.dropped_samples, fleet_devices.dropped_samples), "
+            "agent = COALESCE(excluded.agent, fleet_devices.agent), "
+            "status = COALESCE(excluded.status, fleet_devices.status), "
+            "records = fleet_devices.records + excluded.records, "
+            "samples = fleet_devices.samples + excluded.samples, "
+            "duplicates = fleet_devices.duplicates + excluded.duplicates, syncs = fleet_devices.syncs + 1"),
+            {"d": device_id, "now": now, "model": st.get("model"), "version": st.get("version"),
+             "bundle": st.get("bundle_id"), "target": st.get("target"), "health": st.get("health"),
+             "br": backlog.get("records"), "bs": backlog.get("samples"), "ds": backlog.get("dropped_samples"),
+             "agent": st.get("agent"),
+             "status": json.dumps(st, separators=(",", ":"), default=str)[:8000] if st else None,
+             "nr": n_records, "ns": n_samples, "dups": dups},
         )
 
     # ------------------------------------------------------------------ the lake
     def _write_part(self, part_id: int) -> int:
-        """Write one committed part to the event lake (idempotent: same part, same file name)."""
+        """Write one committed part to the event lake (idempotent: same part, same object name)."""
+        import io
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from visionfleet.telemetry import EVENT_FIELDS
 
-        with self._db() as db:
-            row = db.execute("SELECT created_ms, device_id, payload, written FROM parts WHERE part_id = ?",
-                             (part_id,)).fetchone()
+        p = _t.parts
+        with self.db.engine.connect() as db:
+            row = db.execute(sa.select(p.c.created_ms, p.c.device_id, p.c.payload, p.c.written)
+                             .where(p.c.part_id == part_id)).first()
         if row is None or row[3]:
             return 0
         created_ms, device_id, payload, _ = row
@@ -352,75 +345,73 @@ class FleetDB:
         for ev in events:
             by_date.setdefault(_date(float(ev["ts"])), []).append(ev)
         for date, items in by_date.items():
-            d = self.events_dir / f"date={date}" / f"source=edge_{device_id}"
-            d.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist([{k: e.get(k) for k in EVENT_FIELDS} for e in items], schema=schema), buf)
             name = f"part-{created_ms}-edge{part_id:010d}.parquet"
-            tmp = d / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-            pq.write_table(pa.Table.from_pylist([{k: e.get(k) for k in EVENT_FIELDS} for e in items], schema=schema), tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, d / name)
-            _fsync_dir(d)
-        with self._db() as db:
-            db.execute("UPDATE parts SET written = 1, payload = NULL WHERE part_id = ?", (part_id,))
+            # Through the store (atomic: a reader sees the whole part or none); same name on a retry.
+            self.lake.write_bytes(f"events/date={date}/source=edge_{device_id}/{name}", buf.getvalue())
+        with self.db.engine.begin() as db:
+            db.execute(sa.update(p).where(p.c.part_id == part_id).values(written=1, payload=None))
         return len(events)
 
     def flush_pending(self) -> int:
         """Write every committed but unwritten part (after a crash); returns the events written."""
-        with self._db() as db:
-            ids = [r[0] for r in db.execute("SELECT part_id FROM parts WHERE written = 0 ORDER BY part_id")]
+        p = _t.parts
+        with self.db.engine.connect() as db:
+            ids = [r[0] for r in db.execute(sa.select(p.c.part_id).where(p.c.written == 0).order_by(p.c.part_id))]
         return sum(self._write_part(i) for i in ids)
 
     def pending_parts(self) -> int:
-        with self._db() as db:
-            return int(db.execute("SELECT COUNT(*) FROM parts WHERE written = 0").fetchone()[0])
+        p = _t.parts
+        with self.db.engine.connect() as db:
+            return int(db.execute(sa.select(sa.func.count()).select_from(p).where(p.c.written == 0)).scalar_one())
 
     # ------------------------------------------------------------------ rollouts
     def record_rollout(self, model: str, target: str, bundle_id: str, version: int, rollout: int,
                        status: str = "rolling") -> None:
         """Remember a publish (or a rollout change) of a channel's bundle."""
         now = time.time()
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self.db.engine.begin() as db:
             # A new publish on a channel replaces what it served before.
-            db.execute("UPDATE rollouts SET status = 'superseded', changed_at = ? WHERE model = ? AND target = ? "
-                       "AND bundle_id != ? AND status = 'rolling'", (now, model, target, bundle_id))
-            db.execute(
-                "INSERT INTO rollouts (model, target, bundle_id, version, rollout, status, published_at, changed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(model, target, bundle_id) DO UPDATE SET "
-                "rollout = excluded.rollout, status = excluded.status, changed_at = excluded.changed_at, reason = NULL",
-                (model, target, bundle_id, version, int(rollout), status, now, now),
-            )
-            db.execute("COMMIT")
+            db.execute(sa.text(
+                "UPDATE fleet_rollouts SET status = 'superseded', changed_at = :now WHERE model = :m AND target = :t "
+                "AND bundle_id != :b AND status = 'rolling'"), {"now": now, "m": model, "t": target, "b": bundle_id})
+            db.execute(sa.text(
+                "INSERT INTO fleet_rollouts (model, target, bundle_id, version, rollout, status, published_at, "
+                "changed_at) VALUES (:m, :t, :b, :v, :r, :s, :now, :now) ON CONFLICT(model, target, bundle_id) "
+                "DO UPDATE SET rollout = excluded.rollout, status = excluded.status, changed_at = excluded.changed_at, "
+                "reason = NULL"),
+                {"m": model, "t": target, "b": bundle_id, "v": version, "r": int(rollout), "s": status, "now": now})
 
     def set_rollout_status(self, model: str, target: str, bundle_id: str, status: str, reason: str | None = None,
                            rollout: int | None = None) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE rollouts SET status = ?, reason = ?, changed_at = ?, rollout = COALESCE(?, rollout) "
-                "WHERE model = ? AND target = ? AND bundle_id = ?",
-                (status, reason, time.time(), rollout, model, target, bundle_id),
-            )
+        r = _t.rollouts
+        values: dict[str, Any] = {"status": status, "reason": reason, "changed_at": time.time()}
+        if rollout is not None:
+            values["rollout"] = rollout
+        with self.db.engine.begin() as db:
+            db.execute(sa.update(r).where(r.c.model == model, r.c.target == target, r.c.bundle_id == bundle_id)
+                       .values(**values))
 
-    def _evaluate_rollout(self, db: sqlite3.Connection, bundle_id: str, now: float) -> dict[str, Any] | None:
-        row = db.execute("SELECT model, target, status FROM rollouts WHERE bundle_id = ?", (bundle_id,)).fetchone()
+    def _evaluate_rollout(self, db: sa.Connection, bundle_id: str, now: float) -> dict[str, Any] | None:
+        r = _t.rollouts
+        row = db.execute(sa.select(r.c.model, r.c.target, r.c.status).where(r.c.bundle_id == bundle_id)).first()
         if row is None or row[2] != "rolling":
             return None
         attempts, failures = self._outcomes(db, bundle_id)
         reason = should_halt(attempts, failures, self.policy)
         if reason is None:
             return None
-        db.execute("UPDATE rollouts SET status = 'halted', reason = ?, changed_at = ? WHERE bundle_id = ?",
-                   (reason, now, bundle_id))
+        db.execute(sa.update(r).where(r.c.bundle_id == bundle_id).values(status="halted", reason=reason, changed_at=now))
         return {"model": row[0], "target": row[1], "bundle_id": bundle_id, "reason": reason,
                 "attempts": attempts, "failures": failures}
 
     @staticmethod
-    def _outcomes(db: sqlite3.Connection, bundle_id: str) -> tuple[int, int]:
+    def _outcomes(db: sa.Connection, bundle_id: str) -> tuple[int, int]:
         """Devices that tried a bundle, and those whose last word on it was a failure."""
-        rows = db.execute(
-            "SELECT device_id, outcome FROM updates WHERE bundle_id = ? ORDER BY ts", (bundle_id,)
-        ).fetchall()
+        u = _t.updates
+        rows = db.execute(sa.select(u.c.device_id, u.c.outcome).where(u.c.bundle_id == bundle_id)
+                          .order_by(u.c.ts, u.c.report_id)).all()
         last: dict[str, str] = {}
         for device, outcome in rows:
             last[device] = outcome
@@ -429,36 +420,67 @@ class FleetDB:
 
     # ------------------------------------------------------------------ views
     def devices(self) -> list[dict[str, Any]]:
-        with self._db() as db:
-            cur = db.execute("SELECT * FROM devices ORDER BY device_id")
-            cols = [c[0] for c in cur.description]
+        with self.db.engine.connect() as db:
             out = []
-            for row in cur.fetchall():
-                d = dict(zip(cols, row))
+            for row in db.execute(sa.select(_t.devices).order_by(_t.devices.c.device_id)).mappings().all():
+                d = dict(row)
                 d["status"] = json.loads(d["status"]) if d.get("status") else {}
                 out.append(d)
             return out
 
     def rollouts(self) -> list[dict[str, Any]]:
-        with self._db() as db:
-            cur = db.execute("SELECT * FROM rollouts ORDER BY published_at")
-            cols = [c[0] for c in cur.description]
+        r_t, d_t = _t.rollouts, _t.devices
+        with self.db.engine.connect() as db:
             out = []
-            for row in cur.fetchall():
-                r = dict(zip(cols, row))
+            for row in db.execute(sa.select(r_t).order_by(r_t.c.published_at)).mappings().all():
+                r = dict(row)
                 attempts, failures = self._outcomes(db, r["bundle_id"])
-                installed = db.execute(
-                    "SELECT COUNT(*) FROM devices WHERE bundle_id = ?", (r["bundle_id"],)
-                ).fetchone()[0]
+                installed = db.execute(sa.select(sa.func.count()).select_from(d_t)
+                                       .where(d_t.c.bundle_id == r["bundle_id"])).scalar_one()
                 r.update(attempts=attempts, failures=failures, devices_on=int(installed))
                 out.append(r)
             return out
 
     def updates(self, limit: int = 200) -> list[dict[str, Any]]:
-        with self._db() as db:
-            cur = db.execute("SELECT * FROM updates ORDER BY ts DESC LIMIT ?", (int(limit),))
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, row)) for row in cur.fetchall()]
+        u = _t.updates
+        with self.db.engine.connect() as db:
+            return [dict(r) for r in db.execute(sa.select(u).order_by(u.c.ts.desc()).limit(int(limit))).mappings()]
+
+    # ------------------------------------------------------------------ upgrade
+    def _import_legacy(self) -> None:
+        """Import ``<home>/edge/fleet.sqlite`` once (idempotent): devices, seen keys, updates,
+        rollouts and any part a crash left unwritten (as a new pending part)."""
+        from visionfleet.db import labeling as _lt
+
+        legacy = self.home / "edge" / "fleet.sqlite"
+        if not legacy.exists():
+            return
+        source = f"legacy-fleet:{legacy.resolve()}"
+        with self.db.engine.connect() as c:
+            if c.execute(sa.select(_lt.imports.c.source).where(_lt.imports.c.source == source)).first():
+                return
+        import sqlite3
+
+        old = sqlite3.connect(legacy, timeout=30)
+        old.row_factory = sqlite3.Row
+        try:
+            tables = {r[0] for r in old.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            data = {name: [dict(r) for r in old.execute(f"SELECT * FROM {name}")]  # noqa: S608 - fixed names
+                    for name in ("devices", "seen", "updates", "rollouts") if name in tables}
+            pending = ([dict(r) for r in old.execute("SELECT * FROM parts WHERE written = 0 ORDER BY part_id")]
+                       if "parts" in tables else [])
+        finally:
+            old.close()
+        n = 0
+        with self.db.engine.begin() as c:
+            for name, table in (("devices", _t.devices), ("seen", _t.seen), ("updates", _t.updates),
+                                ("rollouts", _t.rollouts)):
+                for row in data.get(name, []):
+                    n += _insert_ignore(c, table, {k: v for k, v in row.items() if k in table.c})
+            for part in pending:
+                c.execute(sa.insert(_t.parts).values(created_ms=part["created_ms"], device_id=part["device_id"],
+                                                     n=part["n"], payload=part["payload"], written=0))
+            _insert_ignore(c, _lt.imports, {"source": source, "rows": n + len(pending), "ts": time.time()})
 
     def status(self, *, stale_after_s: float = 300.0) -> dict[str, Any]:
         """Devices (version, health, backlog, last seen), rollouts and totals."""

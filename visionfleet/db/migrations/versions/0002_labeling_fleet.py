@@ -1,4 +1,4 @@
-"""labeling_samples, labeling_labels, labeling_imports: the labeling queue and label provenance
+"""labeling_* (the labeling queue and label provenance) and fleet_* (devices, sync keys, parts, updates, rollouts)
 
 Revision ID: 0002_labeling_fleet
 Revises: 0001_registry
@@ -13,6 +13,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    from visionfleet.db import fleet
+
+    # The fleet tables as declared (a new table needs no ALTER; later changes get their own revision).
+    fleet.metadata.create_all(op.get_bind())
     op.create_table(
         "labeling_samples",
         sa.Column("sample_id", sa.String(200), primary_key=True),
@@ -50,6 +54,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    from visionfleet.db import fleet
+
+    fleet.metadata.drop_all(op.get_bind())
     op.drop_table("labeling_imports")
     op.drop_table("labeling_labels")
     op.drop_index("labeling_samples_model_ts", "labeling_samples")
