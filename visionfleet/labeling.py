@@ -184,8 +184,13 @@ class LabelingQueue:
             q = q.where(s.c.ts >= since)
         with self.db.engine.connect() as c:
             rows = [dict(r) for r in c.execute(q).mappings().all()]
-        for r in rows:
-            r["image"] = self.store.read_bytes(_image_key(r.pop("image_sha256")))
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One GET per image; on an object store they overlap (a retrain reads thousands).
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            images = list(pool.map(lambda r: self.store.read_bytes(_image_key(r.pop("image_sha256"))), rows))
+        for r, image in zip(rows, images):
+            r["image"] = image
         return pa.Table.from_pylist(rows, schema=_schema({**SAMPLE_FIELDS, "label": "string", "labeler": "string"}))
 
     # ------------------------------------------------------------------ upgrade
