@@ -118,7 +118,7 @@ def publish(
     repo = _repo()
     with err.status("signing and publishing"):
         doc = publish_bundle(repo, bundle, rollout=rollout, allow_downgrade=allow_downgrade)
-    FleetDB(settings().home).record_rollout(doc["model"], doc["target"], doc["bundle_id"], doc["version"], doc["rollout"])
+    FleetDB.from_settings(settings()).record_rollout(doc["model"], doc["target"], doc["bundle_id"], doc["version"], doc["rollout"])
     if as_json:
         print_json(doc)
         return
@@ -142,7 +142,7 @@ def rollout(
 
     doc = set_rollout(_repo(create=False), model, target.value, rollout=set_, halted=halt,
                       reason=reason or ("halted by an operator" if halt else None))
-    FleetDB(settings().home).set_rollout_status(model, target.value, doc["bundle_id"],
+    FleetDB.from_settings(settings()).set_rollout_status(model, target.value, doc["bundle_id"],
                                                 "halted" if doc.get("halted") else "rolling", doc.get("halt_reason"),
                                                 doc.get("rollout"))
     if as_json:

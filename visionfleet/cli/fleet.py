@@ -21,7 +21,7 @@ def status(
     """Devices with their model version, health, backlog and last sync; rollouts and their failures."""
     from visionfleet.fleet import FleetDB
 
-    doc = FleetDB(settings().ensure().home).status(stale_after_s=stale_after)
+    doc = FleetDB.from_settings(settings().ensure()).status(stale_after_s=stale_after)
     if as_json:
         print_json(doc)
         return
