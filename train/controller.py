@@ -133,8 +133,11 @@ class RetrainingController:
     def _labels_available(self) -> int:
         from visionfleet.labeling import LabelingQueue
 
-        # A SQL COUNT on the queue's rows: a look never reads the sample images.
-        return LabelingQueue.from_settings(self.settings).count_labeled(model=self.cfg.model, since=self._labels_since)
+        # A SQL COUNT on the queue's rows: a look never reads the sample images. One queue
+        # (one engine) for the controller's life, not one per look.
+        if getattr(self, "_queue", None) is None:
+            self._queue = LabelingQueue.from_settings(self.settings)
+        return self._queue.count_labeled(model=self.cfg.model, since=self._labels_since)
 
     # ------------------------------------------------------------------ looks
     def look(self) -> dict[str, Any]:
