@@ -1,7 +1,7 @@
 """Serve autoscaling under load, over real HTTP: replicas are added, then removed, no request fails.
 
-An app of its own on the integration tier's local Ray (its fixtures: the tiny trained model,
-Serve's HTTP proxy) with ``autoscaling`` on the scaled deployment: min 1, max 2, a low
+An app of its own on the integration tier's local Ray (this folder's fixtures: the tiny trained
+model, Serve's HTTP proxy; marked slow, so it runs in `make test-slow`, not in `make test`) with ``autoscaling`` on the scaled deployment: min 1, max 2, a low
 ``target_ongoing_requests`` and short delays. Concurrent clients raise the load until
 ``serve.status()`` shows two RUNNING replicas, the load drops to one sequential client until
 it shows one again, and every answer on the way is a 200. Once for the ModelReplica
@@ -19,15 +19,6 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import (  # noqa: F401 - fixtures of the integration tier
-    metrics_port,
-    ray_session,
-    serve_url,
-    settings,
-    tiny_dataset,
-    trained,
-    vf_home,
-)
 from visionfleet.datasets.synth import render_sample
 from visionfleet.imaging import encode_image
 
