@@ -23,11 +23,12 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Settings", "ENV_HOME", "ENV_NODE_HOME", "ENV_STORE", "ENV_DB", "DEFAULT_HOME", "STORE_AREAS"]
+__all__ = ["Settings", "ENV_HOME", "ENV_NODE_HOME", "ENV_STORE", "ENV_DB", "ENV_RETENTION", "DEFAULT_HOME", "STORE_AREAS"]
 
 ENV_HOME = "VISIONFLEET_HOME"
 ENV_STORE = "VISIONFLEET_STORE"
 ENV_DB = "VISIONFLEET_DB"
+ENV_RETENTION = "VISIONFLEET_RETENTION"  # $VISIONFLEET_RETENTION_<AREA>: 7d, 12h, forever
 # Set by a node itself (its `ray start` environment, a pod spec): this node's own home. It wins
 # over a home handed over from elsewhere (a deployment's config, a job's runtime env), so that on
 # nodes that share no disk every process uses its own node's directory for caches and scratch.
@@ -54,6 +55,9 @@ class Settings:
     store: str = ""  # "" means the home; else a local absolute path or a URI (s3://bucket/prefix)
     db_url: str = ""  # "" means sqlite:///<home>/state.db
     store_overrides: dict[str, str] = field(default_factory=dict)  # area -> URI
+    # area -> retention ("7d", "forever"; $VISIONFLEET_RETENTION_<AREA>); defaults and meaning
+    # in visionfleet.lake (RETENTION_DEFAULTS: a week of telemetry, 30 days of unlabeled samples)
+    retention: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if "://" in str(self.home):
@@ -71,6 +75,19 @@ class Settings:
         for area in self.store_overrides:
             if area not in STORE_AREAS:
                 raise ValueError(f"Got {area!r} for a store area; expected one of {', '.join(STORE_AREAS)}")
+        for area, value in self.retention.items():
+            from visionfleet.lake import RETENTION_AREAS, parse_retention
+
+            if area not in STORE_AREAS:
+                raise ValueError(f"Got {area!r} for a retention area; expected one of {', '.join(STORE_AREAS)}")
+            try:
+                seconds = parse_retention(value)
+            except ValueError as e:
+                raise ValueError(f"Got {value!r} for {ENV_RETENTION}_{area.upper()}; expected a duration like 7d, "
+                                 f"12h, 90m or 'forever'") from e
+            if area not in RETENTION_AREAS and seconds is not None:
+                raise ValueError(f"Got {value!r} for {ENV_RETENTION}_{area.upper()}; expected 'forever' (only "
+                                 f"{' and '.join(RETENTION_AREAS)} have a retention)")
         if self.max_pixels <= 0:
             raise ValueError(f"Got {self.max_pixels} for max_pixels; expected > 0")
         if self.max_body_bytes <= 0:
@@ -95,8 +112,10 @@ class Settings:
             store = str(Path(store).expanduser().resolve())
         overrides = {a: os.environ[f"{ENV_STORE}_{a.upper()}"] for a in STORE_AREAS
                      if os.environ.get(f"{ENV_STORE}_{a.upper()}")}
+        retention = {a: os.environ[f"{ENV_RETENTION}_{a.upper()}"] for a in STORE_AREAS
+                     if os.environ.get(f"{ENV_RETENTION}_{a.upper()}")}
         return cls(home=Path(raw_s).expanduser().resolve(), store=store, db_url=os.environ.get(ENV_DB, ""),
-                   store_overrides=overrides, **kwargs)
+                   store_overrides=overrides, retention=retention, **kwargs)
 
     def with_home(self, home: str | os.PathLike[str]) -> "Settings":
         """The same settings under another home; a store or database that followed the old
@@ -119,6 +138,12 @@ class Settings:
         if area in self.store_overrides:
             return self.store_overrides[area]
         return f"{self.store.rstrip('/')}/{area}"
+
+    def retention_seconds(self) -> dict[str, float | None]:
+        """Seconds to keep per area with a retention (``None``: forever), defaults filled in."""
+        from visionfleet.lake import RETENTION_DEFAULTS, parse_retention
+
+        return {a: parse_retention(self.retention.get(a, d)) for a, d in RETENTION_DEFAULTS.items()}
 
     @property
     def cache_dir(self) -> Path:
@@ -163,6 +188,8 @@ class Settings:
             env[ENV_DB] = self.db_url
         for area, uri in self.store_overrides.items():
             env[f"{ENV_STORE}_{area.upper()}"] = uri
+        for area, value in self.retention.items():
+            env[f"{ENV_RETENTION}_{area.upper()}"] = value
         env["VISIONFLEET_MAX_PIXELS"] = str(self.max_pixels)
         env["VISIONFLEET_MAX_BODY_BYTES"] = str(self.max_body_bytes)
         env.update(self.extra_env)
