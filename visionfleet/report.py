@@ -33,14 +33,14 @@ _MARKERS = {
 
 def load_events(home: Path) -> dict[str, np.ndarray]:
     """Primary, successful events of the lake as columns (ts, model, version, confidence, request_id)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from visionfleet.lake import read_events
+    from visionfleet.store import open_store
 
-    parts = sorted((Path(home) / "telemetry" / "events").rglob("part-*.parquet"))
     cols = ["request_id", "role", "ts", "model", "version", "status", "confidence", "label", "source"]
-    if not parts:
+    # small parts and compacted files alike, each (request_id, role) once (visionfleet.lake)
+    table = read_events(open_store(Path(home) / "telemetry"), columns=cols)
+    if table.num_rows == 0:
         return {c: np.array([]) for c in cols}
-    table = pa.concat_tables([pq.read_table(p, columns=cols) for p in parts])
     d = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in cols}
     keep = (d["role"] == "primary") & (d["status"] == 200)
     out = {c: v[keep] for c, v in d.items()}
@@ -49,11 +49,13 @@ def load_events(home: Path) -> dict[str, np.ndarray]:
 
 
 def _feedback(home: Path) -> dict[str, str]:
-    import pyarrow.parquet as pq
+    from visionfleet.lake import read_feedback
+    from visionfleet.store import open_store
 
     labels: dict[str, str] = {}
-    for p in sorted((Path(home) / "telemetry" / "feedback").rglob("part-*.parquet")):
-        t = pq.read_table(p)
+    t = read_feedback(open_store(Path(home) / "telemetry"))
+    if t.num_rows:
+        t = t.sort_by("ts")  # the latest label of a request wins
         # a class index sent before its prediction has no name yet (null); its resolved row follows
         labels.update((r, lab) for r, lab in zip(t.column("request_id").to_pylist(), t.column("label").to_pylist())
                       if lab is not None)
