@@ -170,8 +170,9 @@ class RolloutBody(BaseModel):
 @lru_cache(maxsize=8)
 def _fleet(home: str) -> Any:
     from visionfleet.fleet import FleetDB
+    from visionfleet.settings import Settings
 
-    db = FleetDB(home)
+    db = FleetDB.from_settings(Settings.from_env(home))  # the database and store of the settings
     db.flush_pending()  # parts a crash left committed but unwritten
     return db
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +106,31 @@ def open_db(url: str) -> Database:
     return Database(url=url, engine=engine)
 
 
+# Alembic's migration context is a module-level proxy: one upgrade at a time per process.
+_UPGRADE_LOCK = threading.Lock()
+# Any fixed 64-bit key: serialises the upgrade between processes on PostgreSQL.
+_PG_LOCK_KEY = 0x76697369_6F6E666C
+
+
 def _upgrade(engine: sa.Engine) -> None:
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "heads")  # independent revisions may branch off 0001
+    sqlite = engine.dialect.name == "sqlite"
+    with _UPGRADE_LOCK:
+        for attempt in range(5):
+            try:
+                with engine.begin() as conn:
+                    if engine.dialect.name == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "heads")  # independent revisions may branch off 0001
+                return
+            except sa.exc.OperationalError:
+                # SQLite: another process created the same tables a moment ago; its
+                # revision is now recorded, so the next attempt finds nothing to do.
+                if not sqlite or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
