@@ -230,7 +230,13 @@ def _dataset_path(card: ModelCard, dataset: str | os.PathLike[str] | None, datas
     ref = dataset if dataset is not None else card.lineage.dataset
     if not ref:
         return None
-    path = resolve_dataset(ref, datasets_dir) if datasets_dir else Path(ref).expanduser().resolve()
+    if "://" in str(ref):  # a dataset on the store: this node's checked copy
+        from visionfleet.datasets.store import local_dataset
+        from visionfleet.settings import Settings
+
+        path = local_dataset(str(ref), Settings.from_env().cache_dir)
+    else:
+        path = resolve_dataset(ref, datasets_dir) if datasets_dir else Path(ref).expanduser().resolve()
     info = read_info(path)
     if info.labels != list(card.labels):
         raise ValueError(f"Got dataset {path} with labels {info.labels}; expected the model's labels {card.labels}")

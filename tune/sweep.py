@@ -224,14 +224,21 @@ class SweepPlan:
     space: Space
     sweep_id: str
     out_dir: Path
+    dataset_ref: str = ""  # what any node can open (a store URI on a cluster); "" means ``dataset``
+
+    @property
+    def trial_dataset(self) -> str:
+        """The dataset as trials on other nodes open it: the store URI, else the local folder."""
+        return self.dataset_ref if "://" in self.dataset_ref else str(self.dataset)
 
     @property
     def parent_ref(self) -> str:
         return self.parent.ref
 
 
-def _dataset(card: ModelCard, explicit: str | None, settings: Settings) -> Path:
-    from visionfleet.datasets.store import read_info, resolve_dataset
+def _dataset(card: ModelCard, explicit: str | None, settings: Settings) -> tuple[Path, str]:
+    """This node's folder of the sweep's dataset and the reference every node can open."""
+    from visionfleet.datasets.store import local_dataset, read_info, resolve_dataset_ref
 
     ref = explicit or card.lineage.dataset
     if not ref:
@@ -239,13 +246,14 @@ def _dataset(card: ModelCard, explicit: str | None, settings: Settings) -> Path:
             f"Got no dataset for {card.ref} (its card has no lineage.dataset); expected --dataset DATASET "
             "for calibration, fine-tuning and the holdout"
         )
-    path = resolve_dataset(ref, settings.datasets_dir)
+    shared_ref = resolve_dataset_ref(ref, settings)
+    path = local_dataset(shared_ref, settings.cache_dir)  # a store URI: this node's checked copy
     info = read_info(path)
     if info.labels != list(card.labels):
         raise ValueError(f"Got dataset {path} with labels {info.labels}; expected the model's labels {card.labels}")
     if not info.splits.get("holdout"):
         raise ValueError(f"Got dataset {path} without a holdout split; expected one to measure accuracy on")
-    return path
+    return path, shared_ref
 
 
 def prepare(cfg: SweepConfig, settings: Settings) -> SweepPlan:
@@ -285,14 +293,14 @@ def prepare(cfg: SweepConfig, settings: Settings) -> SweepPlan:
         raise ValueError(
             f"Got providers {missing}, which this ONNX Runtime lacks; expected some of {onnxruntime.get_available_providers()}"
         )
-    dataset = _dataset(parent, cfg.dataset, settings)
+    dataset, dataset_ref = _dataset(parent, cfg.dataset, settings)
     sweep_id = cfg.sweep_id or (
         f"{parent.name}-{parent.version}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
     out_dir = settings.home / "tune" / sweep_id
     if out_dir.exists():
         raise ValueError(f"Got --sweep-id {sweep_id}, which exists under {out_dir.parent}; expected a new id")
-    return SweepPlan(cfg, settings, parent, dataset, space, sweep_id, out_dir)
+    return SweepPlan(cfg, settings, parent, dataset, space, sweep_id, out_dir, dataset_ref)
 
 
 # --------------------------------------------------------------------------- baseline
@@ -505,7 +513,7 @@ def _context(plan: SweepPlan, constraints: Constraints) -> TrialContext:
     return TrialContext(
         home=str(plan.settings.home),
         parent_ref=plan.parent_ref,
-        dataset=str(plan.dataset),
+        dataset=plan.trial_dataset,
         out_dir=str(plan.out_dir),
         constraints=constraints,
         calibration=cfg.space.calibration,
@@ -748,7 +756,7 @@ def _register(plan: SweepPlan, point: Point, best: TrialRecord, c: Constraints, 
         arch=plan.parent.arch,
         preprocessing=plan.parent.preprocessing,
         metrics={k: v for k, v in metrics.items() if v is not None},
-        lineage=Lineage(parent=plan.parent_ref, dataset=str(plan.dataset), run=f"tune-{plan.sweep_id}",
+        lineage=Lineage(parent=plan.parent_ref, dataset=plan.dataset_ref or str(plan.dataset), run=f"tune-{plan.sweep_id}",
                         steps=[*plan.parent.lineage.steps, *built.steps]),
         description=f"best feasible config of sweep {plan.sweep_id}: {point.key}",
     )

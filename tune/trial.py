@@ -108,7 +108,7 @@ class TrialContext:
 
     home: str
     parent_ref: str  # NAME:VERSION, resolved on the driver
-    dataset: str  # absolute dataset folder
+    dataset: str  # absolute dataset folder, or a store URI (each node opens its own copy)
     out_dir: str  # the sweep's (or grid's) folder; trial records go to out_dir/trials
     constraints: Constraints
     calibration: int = 256
@@ -505,7 +505,13 @@ def evaluate_point(
     The record is written to ``<out_dir>/trials/<record_name>.json`` at each stage.
     """
     name = record_name or hashlib.sha256(point.key.encode()).hexdigest()[:16]
-    dataset = Path(ctx.dataset)
+    if "://" in ctx.dataset:  # on a store: this node's checked copy, fetched once per node
+        from visionfleet.datasets.store import local_dataset
+        from visionfleet.settings import Settings
+
+        dataset = local_dataset(ctx.dataset, Settings.from_env().cache_dir)
+    else:
+        dataset = Path(ctx.dataset)
     build = {"dataset": dataset, "cache_dir": ctx.cache_dir, "calibration": ctx.calibration, "target": ctx.target,
              "threads": ctx.build_threads, "seed": ctx.seed, "on_event": on_event}
     built: BuiltPoint | None = None
