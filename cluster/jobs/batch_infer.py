@@ -518,12 +518,18 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
         check_job(cfg, settings)  # clear errors before Ray starts
-        connect_ray(settings, args.address)
-        summary = run_batch_job(cfg, settings)
+        # stdout carries only the JSON summary: what the Ray driver prints meanwhile (raylet
+        # warnings such as "N PYTHON worker processes have been started") goes to stderr.
+        summary_out, sys.stdout = sys.stdout, sys.stderr
+        try:
+            connect_ray(settings, args.address)
+            summary = run_batch_job(cfg, settings)
+        finally:
+            sys.stdout = summary_out
     except (ValueError, FileNotFoundError, FileExistsError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary.to_dict(), indent=2))
+    print(json.dumps(summary.to_dict(), indent=2), flush=True)
     return 0
 
 

@@ -51,6 +51,7 @@ def test_gpu_run_writes_split_fp16_checkpoints_and_a_report(handoff):
     assert isinstance(report["tensorrt_detect"], dict)  # detect() ran and said what it found
 
 
+@pytest.mark.slow  # 10-60 s; `make test` keeps the smaller sibling tests of this file
 def test_parts_register_with_lineage_and_feed_the_optimization_bench(handoff):
     root, parts, env = handoff
     common = ["--dataset", "toy32", "--n-train", "64", "--n-holdout", "32", "--from-parts", str(parts)]

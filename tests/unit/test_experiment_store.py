@@ -154,6 +154,7 @@ def _stop_in_process(home: str, action: str, barrier, out) -> None:  # noqa: ANN
         out.put("conflict")
 
 
+@pytest.mark.slow  # 10-60 s; `make test` keeps the smaller sibling tests of this file
 def test_two_processes_racing_apply_one_decision(tmp_path: Path) -> None:
     home = _home_with_model(tmp_path)
     _coordinator(home).start(_spec())
